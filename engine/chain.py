@@ -1,0 +1,156 @@
+"""One chain of generations — the engine's loop — and its resume.
+
+    for g = 1..G:
+        mix    = strategy.mix(g, T)                      which corpora, how many rows
+        model  = family.fit(mix)                         (checkpointed)
+        scores = family.evaluate(model, real)            on real data, always
+        synth  = family.sample(model, n, seed)           (stored before it counts)
+        store.write(g, synth)
+        metrics/gen-g.json                               marks generation g done
+
+Each step's output is on disk before the next step starts, and every random draw comes
+from derive_seed(study seed, grid point, generation, purpose), so a chain killed at any
+moment and run again continues where it stopped and ends with the same numbers.
+
+Seeds leave out the strategy on purpose: every strategy of a grid point sees the same
+real data and the same random draws (common random numbers), so differences between
+strategies in the table are the strategies' doing, not the noise's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from engine import strategies
+from engine.corpus import CorpusStore
+from engine.families import get_family
+from engine.files import write_directory, write_json
+from engine.seeds import derive_seed
+from engine.spec import Trial
+
+log = logging.getLogger("engine.chain")
+
+Reporter = Callable[[int, dict[str, float]], None]
+
+
+class ChainError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ChainPaths:
+    root: Path
+
+    @property
+    def trial_file(self) -> Path:
+        return self.root / "trial.json"
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    def model(self, g: int) -> Path:
+        return self.root / "models" / f"gen-{g:04d}"
+
+    def metrics(self, g: int) -> Path:
+        return self.root / "metrics" / f"gen-{g:04d}.json"
+
+
+def chain_dir(out: Path | str, trial: Trial) -> Path:
+    return Path(out) / "trials" / trial.trial_id
+
+
+def recorded_trial_mismatch(out: Path | str, trial: Trial) -> str | None:
+    """If `out` already holds this chain with other parameters, say how they differ.
+    Read-only, so a bad study can be refused before anything is written."""
+    path = ChainPaths(chain_dir(out, trial)).trial_file
+    if not path.exists():
+        return None
+    recorded = json.loads(path.read_text())
+    mine = trial.to_dict()
+    diffs = [f"{k}: {recorded.get(k)!r} on disk, {mine[k]!r} now"
+             for k in ("family", "strategy", "seed") if recorded.get(k) != mine[k]]
+    for k in sorted(set(recorded.get("params", {})) | set(mine["params"])):
+        a, b = recorded.get("params", {}).get(k), mine["params"].get(k)
+        if a != b:
+            diffs.append(f"family.{k}: {a!r} on disk, {b!r} now")
+    return "; ".join(diffs) or None
+
+
+def completed_generations(out: Path | str, trial: Trial) -> int:
+    paths = ChainPaths(chain_dir(out, trial))
+    g = 0
+    while paths.metrics(g + 1).exists():
+        g += 1
+    return g
+
+
+def run_chain(trial: Trial, generations: int, out: Path | str,
+              report: Reporter | None = None) -> None:
+    """Run (or resume) one chain up to `generations`."""
+    family = get_family(trial.family)
+    params = family.Params(**trial.params)
+    strategy = strategies.get(trial.strategy)
+    T = family.rows_per_generation(params)
+    paths = ChainPaths(chain_dir(out, trial))
+
+    mismatch = recorded_trial_mismatch(out, trial)
+    if mismatch:
+        raise ChainError(f"{paths.trial_file}: this chain was run with other parameters "
+                         f"({mismatch}); use another `out` or delete {paths.root}")
+    if not paths.trial_file.exists():
+        write_json(paths.trial_file, trial.to_dict())
+
+    # The grid point without the strategy: shared by every strategy (see module doc).
+    point = (trial.seed, trial.family, sorted(trial.params.items()))
+    store = CorpusStore(paths.corpus)
+    real = family.real_data(params, derive_seed(*point, "real"),
+                            strategy.real_chunks(generations, T))
+    for k, table in enumerate(real.train_chunks, start=1):
+        if not store.has(strategies.real(k)):
+            store.write(strategies.real(k), table, model="real data")
+
+    for g in range(1, generations + 1):
+        if paths.metrics(g).exists():
+            continue
+        model_dir = paths.model(g)
+        if model_dir.exists():
+            model = family.load_model(model_dir)
+            log.info("%s: generation %d: model loaded from checkpoint", trial.trial_id, g)
+        else:
+            mix = strategy.mix(g, T)
+            seed = derive_seed(*point, g, "mix")
+            data = store.read(mix, seed) if family.data_view == "table" else store.dataset(mix, seed)
+            model = family.fit(params, real, data, derive_seed(*point, g, "fit"))
+            write_directory(model_dir, lambda d: family.save_model(model, d))
+
+        scores = dict(family.evaluate(params, real, model))
+        expected = family.theory(params, trial.strategy, g)
+        if expected is not None:
+            scores["theory"] = expected
+
+        synth = strategies.synthetic(g)
+        if not store.has(synth):
+            table = family.sample(params, real, model, strategy.sample_size(g, T),
+                                  derive_seed(*point, g, "sample"))
+            store.write(synth, table, model=f"generation {g} ({family.model_name(params)})",
+                        temperature=family.temperature(params))
+
+        write_json(paths.metrics(g), {"generation": g, "metrics": scores})
+        log.info("%s: generation %d/%d done", trial.trial_id, g, generations)
+        if report is not None:
+            report(g, scores)
+
+
+def read_metrics(out: Path | str, trial: Trial, generations: int) -> list[dict[str, Any]]:
+    """The recorded metrics of one chain, generation by generation."""
+    paths = ChainPaths(chain_dir(out, trial))
+    rows = []
+    for g in range(1, generations + 1):
+        if not paths.metrics(g).exists():
+            break
+        rows.append(json.loads(paths.metrics(g).read_text()))
+    return rows

@@ -1,0 +1,193 @@
+"""The corpus store: one Parquet shard set per source, one manifest.
+
+    <chain>/corpus/manifest.json
+    <chain>/corpus/real-0001/part-00000.parquet      real chunk 1
+    <chain>/corpus/synthetic-0003/part-00000.parquet  sampled by the generation-3 model
+
+Every shard carries a `_row` column (the row's index within its source) so a mix's row
+selection is exact however Ray Data splits or reorders the files. A manifest entry
+(rows, per-file SHA-256, the model that made it, temperature) is written only after its
+files are in place, and both are written atomically: a source is in the store whole or
+not at all. The store counts rows; it never looks at what a row means.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.files import write_atomic, write_json
+from engine.strategies import Mix, Source
+
+if TYPE_CHECKING:
+    import ray.data
+
+ROW = "_row"
+ROWS_PER_FILE = 1_000_000
+
+
+class CorpusError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: str  # relative to the store's root
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    source: str
+    kind: str
+    index: int
+    rows: int
+    files: tuple[ShardFile, ...]
+    model: str  # what made these rows: "real data" or the sampling model
+    temperature: float | None
+    written: float  # unix time
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows of each source a mix takes: row indices, repeats allowed, sorted."""
+
+    source: Source
+    rows: np.ndarray
+
+
+class CorpusStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+
+    # ------------------------------------------------------------------ manifest
+    def entries(self) -> dict[str, ManifestEntry]:
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            raw = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{self.manifest_path}: unreadable manifest ({e}); the shards "
+                              "beside it are intact — restore the file or delete the "
+                              "chain's directory to recompute it") from None
+        return {name: ManifestEntry(**{**e, "files": tuple(ShardFile(**f) for f in e["files"])})
+                for name, e in raw.items()}
+
+    def has(self, source: Source) -> bool:
+        return source.name in self.entries()
+
+    def entry(self, source: Source) -> ManifestEntry:
+        try:
+            return self.entries()[source.name]
+        except KeyError:
+            raise CorpusError(f"{self.manifest_path}: no corpus {source.name} "
+                              "(it has not been written yet)") from None
+
+    # --------------------------------------------------------------------- write
+    def write(self, source: Source, table: pa.Table, *, model: str,
+              temperature: float | None = None) -> ManifestEntry:
+        entries = self.entries()
+        if source.name in entries:
+            # Never overwrite a corpus a later generation may already have trained on.
+            raise CorpusError(f"{self.manifest_path}: corpus {source.name} already exists")
+        if table.num_rows == 0:
+            raise CorpusError(f"refusing to store an empty corpus as {source.name}")
+        table = table.append_column(ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        files = []
+        for i, start in enumerate(range(0, table.num_rows, ROWS_PER_FILE)):
+            part = table.slice(start, ROWS_PER_FILE)
+            rel = f"{source.name}/part-{i:05d}.parquet"
+            write_atomic(self.root / rel, lambda tmp: pq.write_table(part, tmp))
+            files.append(ShardFile(rel, part.num_rows, _sha256(self.root / rel)))
+        entry = ManifestEntry(source.name, source.kind, source.index, table.num_rows,
+                              tuple(files), model, temperature, time.time())
+        entries[source.name] = entry
+        write_json(self.manifest_path, {k: asdict(v) for k, v in entries.items()})
+        return entry
+
+    # ---------------------------------------------------------------- selection
+    def select(self, mix: Mix, seed: int) -> list[Selection]:
+        """Resolve a mix into exact row indices per source (deterministic in seed)."""
+        entries = self.entries()
+        for part in mix.parts:
+            have = entries[part.source.name].rows if part.source.name in entries else 0
+            if have < part.rows:
+                raise CorpusError(f"{self.manifest_path}: the mix needs {part.rows} rows of "
+                                  f"{part.source.name}, the store has {have}")
+        if mix.draw == "all":
+            return [Selection(p.source, np.arange(p.rows)) for p in mix.parts]
+        rng = np.random.default_rng(seed)
+        drawn = rng.choice(mix.pool_rows, size=mix.rows, replace=mix.draw == "with_replacement")
+        drawn.sort()
+        offsets = np.cumsum([0] + [p.rows for p in mix.parts])
+        return [Selection(p.source, drawn[(drawn >= lo) & (drawn < hi)] - lo)
+                for p, lo, hi in zip(mix.parts, offsets[:-1], offsets[1:])]
+
+    def _paths(self, source: Source) -> list[str]:
+        return [str(self.root / f.path) for f in self.entry(source).files]
+
+    # ---------------------------------------------------------------- two views
+    def read(self, mix: Mix, seed: int) -> pa.Table:
+        """The mix in memory, for families that fit on a whole table."""
+        tables = []
+        for sel in self.select(mix, seed):
+            table = pq.ParquetDataset(self._paths(sel.source)).read()
+            tables.append(table.take(pa.array(sel.rows)).drop_columns([ROW]))
+        return pa.concat_tables(tables)
+
+    def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
+        """The same rows as read(), as a Ray Dataset streamed from the shards."""
+        import ray.data
+
+        parts = []
+        for sel in self.select(mix, seed):
+            ds = ray.data.read_parquet(self._paths(sel.source))
+            counts = np.bincount(sel.rows, minlength=self.entry(sel.source).rows)
+            if not (counts == 1).all():
+                ds = ds.map_batches(_KeepRows(counts), batch_format="pyarrow")
+            parts.append(ds)
+        return parts[0].union(*parts[1:]).drop_columns([ROW])
+
+    # ------------------------------------------------------------------ checks
+    def verify(self) -> list[str]:
+        """Problems found re-reading every shard: missing files, checksum or row
+        mismatches. Empty means the store is exactly what its manifest says."""
+        problems = []
+        for entry in self.entries().values():
+            for f in entry.files:
+                path = self.root / f.path
+                if not path.exists():
+                    problems.append(f"{path}: missing")
+                elif _sha256(path) != f.sha256:
+                    problems.append(f"{path}: checksum mismatch")
+                elif pq.ParquetFile(path).metadata.num_rows != f.rows:
+                    problems.append(f"{path}: row count mismatch")
+        return problems
+
+
+class _KeepRows:
+    """Ray Data batch function: keep each row `counts[_row]` times."""
+
+    def __init__(self, counts: np.ndarray):
+        self.counts = counts
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        repeat = self.counts[batch.column(ROW).to_numpy()]
+        return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), repeat)))

@@ -1,0 +1,26 @@
+"""Model families, looked up by the name a study file gives.
+
+Modules are imported only when a study names them, so reading a study file never
+imports torch (the language-model family) unless that study needs it.
+"""
+from __future__ import annotations
+
+import importlib
+
+from engine.families.base import Family, ParamError
+
+FAMILY_MODULES = {
+    "linear": "engine.families.linear",
+    "gaussian": "engine.families.gaussian",
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        module = FAMILY_MODULES[name]
+    except KeyError:
+        raise KeyError(f"unknown family {name!r} (known: {', '.join(FAMILY_MODULES)})") from None
+    return importlib.import_module(module).FAMILY
+
+
+__all__ = ["Family", "ParamError", "FAMILY_MODULES", "get_family"]

@@ -1,0 +1,56 @@
+"""The one small interface every model family implements.
+
+A family is the only place that knows what a sample is (a label vector, a point, a
+story). The chain calls these functions in order and never looks inside their values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import pyarrow as pa
+
+
+class ParamError(ValueError):
+    """A family parameter is invalid. `field` is the parameter's name (e.g. "T")."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class Family(Protocol):
+    name: str
+    Params: type  # a dataclass; its fields are the study file's family parameters
+    metrics: tuple[str, ...]  # what evaluate() returns; the first is the headline metric
+    theory_for: str | None  # the metric that the `theory` metric predicts, if any
+    data_view: Literal["table", "dataset"]  # how fit() wants its mix: in memory or streamed
+
+    def validate(self, params: Any) -> None:
+        """Cross-field checks on one concrete grid point; raise ParamError."""
+
+    def rows_per_generation(self, params: Any) -> int:
+        """T: rows of real training data, the unit every strategy counts in."""
+
+    def model_name(self, params: Any) -> str: ...
+
+    def temperature(self, params: Any) -> float | None: ...
+
+    def real_data(self, params: Any, seed: int, chunks: int) -> Any:
+        """The chain's real data (fixed per study seed and family parameters).
+        Must expose `train_chunks: list[pa.Table]` of T rows each; the rest (held-out
+        test data, fixed features, the true model) is the family's own business."""
+
+    def fit(self, params: Any, real: Any, mix: Any, seed: int) -> Any: ...
+
+    def evaluate(self, params: Any, real: Any, model: Any) -> dict[str, float]:
+        """Metrics on REAL held-out data (or the exact truth), never on samples."""
+
+    def theory(self, params: Any, strategy: str, generation: int) -> float | None: ...
+
+    def sample(self, params: Any, real: Any, model: Any, n: int, seed: int) -> pa.Table: ...
+
+    def save_model(self, model: Any, directory: Path) -> None: ...
+
+    def load_model(self, directory: Path) -> Any: ...

@@ -1,0 +1,166 @@
+"""Linear regression, the seed paper's §3 setting (Gerstgrasser et al. 2024).
+
+Each chain holds `trials` independent regressions computed together as batched linear
+algebra. Per regression: features X ~ N(0, I_d) (T rows, drawn once per chain and kept),
+a true w* ~ N(0, I_d), real labels y = X w* + N(0, σ²). A synthetic sample of n rows
+gives row j the kept feature row j mod T and the label x·ŵ + N(0, σ²) from the previous
+fit — so a "sample" is a label vector, and the corpus stores labels only.
+
+Metric `test_error` = mean over trials of ‖ŵ − w*‖², exact (no test-set noise), and
+`theory` = its closed form: σ²d/(T−d−1) times n (replace), Σ 1/i² (accumulate) or
+Σ 1/i (replace_multiple).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine.families.base import ParamError
+from engine.seeds import derive_seed
+
+
+@dataclass(frozen=True)
+class Params:
+    d: int = 10  # feature dimension
+    T: int = 100  # rows of real data per generation
+    sigma2: float = 1.0  # label noise variance σ²
+    ridge: float = 0.0  # λ in (XᵀX + λI)⁻¹Xᵀy; 0 is the paper's ordinary least squares
+    trials: int = 2000  # independent regressions averaged in every metric
+
+
+@dataclass
+class LinearReal:
+    X: np.ndarray  # (trials, T, d) features, fixed for the whole chain
+    w_star: np.ndarray  # (trials, d)
+    train_chunks: list[pa.Table]  # chunk k: T rows of real labels (fresh noise per chunk)
+
+
+def validate(p: Params) -> None:
+    for name, low in (("d", 1), ("T", 1), ("trials", 1)):
+        if getattr(p, name) < low:
+            raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
+    if p.sigma2 <= 0:
+        raise ParamError("sigma2", f"must be > 0, got {p.sigma2}")
+    if p.ridge < 0:
+        raise ParamError("ridge", f"must be >= 0, got {p.ridge}")
+    if p.ridge == 0 and p.T < p.d + 2:
+        raise ParamError("T", f"must be >= d + 2 = {p.d + 2} for ordinary least squares "
+                              f"(its error σ²d/(T-d-1) is finite only then), got {p.T}; "
+                              "or set ridge > 0")
+
+
+def labels_table(feature: np.ndarray, y: np.ndarray) -> pa.Table:
+    """Rows: one sample each; `y` holds that sample's label in every trial."""
+    n, trials = y.shape
+    return pa.table({
+        "feature": pa.array(feature.astype(np.int32)),
+        "y": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(y).ravel()), trials),
+    })
+
+
+def labels_from_table(table: pa.Table, trials: int) -> tuple[np.ndarray, np.ndarray]:
+    feature = table.column("feature").to_numpy()
+    y = table.column("y").combine_chunks().flatten().to_numpy().reshape(-1, trials)
+    return feature, y
+
+
+def real_data(p: Params, seed: int, chunks: int) -> LinearReal:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((p.trials, p.T, p.d))
+    w_star = rng.standard_normal((p.trials, p.d))
+    clean = np.einsum("tkd,td->kt", X, w_star)  # (T, trials)
+    feature = np.arange(p.T)
+    train_chunks = []
+    for k in range(1, chunks + 1):
+        # Each chunk's noise has its own seed, so chunk 1 is the same however many
+        # chunks a strategy needs: every strategy starts from identical real data.
+        noise = np.random.default_rng(derive_seed(seed, "real-chunk", k)).standard_normal(clean.shape)
+        train_chunks.append(labels_table(feature, clean + np.sqrt(p.sigma2) * noise))
+    return LinearReal(X=X, w_star=w_star, train_chunks=train_chunks)
+
+
+def fit(p: Params, real: LinearReal, mix: pa.Table, seed: int) -> np.ndarray:
+    """Weighted least squares over the mix, batched over trials: a row with feature k
+    contributes x_k x_kᵀ to the Gram matrix, so only per-feature counts and label sums
+    are needed — one (trials, d, T) @ (trials, T, d) product instead of a loop."""
+    feature, y = labels_from_table(mix, p.trials)
+    counts = np.bincount(feature, minlength=p.T).astype(float)  # (T,)
+    order = np.argsort(feature, kind="stable")
+    present = np.flatnonzero(counts)
+    starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]]).astype(np.int64)
+    label_sums = np.zeros((p.T, p.trials))
+    label_sums[present] = np.add.reduceat(y[order], starts, axis=0)
+    Xt = real.X.transpose(0, 2, 1)  # (trials, d, T)
+    gram = (Xt * counts[None, None, :]) @ real.X + p.ridge * np.eye(p.d)
+    rhs = Xt @ label_sums.T[:, :, None]  # (trials, d, 1)
+    if p.ridge == 0 and len(present) < p.d:
+        # Fewer distinct feature rows than dimensions (possible when subsampling with
+        # replacement): the normal equations are singular, so take the minimum-norm fit.
+        return (np.linalg.pinv(gram) @ rhs)[..., 0]
+    return np.linalg.solve(gram, rhs)[..., 0]
+
+
+def evaluate(p: Params, real: LinearReal, w_hat: np.ndarray) -> dict[str, float]:
+    err = np.sum((w_hat - real.w_star) ** 2, axis=1)
+    return {"test_error": float(err.mean()),
+            "test_error_stderr": float(err.std(ddof=1) / np.sqrt(len(err))) if len(err) > 1 else 0.0}
+
+
+def theory(p: Params, strategy: str, generation: int) -> float | None:
+    if p.ridge != 0:
+        return None
+    base = p.sigma2 * p.d / (p.T - p.d - 1)
+    i = np.arange(1, generation + 1, dtype=float)
+    factor = {"replace": float(generation),
+              "accumulate": float(np.sum(1 / i**2)),
+              "replace_multiple": float(np.sum(1 / i))}.get(strategy)
+    return None if factor is None else base * factor
+
+
+def sample(p: Params, real: LinearReal, w_hat: np.ndarray, n: int, seed: int) -> pa.Table:
+    feature = np.arange(n) % p.T
+    mean = np.einsum("tkd,td->kt", real.X, w_hat)[feature]  # (n, trials)
+    noise = np.random.default_rng(seed).standard_normal(mean.shape)
+    return labels_table(feature, mean + np.sqrt(p.sigma2) * noise)
+
+
+def save_model(w_hat: np.ndarray, directory: Path) -> None:
+    np.save(directory / "w_hat.npy", w_hat)
+
+
+def load_model(directory: Path) -> np.ndarray:
+    return np.load(directory / "w_hat.npy")
+
+
+class _Linear:
+    name = "linear"
+    Params = Params
+    metrics = ("test_error", "test_error_stderr")
+    theory_for = "test_error"
+    data_view = "table"
+    validate = staticmethod(validate)
+    real_data = staticmethod(real_data)
+    fit = staticmethod(fit)
+    evaluate = staticmethod(evaluate)
+    theory = staticmethod(theory)
+    sample = staticmethod(sample)
+    save_model = staticmethod(save_model)
+    load_model = staticmethod(load_model)
+
+    @staticmethod
+    def rows_per_generation(p: Params) -> int:
+        return p.T
+
+    @staticmethod
+    def model_name(p: Params) -> str:
+        return "ols" if p.ridge == 0 else "ridge"
+
+    @staticmethod
+    def temperature(p: Params) -> float | None:
+        return None
+
+
+FAMILY = _Linear()

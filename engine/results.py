@@ -1,0 +1,132 @@
+"""The tidy results table and every view computed from it.
+
+One row per trial × generation × metric:
+
+    study, trial, family, model, strategy, temperature, seed, generation, metric, value,
+    <one column per grid axis>
+
+saved as results.parquet and results.csv in the study's output directory. Pivots and
+plots read only this table, never the chains' files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from engine.chain import read_metrics
+from engine.families import get_family
+from engine.files import write_atomic
+from engine.spec import Study
+
+FIXED_COLUMNS = ["study", "trial", "family", "model", "strategy", "temperature", "seed",
+                 "generation", "metric", "value"]
+TABLE_FILE = "results.parquet"
+
+
+def collect(study: Study) -> pd.DataFrame:
+    """Gather every chain's recorded metrics into the tidy table."""
+    family = get_family(study.family)
+    rows = []
+    for trial in study.trials():
+        params = family.Params(**trial.params)
+        temperature = family.temperature(params)
+        fixed = {"study": study.name, "trial": trial.trial_id, "family": study.family,
+                 "model": family.model_name(params), "strategy": trial.strategy,
+                 "temperature": float("nan") if temperature is None else temperature,
+                 "seed": trial.seed}
+        for record in read_metrics(study.out, trial, study.generations):
+            for metric, value in record["metrics"].items():
+                rows.append({**fixed, "generation": record["generation"], "metric": metric,
+                             "value": float(value), **trial.axes})
+    columns = FIXED_COLUMNS + list(study.axes)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write(table: pd.DataFrame, out: Path | str) -> None:
+    out = Path(out)
+    write_atomic(out / TABLE_FILE, lambda tmp: table.to_parquet(tmp, index=False))
+    write_atomic(out / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+
+
+def load_results(directory: Path | str) -> pd.DataFrame:
+    path = Path(directory) / TABLE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results table (run the study first: "
+                                "collapse run STUDY.yaml)")
+    return pd.read_parquet(path)
+
+
+def axis_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in FIXED_COLUMNS]
+
+
+def headline_metric(table: pd.DataFrame) -> str:
+    return get_family(table["family"].iloc[0]).metrics[0]
+
+
+def pivot(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Rows: strategy × grid axes (mean over seeds); columns: generation."""
+    metric = metric or headline_metric(table)
+    rows = table[table["metric"] == metric]
+    if rows.empty:
+        known = ", ".join(sorted(table["metric"].unique()))
+        raise KeyError(f"no metric {metric!r} in the table (it has: {known})")
+    index = ["strategy"] + axis_columns(table)
+    return rows.pivot_table(index=index, columns="generation", values="value",
+                            aggfunc="mean", sort=False)
+
+
+def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = None) -> list[Path]:
+    """One PNG per metric: metric against generation, a panel per strategy, a line per
+    grid-axis value; the family's closed form, where it has one, dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    family = get_family(table["family"].iloc[0])
+    metrics = metrics or [m for m in family.metrics if m in set(table["metric"])
+                          and not m.endswith("_stderr")]
+    axes_cols = axis_columns(table)
+    strategies = list(dict.fromkeys(table["strategy"]))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in metrics:
+        fig, panels = plt.subplots(1, len(strategies), figsize=(4.2 * len(strategies), 3.6),
+                                   sharey=True, squeeze=False)
+        values = table[table["metric"] == metric]["value"]
+        log_scale = bool((values > 0).all() and values.max() / values.min() > 100)
+        for panel, strategy in zip(panels[0], strategies):
+            rows = table[table["strategy"] == strategy]
+            groups = rows.groupby(axes_cols, sort=False) if axes_cols else [((), rows)]
+            for i, (key, group) in enumerate(groups):
+                key = key if isinstance(key, tuple) else (key,)
+                label = ", ".join(f"{c}={v}" for c, v in zip(axes_cols, key)) or strategy
+                color = f"C{i % 10}"
+                mean = group[group["metric"] == metric].groupby("generation")["value"].mean()
+                panel.plot(mean.index, mean.values, marker="o", ms=3, color=color, label=label)
+                if metric == family.theory_for:
+                    th = group[group["metric"] == "theory"].groupby("generation")["value"].mean()
+                    if not th.empty:
+                        panel.plot(th.index, th.values, ls="--", color=color, lw=1)
+            panel.set_title(strategy)
+            panel.set_xlabel("generation")
+            if log_scale:
+                panel.set_yscale("log")
+        panels[0][0].set_ylabel(metric)
+        handles, labels = panels[0][0].get_legend_handles_labels()
+        if len(labels) > 1:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       fontsize=7, frameon=False)
+        title = f"{table['study'].iloc[0]}: {metric}"
+        if metric == family.theory_for:
+            title += "  (dashed: closed form)"
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / f"{metric}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written

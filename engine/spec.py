@@ -1,0 +1,356 @@
+"""Study files: YAML loading, --set overrides, validation, grid expansion.
+
+A study is one YAML file:
+
+    name: linear_regression
+    family: {name: linear, d: [10, 32], T: 100, sigma2: 1.0, trials: 2000}
+    strategies: [replace, accumulate]
+    generations: 10
+    seeds: [0]
+    out: results/linear_regression      # optional
+    resources: {cpus_per_trial: 1}      # optional
+
+Any family parameter given as a list is a grid axis. Every problem is reported before
+anything runs, as one line naming the file and the field, and nothing is written.
+This module must stay light: no torch, no ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine import strategies as strategy_registry
+from engine.families import FAMILY_MODULES, ParamError, get_family
+
+TOP_LEVEL_KEYS = ("name", "description", "family", "strategies", "generations", "seeds",
+                  "out", "resources")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SpecError(ValueError):
+    """A study file problem, already phrased as the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int | None = None
+    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One cell of the grid: one chain of generations."""
+
+    study: str
+    trial_id: str
+    family: str
+    strategy: str
+    seed: int
+    params: dict[str, Any]  # concrete family parameters (no lists)
+    axes: dict[str, Any]  # this trial's value on each grid axis
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Trial":
+        return Trial(**d)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    family: str
+    family_params: dict[str, Any]  # values may be lists: grid axes
+    strategies: tuple[str, ...]
+    generations: int
+    seeds: tuple[int, ...]
+    out: str
+    resources: Resources
+    description: str = ""
+    source: str = "<study>"
+    document: dict[str, Any] = field(default_factory=dict, compare=False)  # resolved YAML
+
+    @property
+    def axes(self) -> dict[str, list[Any]]:
+        return {k: v for k, v in self.family_params.items() if isinstance(v, list)}
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of axis values, in file order."""
+        axes = self.axes
+        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+    def trials(self) -> list[Trial]:
+        out = []
+        for strategy in self.strategies:
+            for point in self.grid_points():
+                for seed in self.seeds:
+                    params = {**self.family_params, **point}
+                    out.append(Trial(
+                        study=self.name,
+                        trial_id=trial_id(strategy, point, seed),
+                        family=self.family,
+                        strategy=strategy,
+                        seed=seed,
+                        params=params,
+                        axes=point,
+                    ))
+        return out
+
+
+def trial_id(strategy: str, axes: dict[str, Any], seed: int) -> str:
+    # Built from values, not grid position, so adding an axis value later never renames
+    # (and so never orphans) the chains already on disk.
+    parts = [strategy] + [f"{k}={v}" for k, v in axes.items()] + [f"seed={seed}"]
+    return "__".join(parts)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`family.d=7` -> ("family.d", 7). Values are YAML: `[replace,accumulate]` is a list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(f"--set {text}: expected KEY=VALUE with a dotted KEY, "
+                        "e.g. --set family.d=7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {text}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key, value
+
+
+def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
+    node = document
+    path = key.split(".")
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise SpecError(f"--set {key}: {where} is not a mapping, so it has no field "
+                            f"{path[i + 1]!r}")
+        node = child
+    node[path[-1]] = value
+
+
+def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> Study:
+    """Read, override and validate a study file. Raises SpecError with one line."""
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{source}: no such study file")
+    try:
+        document = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}: not valid YAML{where}: "
+                        f"{getattr(e, 'problem', None) or e}") from None
+    if not isinstance(document, dict):
+        raise SpecError(f"{source}: a study file must be a YAML mapping with keys "
+                        f"{', '.join(TOP_LEVEL_KEYS)}")
+    overridden = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(document, key, value)
+        overridden.add(key)
+    return validate(document, source, overridden)
+
+
+# ---------------------------------------------------------------------- validation
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(annotation, str(annotation))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
+    return isinstance(value, annotation)
+
+
+class _Checker:
+    def __init__(self, source: str, overridden: set[str]):
+        self.source = source
+        self.overridden = overridden
+
+    def fail(self, field_name: str, message: str) -> typing.NoReturn:
+        origin = " (from --set)" if any(
+            field_name == k or field_name.startswith(k + ".") or field_name.startswith(k + "[")
+            for k in self.overridden) else ""
+        raise SpecError(f"{self.source}: {field_name}{origin}: {message}")
+
+    def typed(self, field_name: str, value: Any, annotation: Any) -> Any:
+        if not _matches(value, annotation):
+            self.fail(field_name, f"expected {_describe(annotation)}, got {value!r}")
+        # YAML reads `1` as an int; a float parameter keeps its type so trial ids and
+        # tables do not depend on how the user happened to write the number.
+        admitted = typing.get_args(annotation) or (annotation,)
+        if _matches(value, int) and float in admitted and int not in admitted:
+            return float(value)
+        return value
+
+
+def validate(document: dict[str, Any], source: str = "<study>",
+             overridden: set[str] | None = None) -> Study:
+    check = _Checker(source, overridden or set())
+    for key in document:
+        if key not in TOP_LEVEL_KEYS:
+            check.fail(str(key), f"unknown key (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+    for key in ("name", "family", "strategies", "generations", "seeds"):
+        if key not in document:
+            check.fail(key, "missing (required keys: name, family, strategies, "
+                            "generations, seeds)")
+
+    name = document["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        check.fail("name", f"expected a name of letters, digits, '_', '-' or '.', got {name!r}")
+    description = document.get("description") or ""
+    if not isinstance(description, str):
+        check.fail("description", f"expected a string, got {description!r}")
+
+    family_name, family_params = _validate_family(check, document["family"])
+    strategies = _validate_strategies(check, document["strategies"])
+
+    generations = document["generations"]
+    if not _matches(generations, int) or generations < 1:
+        check.fail("generations", f"expected an integer >= 1, got {generations!r}")
+
+    seeds = document["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        check.fail("seeds", f"expected a non-empty list of integers, e.g. [0, 1], got {seeds!r}")
+    for i, s in enumerate(seeds):
+        if not _matches(s, int) or s < 0:
+            check.fail(f"seeds[{i}]", f"expected an integer >= 0, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        check.fail("seeds", f"repeated seed in {seeds!r}")
+
+    out = document.get("out")
+    if out is None:
+        out = f"results/{name}"
+    if not isinstance(out, str) or not out.strip():
+        check.fail("out", f"expected a directory path, got {out!r}")
+
+    resources = _validate_resources(check, document.get("resources") or {})
+
+    study = Study(
+        name=name, family=family_name, family_params=family_params,
+        strategies=tuple(strategies), generations=generations, seeds=tuple(seeds), out=out,
+        resources=resources, description=description, source=source, document=document,
+    )
+    _validate_grid(check, study)
+    return study
+
+
+def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(family, dict) or "name" not in family:
+        check.fail("family", "expected a mapping with a `name` and that family's parameters, "
+                             f"e.g. {{name: linear, d: 10}} (families: {', '.join(FAMILY_MODULES)})")
+    name = family["name"]
+    if name not in FAMILY_MODULES:
+        check.fail("family.name", f"unknown family {name!r} (known: {', '.join(FAMILY_MODULES)})")
+    fam = get_family(name)
+    hints = typing.get_type_hints(fam.Params)
+    fields = {f.name: f for f in dataclasses.fields(fam.Params)}
+    params: dict[str, Any] = {}
+    for key, value in family.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            check.fail(f"family.{key}", f"unknown parameter of family {name!r} "
+                                        f"(allowed: {', '.join(fields)})")
+        if isinstance(value, list):  # a grid axis
+            if not value:
+                check.fail(f"family.{key}", "an empty list gives an empty grid; give a value "
+                                            "or a non-empty list")
+            values = [check.typed(f"family.{key}[{i}]", v, hints[key]) for i, v in enumerate(value)]
+            if len(set(map(repr, values))) != len(values):
+                check.fail(f"family.{key}", f"repeated value in {value!r}")
+            params[key] = values
+        else:
+            params[key] = check.typed(f"family.{key}", value, hints[key])
+    for key, f in fields.items():
+        if key not in params:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                check.fail(f"family.{key}", f"missing (family {name!r} requires it)")
+            params[key] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return name, params
+
+
+def _validate_strategies(check: _Checker, strategies: Any) -> list[str]:
+    if isinstance(strategies, str):
+        strategies = [strategies]
+    if not isinstance(strategies, list) or not strategies:
+        check.fail("strategies", "expected a non-empty list, e.g. [replace, accumulate] "
+                                 f"(known: {', '.join(strategy_registry.STRATEGIES)})")
+    for i, s in enumerate(strategies):
+        if s not in strategy_registry.STRATEGIES:
+            check.fail(f"strategies[{i}]", f"unknown strategy {s!r} "
+                                           f"(known: {', '.join(strategy_registry.STRATEGIES)})")
+    if len(set(strategies)) != len(strategies):
+        check.fail("strategies", f"repeated strategy in {strategies!r}")
+    return strategies
+
+
+def _validate_resources(check: _Checker, resources: Any) -> Resources:
+    if not isinstance(resources, dict):
+        check.fail("resources", f"expected a mapping, got {resources!r}")
+    hints = typing.get_type_hints(Resources)
+    values = {}
+    for key, value in resources.items():
+        if key not in hints:
+            check.fail(f"resources.{key}", f"unknown key (allowed: {', '.join(hints)})")
+        values[key] = check.typed(f"resources.{key}", value, hints[key])
+    r = Resources(**values)
+    if r.cpus_per_trial <= 0:
+        check.fail("resources.cpus_per_trial", f"must be > 0, got {r.cpus_per_trial}")
+    if r.gpus_per_trial < 0:
+        check.fail("resources.gpus_per_trial", f"must be >= 0, got {r.gpus_per_trial}")
+    if r.max_concurrent_trials is not None and r.max_concurrent_trials < 1:
+        check.fail("resources.max_concurrent_trials",
+                   f"must be >= 1 or null, got {r.max_concurrent_trials}")
+    return r
+
+
+def _validate_grid(check: _Checker, study: Study) -> None:
+    fam = get_family(study.family)
+    for point in study.grid_points():
+        params = fam.Params(**{**study.family_params, **point})
+        try:
+            fam.validate(params)
+        except ParamError as e:
+            where = (" at " + ", ".join(f"{k}={v}" for k, v in point.items())) if point else ""
+            check.fail(f"family.{e.field}", f"{e.message}{where}")
+
+
+def family_params(trial: Trial) -> Any:
+    """The family's Params dataclass for one trial."""
+    return get_family(trial.family).Params(**trial.params)
