@@ -1,0 +1,29 @@
+# Two commands for a fresh machine:
+#   make quickstart   install into .venv, run the quickstart study, plot it
+#   make test         install into .venv, run the test suite
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install quickstart test bench
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 goes in first, alone: on CPU machines it resolves to the CPU wheel,
+# and everything after it (deepspeed, transformers, ray) then reuses it instead of
+# pulling a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+quickstart: install
+	$(BIN)/collapse run studies/linear_regression.yaml
+	$(BIN)/collapse plot results/linear_regression
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/linear_speed.py

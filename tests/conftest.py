@@ -1,0 +1,32 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def write_study(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def collapse(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real `collapse` console script as a user would."""
+    exe = shutil.which("collapse") or str(Path(sys.executable).parent / "collapse")
+    return subprocess.run([exe, *map(str, args)], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the tests that call the engine in-process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,85 @@
+"""The corpus store: atomic shard sets, manifest, exact mix selection, two views."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine import strategies as S
+from engine.corpus import CorpusError, CorpusStore
+
+
+def table(n, offset=0):
+    return pa.table({"v": pa.array(np.arange(offset, offset + n))})
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = CorpusStore(tmp_path / "corpus")
+    s.write(S.real(1), table(10, 0), model="real data")
+    s.write(S.synthetic(1), table(10, 100), model="generation 1 (m)", temperature=1.0)
+    s.write(S.synthetic(2), table(20, 200), model="generation 2 (m)", temperature=1.0)
+    return s
+
+
+def test_manifest_records_rows_checksums_model_and_temperature(store):
+    entry = store.entry(S.synthetic(2))
+    assert entry.rows == 20 and entry.model == "generation 2 (m)" and entry.temperature == 1.0
+    assert len(entry.files) == 1 and len(entry.files[0].sha256) == 64
+    assert store.verify() == []
+
+
+def test_verify_finds_a_corrupted_shard(store):
+    path = store.root / store.entry(S.real(1)).files[0].path
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    assert any("checksum mismatch" in p for p in store.verify())
+
+
+def test_a_corpus_is_never_overwritten(store):
+    with pytest.raises(CorpusError, match="already exists"):
+        store.write(S.synthetic(1), table(10), model="x")
+
+
+def test_no_temp_files_are_left_behind(store):
+    assert not [p for p in store.root.rglob(".tmp-*")]
+    assert json.loads(store.manifest_path.read_text()).keys() == {
+        "real-0001", "synthetic-0001", "synthetic-0002"}
+
+
+def test_mix_all_reads_every_part_in_order(store):
+    mix = S.get("accumulate").mix(3, 10)
+    assert store.read(mix, seed=0).column("v").to_pylist() == (
+        list(range(10)) + list(range(100, 110)) + list(range(200, 210)))
+
+
+def test_replace_multiple_reads_the_first_rows_of_a_larger_corpus(store):
+    mix = S.get("replace_multiple").mix(2, 10)  # 20 rows of synthetic-0001: too many
+    with pytest.raises(CorpusError, match="needs 20 rows of synthetic-0001, the store has 10"):
+        store.read(mix, seed=0)
+    mix = S.get("replace_multiple").mix(3, 10)  # 30 rows of synthetic-0002: it has 20
+    with pytest.raises(CorpusError):
+        store.read(mix, seed=0)
+
+
+def test_subsample_draws_exactly_without_replacement_and_deterministically(store):
+    mix = S.get("subsample").mix(3, 10)
+    a = store.read(mix, seed=5).column("v").to_pylist()
+    assert len(a) == 10 and len(set(a)) == 10
+    assert set(a) <= set(range(10)) | set(range(100, 110)) | set(range(200, 210))
+    assert store.read(mix, seed=5).column("v").to_pylist() == a
+    assert store.read(mix, seed=6).column("v").to_pylist() != a
+
+
+def test_subsample_with_replacement_can_repeat_rows(store):
+    mix = S.Mix(tuple(S.get("accumulate").mix(3, 10).parts), "with_replacement", 30)
+    rows = store.read(mix, seed=1).column("v").to_pylist()
+    assert len(rows) == 30 and len(set(rows)) < 30  # P(no repeat) = 30!/30^30 ≈ 1e-12
+
+
+@pytest.mark.slow
+def test_ray_dataset_view_serves_exactly_the_same_rows(store, ray_local):
+    for name in ("accumulate", "subsample", "subsample_with_replacement"):
+        mix = S.get(name).mix(3, 10)
+        in_memory = sorted(store.read(mix, seed=3).column("v").to_pylist())
+        streamed = sorted(r["v"] for r in store.dataset(mix, seed=3).iter_rows())
+        assert streamed == in_memory, name

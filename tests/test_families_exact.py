@@ -1,0 +1,67 @@
+"""The exact families against their closed forms, through the real chain and store."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine import results
+from engine.chain import run_chain
+from engine.spec import load_study
+
+from conftest import write_study
+
+
+def run_in_process(tmp_path, family: str, strategies, generations: int):
+    """Every chain of a small study through run_chain (the code Tune runs), no Ray."""
+    f = write_study(tmp_path / "s.yaml",
+                    f"name: exact\nfamily: {family}\nstrategies: {strategies}\n"
+                    f"generations: {generations}\nseeds: [0]\nout: {tmp_path / 'out'}\n")
+    study = load_study(f)
+    for trial in study.trials():
+        run_chain(trial, study.generations, study.out)
+    return results.collect(study)
+
+
+@pytest.mark.parametrize("d,T,sigma2", [(5, 20, 1.0), (10, 40, 0.1), (3, 9, 10.0)])
+def test_linear_test_error_within_5_percent_of_closed_form(tmp_path, d, T, sigma2):
+    table = run_in_process(
+        tmp_path, f"{{name: linear, d: {d}, T: {T}, sigma2: {sigma2}, trials: 3000}}",
+        "[replace, accumulate, replace_multiple]", 8)
+    wide = table.pivot_table(index=["strategy", "generation"], columns="metric", values="value")
+    ratio = wide["test_error"] / wide["theory"]
+    assert len(ratio) == 3 * 8
+    assert ((ratio - 1).abs() < 0.05).all(), ratio.to_string()
+    # and the phenomenon itself: replace grows linearly, accumulate stays below π²/6
+    base = sigma2 * d / (T - d - 1)
+    assert wide.loc[("replace", 8), "test_error"] > 6 * base
+    assert wide.loc[("accumulate", 8), "test_error"] < np.pi**2 / 6 * base * 1.05
+
+
+def test_gaussian_variance_ratio_follows_its_pathways(tmp_path):
+    table = run_in_process(tmp_path, "{name: gaussian, d: 2, n: 100, trials: 4000}",
+                           "[replace, accumulate, replace_multiple, subsample]", 10)
+    wide = table.pivot_table(index=["strategy", "generation"], columns="metric", values="value")
+    for strategy in ("replace", "accumulate", "replace_multiple"):
+        ratio = wide.loc[strategy, "variance_ratio"] / wide.loc[strategy, "theory"]
+        assert ((ratio - 1).abs() < 0.06).all(), (strategy, ratio.to_string())
+    # replace collapses the fitted variance; accumulate keeps it
+    assert wide.loc[("replace", 10), "fitted_variance"] < 0.95
+    assert abs(wide.loc[("accumulate", 10), "fitted_variance"] - 1) < 0.03
+    assert wide.loc[("replace", 10), "w2_squared"] > 3 * wide.loc[("accumulate", 10), "w2_squared"]
+    # sub sits between accumulate and replace
+    sub = wide.loc[("subsample", 10), "variance_ratio"]
+    assert wide.loc[("accumulate", 10), "variance_ratio"] < sub < wide.loc[("replace", 10), "variance_ratio"]
+
+
+def test_every_strategy_runs_through_the_chain(tmp_path):
+    table = run_in_process(
+        tmp_path, "{name: linear, d: 3, T: 12, sigma2: 1.0, trials: 50}",
+        "[replace, accumulate, replace_multiple, subsample, subsample_with_replacement, "
+        "accumulate_fresh_real]", 3)
+    counts = table[table.metric == "test_error"].groupby("strategy")["generation"].nunique()
+    assert (counts == 3).all() and len(counts) == 6
+    # generation 1 trains on the same real data under every strategy
+    first = table[(table.metric == "test_error") & (table.generation == 1)]["value"]
+    assert first.nunique() == 1
+    # fresh real data keeps helping: below accumulate at generation 3
+    g3 = table[(table.metric == "test_error") & (table.generation == 3)].set_index("strategy")["value"]
+    assert g3["accumulate_fresh_real"] < g3["accumulate"]

@@ -1,0 +1,72 @@
+"""The tidy table, its pivot and plots, through Ray Tune and the CLI."""
+import numpy as np
+import pandas as pd
+import pytest
+
+import engine
+from conftest import collapse, write_study
+from engine import results
+
+STUDY = """\
+name: tidy
+family: {{name: gaussian, d: [1, 2], n: 50, trials: 200}}
+strategies: [replace, accumulate]
+generations: 3
+seeds: [0, 1]
+out: {out}
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tidy")
+    study = write_study(tmp / "tidy.yaml", STUDY.format(out=tmp / "out"))
+    r = collapse("run", study)
+    assert r.returncode == 0, r.stderr
+    return tmp / "out", r
+
+
+def test_run_prints_progress_and_the_pivot(finished):
+    out, r = finished
+    assert "[tidy] 24/24 generations" in r.stderr
+    assert "results.parquet (" in r.stdout and "accumulate" in r.stdout
+
+
+def test_table_is_tidy_with_one_column_per_axis(finished):
+    out, _ = finished
+    table = engine.load_results(out)
+    assert list(table.columns) == results.FIXED_COLUMNS + ["d"]
+    assert set(table.metric) == {"variance_ratio", "mean_error", "fitted_variance",
+                                 "w2_squared", "theory"}
+    # every (strategy, d, seed, generation, metric) exactly once
+    key = ["strategy", "d", "seed", "generation", "metric"]
+    assert not table.duplicated(key).any()
+    assert len(table) == 2 * 2 * 2 * 3 * 5
+    assert table.temperature.isna().all() and set(table.model) == {"gaussian-1d", "gaussian-2d"}
+    csv = pd.read_csv(out / "results.csv")
+    assert np.allclose(csv["value"], table["value"])
+
+
+def test_collapse_table_pivots_strategy_and_axes_by_generation(finished):
+    out, _ = finished
+    r = collapse("table", out, "--metric", "w2_squared")
+    assert r.returncode == 0, r.stderr
+    header = r.stdout.splitlines()[0]
+    assert header.split()[-3:] == ["1", "2", "3"]
+    assert sum(line.startswith(("replace", "accumulate")) for line in r.stdout.splitlines()) == 2
+    r = collapse("table", out, "--metric", "nope")
+    assert r.returncode == 2 and "no metric 'nope'" in r.stderr
+
+
+def test_collapse_plot_writes_a_png_per_metric(finished):
+    out, _ = finished
+    r = collapse("plot", out)
+    assert r.returncode == 0, r.stderr
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["fitted_variance.png", "mean_error.png", "variance_ratio.png", "w2_squared.png"]
+    assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_table_of_a_directory_without_results(tmp_path):
+    r = collapse("table", tmp_path)
+    assert r.returncode == 2 and "no results table" in r.stderr

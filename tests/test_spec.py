@@ -1,0 +1,111 @@
+"""Study files: loading, --set overrides, grid expansion and one-line errors (exit 2)."""
+import pytest
+
+from conftest import collapse, write_study
+from engine.spec import SpecError, load_study
+
+GOOD = """\
+name: demo
+family: {{name: linear, d: [3, 4], T: 20, sigma2: 1, trials: 10}}
+strategies: [replace, accumulate]
+generations: 2
+seeds: [0, 1]
+out: {out}
+"""
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    return write_study(tmp_path / "demo.yaml", GOOD.format(out=tmp_path / "out"))
+
+
+def test_grid_is_strategies_times_list_axes_times_seeds(study_file):
+    study = load_study(study_file)
+    trials = study.trials()
+    assert len(trials) == 2 * 2 * 2
+    assert study.axes == {"d": [3, 4]}
+    assert {t.trial_id for t in trials} == {
+        f"{s}__d={d}__seed={seed}" for s in ("replace", "accumulate") for d in (3, 4)
+        for seed in (0, 1)}
+    assert all(t.params["sigma2"] == 1.0 and isinstance(t.params["sigma2"], float) for t in trials)
+
+
+def test_set_overrides_any_dotted_key(study_file):
+    study = load_study(study_file, ["family.d=7", "generations=12",
+                                    "strategies=[replace,accumulate]", "family.T=[30,40]"])
+    assert study.family_params["d"] == 7 and study.generations == 12
+    assert study.strategies == ("replace", "accumulate")
+    assert study.axes == {"T": [30, 40]}
+
+
+def test_default_out_is_results_slash_name(tmp_path):
+    f = write_study(tmp_path / "s.yaml", GOOD.format(out="x").replace("out: x\n", ""))
+    assert load_study(f).out == "results/demo"
+
+
+BAD = [
+    # (override, expected fragment of the one-line message)
+    ("colour=red", "colour (from --set): unknown key (allowed: name, description, family"),
+    ("family.dd=3", "family.dd (from --set): unknown parameter of family 'linear' (allowed: d, T"),
+    ("family.d=ten", "family.d (from --set): expected an integer, got 'ten'"),
+    ("family.d=[3,ten]", "family.d[1] (from --set): expected an integer, got 'ten'"),
+    ("family.sigma2=-1", "family.sigma2 (from --set): must be > 0, got -1.0"),
+    ("family.T=5", "family.T (from --set): must be >= d + 2 = 6 for ordinary least squares"),
+    ("strategies=[replace,acumulate]",
+     "strategies[1] (from --set): unknown strategy 'acumulate' (known: replace, accumulate"),
+    ("family.name=transformer", "family.name (from --set): unknown family 'transformer' (known: linear"),
+    ("generations=0", "generations (from --set): expected an integer >= 1, got 0"),
+    ("seeds=3", "seeds (from --set): expected a non-empty list of integers"),
+    ("resources.gpus=1", "resources.gpus (from --set): unknown key (allowed: cpus_per_trial"),
+    ("family.d=[]", "family.d (from --set): an empty list gives an empty grid"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_input_is_one_line_naming_file_and_field_exit_2_and_nothing_touched(
+        tmp_path, study_file, override, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    before = sorted(p.name for p in out.rglob("*"))
+    r = collapse("run", study_file, "--set", override)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"{study_file}: ")
+    assert message in lines[0]
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_bad_input_creates_no_output_directory(tmp_path, study_file):
+    r = collapse("run", study_file, "--set", "family.d=0")
+    assert r.returncode == 2 and "family.d (from --set): must be >= 1, got 0" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_in_the_file_itself_is_not_blamed_on_set(tmp_path):
+    f = write_study(tmp_path / "s.yaml", GOOD.format(out=tmp_path / "o").replace("T: 20", "T: 4"))
+    with pytest.raises(SpecError) as e:
+        load_study(f)
+    assert str(e.value).startswith(f"{f}: family.T: must be >= d + 2 = 5")
+    assert "at d=3" in str(e.value)
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    r = collapse("run", tmp_path / "nope.yaml")
+    assert r.returncode == 2 and "nope.yaml: no such study file" in r.stderr
+    bad = write_study(tmp_path / "bad.yaml", "name: [unclosed\n")
+    r = collapse("run", bad)
+    assert r.returncode == 2 and "bad.yaml: not valid YAML at line" in r.stderr
+
+
+def test_malformed_set():
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        load_study("studies/linear_regression.yaml", ["generations"])
+
+
+@pytest.mark.parametrize("path", ["studies/linear_regression.yaml", "studies/gaussian.yaml",
+                                  "studies/variance_ratio.yaml"])
+def test_shipped_studies_are_valid(path):
+    assert load_study(path).trials()
