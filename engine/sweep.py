@@ -8,6 +8,7 @@ again finishes exactly the work that is missing.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,10 @@ from engine.chain import ChainError, completed_generations, run_chain
 from engine.spec import Study, Trial
 
 log = logging.getLogger("engine.sweep")
+
+# Tune's newer console output prints its configuration table whatever the verbosity;
+# the classic reporter honours verbose=0, and the engine prints its own progress.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 def _chain_trainable(config: dict[str, Any]) -> None:
     """What each Tune trial runs: one chain."""

@@ -36,6 +36,10 @@ class LinearReal:
     X: np.ndarray  # (trials, T, d) features, fixed for the whole chain
     w_star: np.ndarray  # (trials, d)
     train_chunks: list[pa.Table]  # chunk k: T rows of real labels (fresh noise per chunk)
+    # (XᵀX)⁻¹Xᵀ, (trials, d, T): X never changes within a chain, so a mix that holds
+    # every feature row equally often (replace, accumulate, replace_multiple) is fit
+    # with one product instead of forming and solving the normal equations again.
+    ols_operator: np.ndarray | None = None
 
 
 def validate(p: Params) -> None:
@@ -79,7 +83,11 @@ def real_data(p: Params, seed: int, chunks: int) -> LinearReal:
         # chunks a strategy needs: every strategy starts from identical real data.
         noise = np.random.default_rng(derive_seed(seed, "real-chunk", k)).standard_normal(clean.shape)
         train_chunks.append(labels_table(feature, clean + np.sqrt(p.sigma2) * noise))
-    return LinearReal(X=X, w_star=w_star, train_chunks=train_chunks)
+    operator = None
+    if p.ridge == 0:
+        Xt = X.transpose(0, 2, 1)
+        operator = np.linalg.solve(Xt @ X, Xt)
+    return LinearReal(X=X, w_star=w_star, train_chunks=train_chunks, ols_operator=operator)
 
 
 def fit(p: Params, real: LinearReal, mix: pa.Table, seed: int) -> np.ndarray:
@@ -88,19 +96,30 @@ def fit(p: Params, real: LinearReal, mix: pa.Table, seed: int) -> np.ndarray:
     are needed — one (trials, d, T) @ (trials, T, d) product instead of a loop."""
     feature, y = labels_from_table(mix, p.trials)
     counts = np.bincount(feature, minlength=p.T).astype(float)  # (T,)
-    order = np.argsort(feature, kind="stable")
-    present = np.flatnonzero(counts)
-    starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]]).astype(np.int64)
-    label_sums = np.zeros((p.T, p.trials))
-    label_sums[present] = np.add.reduceat(y[order], starts, axis=0)
+    label_sums = _sum_by_feature(feature, y, counts)  # (T, trials)
+    if real.ols_operator is not None and (counts == counts[0]).all():
+        # Every feature row c times: ŵ = (c·XᵀX)⁻¹Xᵀs = (XᵀX)⁻¹Xᵀ(s/c).
+        return (real.ols_operator @ (label_sums.T / counts[0])[:, :, None])[..., 0]
     Xt = real.X.transpose(0, 2, 1)  # (trials, d, T)
     gram = (Xt * counts[None, None, :]) @ real.X + p.ridge * np.eye(p.d)
     rhs = Xt @ label_sums.T[:, :, None]  # (trials, d, 1)
-    if p.ridge == 0 and len(present) < p.d:
+    if p.ridge == 0 and np.count_nonzero(counts) < p.d:
         # Fewer distinct feature rows than dimensions (possible when subsampling with
         # replacement): the normal equations are singular, so take the minimum-norm fit.
         return (np.linalg.pinv(gram) @ rhs)[..., 0]
     return np.linalg.solve(gram, rhs)[..., 0]
+
+
+def _sum_by_feature(feature: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per feature row k, the sum of the labels of the mix's rows with that feature."""
+    if len(feature) == len(counts) and (feature == np.arange(len(counts))).all():
+        return y  # one row per feature, in order: nothing to add up
+    order = np.argsort(feature, kind="stable")
+    present = np.flatnonzero(counts)
+    starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]]).astype(np.int64)
+    sums = np.zeros((len(counts), y.shape[1]))
+    sums[present] = np.add.reduceat(y[order], starts, axis=0)
+    return sums
 
 
 def evaluate(p: Params, real: LinearReal, w_hat: np.ndarray) -> dict[str, float]:
