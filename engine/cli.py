@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError) as e:
         print(e.args[0] if e.args else e, file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ConnectionError as e:  # raised by ray.init for an unreachable --address
+        print(f"collapse: cannot reach the Ray cluster: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from engine.chain import ChainError, completed_generations, run_chain
 from engine.spec import Study, Trial
@@ -54,9 +56,39 @@ def _progress_callback(study: Study, done: int, total: int, say: Callable[[str],
     return Progress()
 
 
-def run_sweep(study: Study, address: str | None = None,
-              say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> None:
+def _probe(address: str) -> None:
+    """Fail in seconds, not after Ray's 30 s GCS timeout, when a HOST:PORT is closed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "local", ray:// client addresses: ray.init decides
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e}); start the "
+                              "cluster (ray start --head) or fix --address") from None
+
+
+@contextmanager
+def ray_connection(address: str | None) -> Iterator[None]:
+    """Join the Ray at `address`, or start a local one; leave Ray as we found it."""
     import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        _probe(address)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_sweep(study: Study,
+              say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> None:
+    """Run every chain of the study not yet finished. Needs a Ray connection."""
     from ray import tune
 
     out = Path(study.out).resolve()
@@ -69,40 +101,30 @@ def run_sweep(study: Study, address: str | None = None,
     say(f"[{study.name}] {len(trials)} chains × {study.generations} generations; "
         f"{done}/{total} generations already on disk")
 
-    address = address or study.resources.address
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-    try:
-        r = study.resources
-        resources = {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}
-        tuner = tune.Tuner(
-            tune.with_resources(_chain_trainable, resources),
-            param_space={
-                "trial": tune.grid_search([t.to_dict() for t in trials]),
-                "generations": study.generations,
-                "out": str(out),
-            },
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=r.max_concurrent_trials,
-                reuse_actors=True,
-                trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-            ),
-            run_config=tune.RunConfig(
-                name="sweep",
-                storage_path=str(out / "tune"),
-                verbose=0,
-                callbacks=[_progress_callback(study, done, total, say)],
-            ),
-        )
-        grid = tuner.fit()
-        failed = [(result.config["trial"]["trial_id"], result.error)
-                  for result in grid if result.error is not None]
-        if failed:
-            trial_id, error = failed[0]
-            raise ChainError(f"{len(failed)} of {len(trials)} chains failed; first: "
-                             f"{trial_id}: {error}")
-    finally:
-        if started_here:
-            ray.shutdown()
+    r = study.resources
+    tuner = tune.Tuner(
+        tune.with_resources(_chain_trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}),
+        param_space={
+            "trial": tune.grid_search([t.to_dict() for t in trials]),
+            "generations": study.generations,
+            "out": str(out),
+        },
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=r.max_concurrent_trials,
+            reuse_actors=True,
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name="sweep",
+            storage_path=str(out / "tune"),
+            verbose=0,
+            callbacks=[_progress_callback(study, done, total, say)],
+        ),
+    )
+    grid = tuner.fit()
+    failed = [(result.config["trial"]["trial_id"], result.error)
+              for result in grid if result.error is not None]
+    if failed:
+        trial_id, error = failed[0]
+        raise ChainError(f"{len(failed)} of {len(trials)} chains failed; first: "
+                         f"{trial_id}: {error}")

@@ -109,3 +109,17 @@ def test_malformed_set():
                                   "studies/variance_ratio.yaml"])
 def test_shipped_studies_are_valid(path):
     assert load_study(path).trials()
+
+
+def test_unreachable_ray_address_is_one_line_exit_2_nothing_written(tmp_path, study_file):
+    import socket
+
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = collapse("run", study_file, "--address", f"127.0.0.1:{port}")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"collapse: cannot reach the Ray cluster: nothing answers at "
+                                f"127.0.0.1:{port} (Connection refused); start the cluster "
+                                "(ray start --head) or fix --address")
+    assert not (tmp_path / "out").exists()
