@@ -94,7 +94,6 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
     family = get_family(trial.family)
     params = family.Params(**trial.params)
     strategy = strategies.get(trial.strategy)
-    T = family.rows_per_generation(params)
     paths = ChainPaths(chain_dir(out, trial))
 
     mismatch = recorded_trial_mismatch(out, trial)
@@ -107,8 +106,11 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
     # The grid point without the strategy: shared by every strategy (see module doc).
     point = (trial.seed, trial.family, sorted(trial.params.items()))
     store = CorpusStore(paths.corpus)
-    real = family.real_data(params, derive_seed(*point, "real"),
-                            strategy.real_chunks(generations, T))
+    # Real data depends on the study seed alone (and on whichever parameters the family
+    # says shape it), so every cell of the grid splits and tokenizes the same data.
+    real = family.real_data(params, derive_seed(trial.seed, trial.family, "real"),
+                            strategy.real_chunks(generations), Path(out) / "real")
+    T = real.train_chunks[0].num_rows
     for k, table in enumerate(real.train_chunks, start=1):
         if not store.has(strategies.real(k)):
             store.write(strategies.real(k), table, model="real data")

@@ -65,11 +65,11 @@ class Strategy:
     sample_size: Callable[[int, int], int]  # (generation, T) -> rows model g samples
     description: str
 
-    def real_chunks(self, generations: int, T: int) -> int:
-        """How many real chunks of T rows a chain of this length reads."""
+    def real_chunks(self, generations: int) -> int:
+        """How many real chunks a chain of this length reads."""
         return max(
             (p.source.index for g in range(1, generations + 1)
-             for p in self.mix(g, T).parts if p.source.kind == "real"),
+             for p in self.mix(g, 1).parts if p.source.kind == "real"),
             default=1,
         )
 

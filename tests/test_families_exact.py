@@ -21,7 +21,7 @@ def run_in_process(tmp_path, family: str, strategies, generations: int):
     return results.collect(study)
 
 
-@pytest.mark.parametrize("d,T,sigma2", [(5, 20, 1.0), (10, 40, 0.1), (3, 9, 10.0)])
+@pytest.mark.parametrize("d,T,sigma2", [(5, 20, 1.0), (10, 40, 0.1), (3, 15, 10.0)])
 def test_linear_test_error_within_5_percent_of_closed_form(tmp_path, d, T, sigma2):
     table = run_in_process(
         tmp_path, f"{{name: linear, d: {d}, T: {T}, sigma2: {sigma2}, trials: 3000}}",

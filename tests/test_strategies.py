@@ -50,8 +50,8 @@ def test_accumulate_fresh_real_adds_a_new_real_chunk_each_generation():
     mix = s.mix(3, T)
     assert [p.source for p in mix.parts] == [real(1), real(2), real(3), synthetic(1), synthetic(2)]
     assert mix.rows == 5 * T
-    assert s.real_chunks(7, T) == 7
-    assert S.get("accumulate").real_chunks(7, T) == 1
+    assert s.real_chunks(7) == 7
+    assert S.get("accumulate").real_chunks(7) == 1
 
 
 def test_bad_generation_and_unknown_strategy():

@@ -30,17 +30,16 @@ class Family(Protocol):
     def validate(self, params: Any) -> None:
         """Cross-field checks on one concrete grid point; raise ParamError."""
 
-    def rows_per_generation(self, params: Any) -> int:
-        """T: rows of real training data, the unit every strategy counts in."""
-
     def model_name(self, params: Any) -> str: ...
 
     def temperature(self, params: Any) -> float | None: ...
 
-    def real_data(self, params: Any, seed: int, chunks: int) -> Any:
-        """The chain's real data (fixed per study seed and family parameters).
-        Must expose `train_chunks: list[pa.Table]` of T rows each; the rest (held-out
-        test data, fixed features, the true model) is the family's own business."""
+    def real_data(self, params: Any, seed: int, chunks: int, cache_dir: Path) -> Any:
+        """The chain's real data, fixed by the study seed. Must expose
+        `train_chunks: list[pa.Table]`, `chunks` tables of T rows each — T, the rows of
+        one generation, is the unit every strategy counts in. The rest (held-out test
+        data, fixed features, the true model) is the family's own business. `cache_dir`
+        is shared by every chain of the study, for work done once (a tokenizer)."""
 
     def fit(self, params: Any, real: Any, mix: Any, seed: int) -> Any: ...
 

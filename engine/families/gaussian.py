@@ -66,7 +66,7 @@ def points_from_table(table: pa.Table, p: Params) -> np.ndarray:
     return table.column("x").combine_chunks().flatten().to_numpy().reshape(-1, p.trials, p.d)
 
 
-def real_data(p: Params, seed: int, chunks: int) -> GaussianReal:
+def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) -> GaussianReal:
     return GaussianReal([
         points_table(np.random.default_rng(derive_seed(seed, "real-chunk", k))
                      .standard_normal((p.n, p.trials, p.d)))
@@ -132,10 +132,6 @@ class _Gaussian:
     sample = staticmethod(sample)
     save_model = staticmethod(save_model)
     load_model = staticmethod(load_model)
-
-    @staticmethod
-    def rows_per_generation(p: Params) -> int:
-        return p.n
 
     @staticmethod
     def model_name(p: Params) -> str:

@@ -71,7 +71,7 @@ def labels_from_table(table: pa.Table, trials: int) -> tuple[np.ndarray, np.ndar
     return feature, y
 
 
-def real_data(p: Params, seed: int, chunks: int) -> LinearReal:
+def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) -> LinearReal:
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((p.trials, p.T, p.d))
     w_star = rng.standard_normal((p.trials, p.d))
@@ -168,10 +168,6 @@ class _Linear:
     sample = staticmethod(sample)
     save_model = staticmethod(save_model)
     load_model = staticmethod(load_model)
-
-    @staticmethod
-    def rows_per_generation(p: Params) -> int:
-        return p.T
 
     @staticmethod
     def model_name(p: Params) -> str:
