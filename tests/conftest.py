@@ -15,10 +15,16 @@ def write_study(path: Path, text: str) -> Path:
     return path
 
 
+def collapse_exe() -> str:
+    """The `collapse` console script of the Python running the tests (whether or not
+    its virtual environment is activated, as under `make test`)."""
+    beside = Path(sys.executable).parent / "collapse"
+    return str(beside) if beside.exists() else shutil.which("collapse")
+
+
 def collapse(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     """Run the real `collapse` console script as a user would."""
-    exe = shutil.which("collapse") or str(Path(sys.executable).parent / "collapse")
-    return subprocess.run([exe, *map(str, args)], cwd=cwd or REPO, capture_output=True,
+    return subprocess.run([collapse_exe(), *map(str, args)], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

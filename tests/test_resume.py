@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import collapse, write_study
+from conftest import collapse, collapse_exe, write_study
 from engine.corpus import CorpusStore
 from engine.spec import load_study
 
@@ -29,8 +29,7 @@ def done(out: Path) -> int:
 def run_and_kill_after(study: Path, out: Path, generations_done: int) -> None:
     """Start `collapse run` and SIGKILL its whole process group (driver, Ray, workers)
     once `generations_done` generations are on disk."""
-    exe = str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "collapse")
-    proc = subprocess.Popen([exe if os.path.exists(exe) else "collapse", "run", str(study)],
+    proc = subprocess.Popen([collapse_exe(), "run", str(study)],
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
