@@ -125,9 +125,12 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
         else:
             mix = strategy.mix(g, T)
             seed = derive_seed(*point, g, "mix")
-            data = store.read(mix, seed) if family.data_view == "table" else store.dataset(mix, seed)
-            model = family.fit(params, real, data, derive_seed(*point, g, "fit"))
-            write_directory(model_dir, lambda d: family.save_model(model, d))
+            data = (store.read(mix, seed) if family.data_view(params) == "table"
+                    else store.dataset(mix, seed))
+            trained = family.fit(params, real, data, derive_seed(*point, g, "fit"))
+            write_directory(model_dir, lambda d: family.save_model(trained, d))
+            # Go on from the checkpoint, as a resumed run would: both see the same model.
+            model = family.load_model(model_dir)
 
         scores = dict(family.evaluate(params, real, model))
         expected = family.theory(params, trial.strategy, g)
@@ -139,9 +142,13 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
             table = family.sample(params, real, model, strategy.sample_size(g, T),
                                   derive_seed(*point, g, "sample"))
             store.write(synth, table, model=f"generation {g} ({family.model_name(params)})",
-                        temperature=family.temperature(params))
+                        temperature=family.temperature(params),
+                        stats=family.sample_stats(params, table))
+        scores.update(store.entry(synth).stats)
 
-        write_json(paths.metrics(g), {"generation": g, "metrics": scores})
+        curves = {name: [[int(step), float(v)] for step, v in curve]
+                  for name, curve in family.curves(model).items()}
+        write_json(paths.metrics(g), {"generation": g, "metrics": scores, "curves": curves})
         log.info("%s: generation %d/%d done", trial.trial_id, g, generations)
         if report is not None:
             report(g, scores)

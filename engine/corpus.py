@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +54,7 @@ class ManifestEntry:
     model: str  # what made these rows: "real data" or the sampling model
     temperature: float | None
     written: float  # unix time
+    stats: dict[str, float] = field(default_factory=dict)  # the family's sample statistics
 
 
 def _sha256(path: Path) -> str:
@@ -117,7 +118,8 @@ class CorpusStore:
 
     # --------------------------------------------------------------------- write
     def write(self, source: Source, table: pa.Table, *, model: str,
-              temperature: float | None = None) -> ManifestEntry:
+              temperature: float | None = None,
+              stats: dict[str, float] | None = None) -> ManifestEntry:
         entries = self.entries()
         if source.name in entries:
             # Never overwrite a corpus a later generation may already have trained on.
@@ -132,7 +134,7 @@ class CorpusStore:
             write_atomic(self.root / rel, lambda tmp: _write_parquet(part, tmp))
             files.append(ShardFile(rel, part.num_rows, _sha256(self.root / rel)))
         entry = ManifestEntry(source.name, source.kind, source.index, table.num_rows,
-                              tuple(files), model, temperature, time.time())
+                              tuple(files), model, temperature, time.time(), dict(stats or {}))
         entries[source.name] = entry
         write_json(self.manifest_path, {k: asdict(v) for k, v in entries.items()})
         return entry
@@ -171,14 +173,20 @@ class CorpusStore:
         """The same rows as read(), as a Ray Dataset streamed from the shards."""
         import ray.data
 
+        from engine import raydata
+
+        raydata.quiet()
         parts = []
         for sel in self.select(mix, seed):
-            ds = ray.data.read_parquet(self._paths(sel.source))
+            # partitioning=None: chain directories are named like `replace__seed=0`,
+            # which Ray Data would otherwise read as a Hive partition column.
+            ds = ray.data.read_parquet(self._paths(sel.source), partitioning=None)
             counts = np.bincount(sel.rows, minlength=self.entry(sel.source).rows)
             if not (counts == 1).all():
                 ds = ds.map_batches(_KeepRows(counts), batch_format="pyarrow")
             parts.append(ds)
-        return parts[0].union(*parts[1:]).drop_columns([ROW])
+        mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return mixed.drop_columns([ROW])
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> list[str]:

@@ -20,7 +20,7 @@ from engine.files import write_atomic
 from engine.spec import Study
 
 FIXED_COLUMNS = ["study", "trial", "family", "model", "strategy", "temperature", "seed",
-                 "generation", "metric", "value"]
+                 "generation", "metric", "value", "step"]  # step: for per-step curves only
 TABLE_FILE = "results.parquet"
 
 
@@ -36,11 +36,17 @@ def collect(study: Study) -> pd.DataFrame:
                  "temperature": float("nan") if temperature is None else temperature,
                  "seed": trial.seed}
         for record in read_metrics(study.out, trial, study.generations):
+            g = record["generation"]
             for metric, value in record["metrics"].items():
-                rows.append({**fixed, "generation": record["generation"], "metric": metric,
-                             "value": float(value), **trial.axes})
+                rows.append({**fixed, "generation": g, "metric": metric, "value": float(value),
+                             "step": pd.NA, **trial.axes})
+            for metric, curve in record.get("curves", {}).items():
+                rows.extend({**fixed, "generation": g, "metric": metric, "value": float(v),
+                             "step": int(step), **trial.axes} for step, v in curve)
     columns = FIXED_COLUMNS + list(study.axes)
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    table["step"] = table["step"].astype("Int64")
+    return table
 
 
 def write(table: pd.DataFrame, out: Path | str) -> None:

@@ -12,6 +12,7 @@ from engine.families.base import Family, ParamError
 FAMILY_MODULES = {
     "linear": "engine.families.linear",
     "gaussian": "engine.families.gaussian",
+    "lm": "engine.families.lm",
 }
 
 

@@ -25,7 +25,9 @@ class Family(Protocol):
     Params: type  # a dataclass; its fields are the study file's family parameters
     metrics: tuple[str, ...]  # what evaluate() returns; the first is the headline metric
     theory_for: str | None  # the metric that the `theory` metric predicts, if any
-    data_view: Literal["table", "dataset"]  # how fit() wants its mix: in memory or streamed
+
+    def data_view(self, params: Any) -> Literal["table", "dataset"]:
+        """How fit() wants its mix: a pyarrow Table in memory, or a streamed Ray Dataset."""
 
     def validate(self, params: Any) -> None:
         """Cross-field checks on one concrete grid point; raise ParamError."""
@@ -50,6 +52,34 @@ class Family(Protocol):
 
     def sample(self, params: Any, real: Any, model: Any, n: int, seed: int) -> pa.Table: ...
 
+    def sample_stats(self, params: Any, table: pa.Table) -> dict[str, float]:
+        """Metrics of a freshly sampled corpus (diversity...); stored in its manifest entry."""
+
+    def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
+        """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""
+
     def save_model(self, model: Any, directory: Path) -> None: ...
 
     def load_model(self, directory: Path) -> Any: ...
+
+
+class ExactFamily:
+    """Defaults for in-memory families with no per-step curves or sample statistics."""
+
+    theory_for: str | None = None
+
+    @staticmethod
+    def data_view(params: Any) -> str:
+        return "table"
+
+    @staticmethod
+    def sample_stats(params: Any, table: pa.Table) -> dict[str, float]:
+        return {}
+
+    @staticmethod
+    def curves(model: Any) -> dict[str, list[tuple[int, float]]]:
+        return {}
+
+    @staticmethod
+    def temperature(params: Any) -> float | None:
+        return None

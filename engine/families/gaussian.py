@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError
+from engine.families.base import ExactFamily, ParamError
 from engine.seeds import derive_seed
 
 
@@ -118,12 +118,11 @@ def load_model(directory: Path) -> GaussianModel:
         return GaussianModel(mean=f["mean"], cov=f["cov"])
 
 
-class _Gaussian:
+class _Gaussian(ExactFamily):
     name = "gaussian"
     Params = Params
     metrics = ("variance_ratio", "mean_error", "fitted_variance", "w2_squared")
     theory_for = "variance_ratio"
-    data_view = "table"
     validate = staticmethod(validate)
     real_data = staticmethod(real_data)
     fit = staticmethod(fit)
@@ -136,10 +135,6 @@ class _Gaussian:
     @staticmethod
     def model_name(p: Params) -> str:
         return f"gaussian-{p.d}d"
-
-    @staticmethod
-    def temperature(p: Params) -> float | None:
-        return None
 
 
 FAMILY = _Gaussian()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError
+from engine.families.base import ExactFamily, ParamError
 from engine.seeds import derive_seed
 
 
@@ -154,12 +154,11 @@ def load_model(directory: Path) -> np.ndarray:
     return np.load(directory / "w_hat.npy")
 
 
-class _Linear:
+class _Linear(ExactFamily):
     name = "linear"
     Params = Params
     metrics = ("test_error", "test_error_stderr")
     theory_for = "test_error"
-    data_view = "table"
     validate = staticmethod(validate)
     real_data = staticmethod(real_data)
     fit = staticmethod(fit)
@@ -172,10 +171,6 @@ class _Linear:
     @staticmethod
     def model_name(p: Params) -> str:
         return "ols" if p.ridge == 0 else "ridge"
-
-    @staticmethod
-    def temperature(p: Params) -> float | None:
-        return None
 
 
 FAMILY = _Linear()

