@@ -41,7 +41,7 @@ def bare_loop(trials: int, generations: int, d: int, T: int, sigma2: float) -> n
 def engine_chain(trials: int, generations: int, d: int, T: int, sigma2: float, out: str) -> None:
     params = {"d": d, "T": T, "sigma2": sigma2, "ridge": 0.0, "trials": trials}
     trial = Trial(study="bench", trial_id="replace", family="linear", strategy="replace",
-                  seed=0, params=params, axes={})
+                  seed=0, params=params, axes={}, generations=generations)
     run_chain(trial, generations, out)
 
 

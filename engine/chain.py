@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +59,9 @@ class ChainPaths:
 
     def metrics(self, g: int) -> Path:
         return self.root / "metrics" / f"gen-{g:04d}.json"
+
+    def scratch(self, g: int) -> Path:
+        return self.root / "scratch" / f"gen-{g:04d}"
 
 
 def chain_dir(out: Path | str, trial: Trial) -> Path:
@@ -119,6 +124,8 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
         if paths.metrics(g).exists():
             continue
         model_dir = paths.model(g)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
         if model_dir.exists():
             model = family.load_model(model_dir)
             log.info("%s: generation %d: model loaded from checkpoint", trial.trial_id, g)
@@ -127,16 +134,26 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
             seed = derive_seed(*point, g, "mix")
             data = (store.read(mix, seed) if family.data_view(params) == "table"
                     else store.dataset(mix, seed))
-            trained = family.fit(params, real, data, derive_seed(*point, g, "fit"))
+            # Scratch space of this chain and generation only; a fit killed midway left
+            # its files here, and they are cleared before it starts over.
+            workdir = paths.scratch(g)
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            trained = family.fit(params, real, data, derive_seed(*point, g, "fit"), workdir)
             write_directory(model_dir, lambda d: family.save_model(trained, d))
+            shutil.rmtree(workdir, ignore_errors=True)
             # Go on from the checkpoint, as a resumed run would: both see the same model.
             model = family.load_model(model_dir)
+            timings["fit"] = time.perf_counter() - start
 
+        start = time.perf_counter()
         scores = dict(family.evaluate(params, real, model))
         expected = family.theory(params, trial.strategy, g)
         if expected is not None:
             scores["theory"] = expected
+        timings["evaluate"] = time.perf_counter() - start
 
+        start = time.perf_counter()
         synth = strategies.synthetic(g)
         if not store.has(synth):
             table = family.sample(params, real, model, strategy.sample_size(g, T),
@@ -144,12 +161,16 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
             store.write(synth, table, model=f"generation {g} ({family.model_name(params)})",
                         temperature=family.temperature(params),
                         stats=family.sample_stats(params, table))
+            timings["sample"] = time.perf_counter() - start
         scores.update(store.entry(synth).stats)
 
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
-        write_json(paths.metrics(g), {"generation": g, "metrics": scores, "curves": curves})
-        log.info("%s: generation %d/%d done", trial.trial_id, g, generations)
+        # Timings stay out of `metrics`: they differ between runs, the table must not.
+        write_json(paths.metrics(g), {"generation": g, "metrics": scores, "curves": curves,
+                                      "seconds": timings})
+        log.info("%s: generation %d/%d done (%s)", trial.trial_id, g, generations,
+                 ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         if report is not None:
             report(g, scores)
 

@@ -14,9 +14,14 @@ def _run(args: argparse.Namespace) -> int:
     from engine import results
 
     study = engine.load_study(args.study, args.set)
+    if args.dry_run:
+        from engine.plan import describe
+
+        print(describe(study, gpu=args.gpu, mfu=args.mfu))
+        return 0
     table = engine.run_study(study, address=args.address)
     print(f"results: {Path(study.out) / results.TABLE_FILE} ({len(table)} rows)")
-    print(results.pivot(table).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(results.summary(table).to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -24,7 +29,7 @@ def _table(args: argparse.Namespace) -> int:
     from engine import results
 
     table = results.load_results(args.dir)
-    print(results.pivot(table, args.metric).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(results.summary(table, args.metric).to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -48,6 +53,13 @@ def parser() -> argparse.ArgumentParser:
                      help="override a dotted key, e.g. --set family.d=7 (repeatable)")
     run.add_argument("--address", default=None,
                      help="Ray cluster address (default: resources.address, else local Ray)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the plan (rows, tokens, FLOPs, GPU-hours) and exit")
+    run.add_argument("--gpu", default="H100", choices=["H100", "H200", "A100", "L40S", "A10G",
+                                                       "L4", "B200"],
+                     help="GPU for the dry run's GPU-hours (default H100)")
+    run.add_argument("--mfu", type=float, default=0.4,
+                     help="model FLOPs utilisation for the dry run (default 0.4)")
     run.set_defaults(func=_run)
 
     table = sub.add_parser("table", help="print a study's results as a pivot table")
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (FileNotFoundError, KeyError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:
         print(e.args[0] if e.args else e, file=sys.stderr)
         return EXIT_BAD_INPUT
     except ConnectionError as e:  # raised by ray.init for an unreachable --address

@@ -161,12 +161,23 @@ class CorpusStore:
         return [str(self.root / f.path) for f in self.entry(source).files]
 
     # ---------------------------------------------------------------- two views
+    def _common_columns(self, selections: list[Selection]) -> list[str]:
+        """A mix holds the columns every part has (real and sampled corpora differ in
+        their provenance columns, e.g. true_logprob vs logprob)."""
+        schemas = [pq.read_schema(p) for sel in selections for p in self._paths(sel.source)[:1]]
+        return [n for n in schemas[0].names if n != ROW and all(n in s.names for s in schemas)]
+
     def read(self, mix: Mix, seed: int) -> pa.Table:
         """The mix in memory, for families that fit on a whole table."""
+        selections = self.select(mix, seed)
+        columns = self._common_columns(selections)
         tables = []
-        for sel in self.select(mix, seed):
-            table = pq.ParquetDataset(self._paths(sel.source)).read()
-            tables.append(table.take(pa.array(sel.rows)).drop_columns([ROW]))
+        for sel in selections:
+            # One file at a time, partitioning=None: chain directories are named like
+            # `replace__seed=0`, which pyarrow would otherwise read as a Hive partition.
+            table = pa.concat_tables([pq.read_table(p, columns=columns, partitioning=None)
+                                      for p in self._paths(sel.source)])
+            tables.append(table.take(pa.array(sel.rows)))
         return pa.concat_tables(tables)
 
     def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
@@ -176,14 +187,18 @@ class CorpusStore:
         from engine import raydata
 
         raydata.quiet()
+        selections = self.select(mix, seed)
+        columns = self._common_columns(selections)
         parts = []
-        for sel in self.select(mix, seed):
+        for sel in selections:
             # partitioning=None: chain directories are named like `replace__seed=0`,
             # which Ray Data would otherwise read as a Hive partition column.
-            ds = ray.data.read_parquet(self._paths(sel.source), partitioning=None)
+            ds = ray.data.read_parquet(self._paths(sel.source), partitioning=None,
+                                       columns=columns + [ROW], num_cpus=raydata.TASK_CPUS)
             counts = np.bincount(sel.rows, minlength=self.entry(sel.source).rows)
             if not (counts == 1).all():
-                ds = ds.map_batches(_KeepRows(counts), batch_format="pyarrow")
+                ds = ds.map_batches(_KeepRows(counts), batch_format="pyarrow",
+                                    num_cpus=raydata.TASK_CPUS)
             parts.append(ds)
         mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         return mixed.drop_columns([ROW])

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import logging
 
+# CPUs each Ray Data task asks for. Its tasks here (read shards, select rows, shuffle,
+# pack token blocks) are light next to training, and at the default of 1 CPU they
+# cannot be scheduled on a small machine whose CPUs are held by chain drivers and
+# fractional trainer workers: the run then hangs without an error.
+TASK_CPUS = 0.25
+
 
 def quiet() -> None:
     """No per-dataset progress bars or execution banners: the engine prints one line per

@@ -35,7 +35,7 @@ def collect(study: Study) -> pd.DataFrame:
                  "model": family.model_name(params), "strategy": trial.strategy,
                  "temperature": float("nan") if temperature is None else temperature,
                  "seed": trial.seed}
-        for record in read_metrics(study.out, trial, study.generations):
+        for record in read_metrics(study.out, trial, trial.generations):
             g = record["generation"]
             for metric, value in record["metrics"].items():
                 rows.append({**fixed, "generation": g, "metric": metric, "value": float(value),
@@ -74,13 +74,80 @@ def headline_metric(table: pd.DataFrame) -> str:
 def pivot(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Rows: strategy × grid axes (mean over seeds); columns: generation."""
     metric = metric or headline_metric(table)
-    rows = table[table["metric"] == metric]
+    rows = table[(table["metric"] == metric) & table["step"].isna()]
     if rows.empty:
         known = ", ".join(sorted(table["metric"].unique()))
         raise KeyError(f"no metric {metric!r} in the table (it has: {known})")
     index = ["strategy"] + axis_columns(table)
     return rows.pivot_table(index=index, columns="generation", values="value",
                             aggfunc="mean", sort=False)
+
+
+# The seed paper's Table 2: test loss at t=1, and at later generations with its change.
+PAPER_CELLS = [("t=4 accumulate", "accumulate", 4), ("t=4 replace", "replace", 4),
+               ("t=10 replace", "replace", 10), ("t=4 replace-multiple", "replace_multiple", 4)]
+
+
+def paper_table(table: pd.DataFrame, metric: str = "test_loss") -> pd.DataFrame:
+    """Rows: model × temperature (× other axes); columns: t=1, then each later cell as
+    "value (Δ vs t=1)"; "n/a" where the study did not run that cell. Mean over seeds."""
+    rows = table[(table["metric"] == metric) & table["step"].isna()]
+    keys = ["model", "temperature"] + [c for c in axis_columns(table)
+                                       if c not in ("model", "temperature")]
+    out = []
+    for key, group in rows.groupby(keys, sort=False, dropna=False):
+        mean = group.groupby(["strategy", "generation"])["value"].mean()
+        first = group[group["generation"] == 1]["value"].mean()  # same data for every strategy
+        record = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        record["t=1"] = f"{first:.3f}" if pd.notna(first) else "n/a"
+        for label, strategy, generation in PAPER_CELLS:
+            v = mean.get((strategy, generation))
+            record[label] = "n/a" if v is None or pd.isna(first) else f"{v:.3f} ({v - first:+.3f})"
+        out.append(record)
+    return pd.DataFrame(out).set_index(keys)
+
+
+def summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """What `collapse table` prints: the family's paper layout if it has one, else the pivot."""
+    family = get_family(table["family"].iloc[0])
+    if getattr(family, "paper_table", False) and metric in (None, family.metrics[0]):
+        return paper_table(table, family.metrics[0])
+    return pivot(table, metric)
+
+
+def plot_curves(table: pd.DataFrame, out_dir: Path | str, metric: str = "train_loss") -> Path | None:
+    """The paper's Figure 3: a per-step curve (train loss) of every generation, a panel
+    per strategy, one line per generation, darker for later generations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table[(table["metric"] == metric) & table["step"].notna()]
+    if rows.empty:
+        return None
+    strategies = list(dict.fromkeys(rows["strategy"]))
+    generations = sorted(rows["generation"].unique())
+    fig, panels = plt.subplots(1, len(strategies), figsize=(4.2 * len(strategies), 3.6),
+                               sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for panel, strategy in zip(panels[0], strategies):
+        for g in generations:
+            curve = rows[(rows["strategy"] == strategy) & (rows["generation"] == g)]
+            curve = curve.groupby("step")["value"].mean()
+            panel.plot(curve.index, curve.values, color=cmap(0.9 * (g - 1) / max(1, len(generations) - 1)),
+                       label=f"generation {g}")
+        panel.set_title(strategy)
+        panel.set_xlabel("step")
+        panel.set_yscale("log")
+    panels[0][0].set_ylabel(metric)
+    panels[0][-1].legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{table['study'].iloc[0]}: {metric} by step, every generation")
+    fig.tight_layout()
+    path = Path(out_dir) / f"{metric}_curves.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = None) -> list[Path]:
@@ -102,7 +169,7 @@ def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = N
     for metric in metrics:
         fig, panels = plt.subplots(1, len(strategies), figsize=(4.2 * len(strategies), 3.6),
                                    sharey=True, squeeze=False)
-        values = table[table["metric"] == metric]["value"]
+        values = table[(table["metric"] == metric) & table["step"].isna()]["value"]
         log_scale = bool((values > 0).all() and values.max() / values.min() > 100)
         for panel, strategy in zip(panels[0], strategies):
             rows = table[table["strategy"] == strategy]
@@ -111,7 +178,8 @@ def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = N
                 key = key if isinstance(key, tuple) else (key,)
                 label = ", ".join(f"{c}={v}" for c, v in zip(axes_cols, key)) or strategy
                 color = f"C{i % 10}"
-                mean = group[group["metric"] == metric].groupby("generation")["value"].mean()
+                mean = group[(group["metric"] == metric) & group["step"].isna()] \
+                    .groupby("generation")["value"].mean()
                 panel.plot(mean.index, mean.values, marker="o", ms=3, color=color, label=label)
                 if metric == family.theory_for:
                     th = group[group["metric"] == "theory"].groupby("generation")["value"].mean()
@@ -135,4 +203,5 @@ def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = N
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
-    return written
+    curves = plot_curves(table, out_dir)
+    return written + ([curves] if curves else [])

@@ -58,6 +58,7 @@ class Trial:
     seed: int
     params: dict[str, Any]  # concrete family parameters (no lists)
     axes: dict[str, Any]  # this trial's value on each grid axis
+    generations: int = 1  # how long this chain runs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,7 +74,7 @@ class Study:
     family: str
     family_params: dict[str, Any]  # values may be lists: grid axes
     strategies: tuple[str, ...]
-    generations: int
+    generations: dict[str, int]  # per strategy
     seeds: tuple[int, ...]
     out: str
     resources: Resources
@@ -104,6 +105,7 @@ class Study:
                         seed=seed,
                         params=params,
                         axes=point,
+                        generations=self.generations[strategy],
                     ))
         return out
 
@@ -240,9 +242,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
     family_name, family_params = _validate_family(check, document["family"])
     strategies = _validate_strategies(check, document["strategies"])
 
-    generations = document["generations"]
-    if not _matches(generations, int) or generations < 1:
-        check.fail("generations", f"expected an integer >= 1, got {generations!r}")
+    generations = _validate_generations(check, document["generations"], strategies)
 
     seeds = document["seeds"]
     if not isinstance(seeds, list) or not seeds:
@@ -318,6 +318,24 @@ def _validate_strategies(check: _Checker, strategies: Any) -> list[str]:
     if len(set(strategies)) != len(strategies):
         check.fail("strategies", f"repeated strategy in {strategies!r}")
     return strategies
+
+
+def _validate_generations(check: _Checker, generations: Any, strategies: list[str]) -> dict[str, int]:
+    """An integer for every strategy, or a mapping strategy -> integer (a `default` key
+    covers the strategies not named), e.g. {replace: 10, default: 5}."""
+    if not isinstance(generations, dict):
+        generations = {"default": generations}
+    for key, n in generations.items():
+        where = "generations" if key == "default" and len(generations) == 1 else f"generations.{key}"
+        if key != "default" and key not in strategies:
+            check.fail(where, f"not one of this study's strategies ({', '.join(strategies)}) "
+                              "or `default`")
+        if not _matches(n, int) or n < 1:
+            check.fail(where, f"expected an integer >= 1, got {n!r}")
+    missing = [s for s in strategies if s not in generations and "default" not in generations]
+    if missing:
+        check.fail("generations", f"no count for {', '.join(missing)}; add them or a `default`")
+    return {s: generations.get(s, generations.get("default")) for s in strategies}
 
 
 def _validate_resources(check: _Checker, resources: Any) -> Resources:

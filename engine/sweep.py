@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from engine.chain import ChainError, completed_generations, run_chain
+from engine.chain import ChainError, completed_generations, read_metrics, run_chain
 from engine.spec import Study, Trial
 
 log = logging.getLogger("engine.sweep")
@@ -25,17 +25,46 @@ log = logging.getLogger("engine.sweep")
 # the classic reporter honours verbose=0, and the engine prints its own progress.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+def _run_chain_task(trial: dict[str, Any], out: str) -> None:
+    trial = Trial.from_dict(trial)
+    run_chain(trial, trial.generations, out)
+
+
 def _chain_trainable(config: dict[str, Any]) -> None:
-    """What each Tune trial runs: one chain."""
+    """What each Tune trial runs: one chain, reported to Tune generation by generation.
+
+    Tune captures every task a trial starts into the trial's placement group, where a
+    chain's Ray Data tasks and Ray Train workers cannot fit. So the chain runs as a task
+    outside the group (num_cpus=0: it spends the trial's reservation, which otherwise
+    sits idle), and this function reports each generation as its metrics file lands."""
+    import ray
     from ray import tune
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     trial = Trial.from_dict(config["trial"])
-    run_chain(trial, config["generations"], config["out"],
-              report=lambda g, scores: tune.report({"generation": g, **scores}))
+    generations, out = trial.generations, config["out"]
+    task = ray.remote(_run_chain_task).options(
+        num_cpus=0, max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    ).remote(config["trial"], out)
+    reported = completed_generations(out, trial)
+    while True:
+        finished, _ = ray.wait([task], timeout=0.5)
+        records = read_metrics(out, trial, generations)
+        for record in records[reported:]:
+            tune.report({"generation": record["generation"], **record["metrics"]})
+        reported = len(records)
+        if finished:
+            ray.get(task)  # raises the chain's error, if any
+            return
 
 
 def _progress_callback(study: Study, done: int, total: int, say: Callable[[str], None]):
     from ray import tune
+
+    from engine.families import get_family
+
+    family = get_family(study.family)
 
     class Progress(tune.Callback):
         """Prints one line per finished generation; Tune's own tables are switched off."""
@@ -47,8 +76,8 @@ def _progress_callback(study: Study, done: int, total: int, say: Callable[[str],
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.done += 1
             trial_id = trial.config["trial"]["trial_id"]
-            headline = next((f"{k}={result[k]:.4g}" for k in result
-                             if k not in ("generation",) and isinstance(result[k], float)), "")
+            shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]
+            headline = "  ".join(f"{m}={result[m]:.4g}" for m in shown)
             say(f"[{study.name}] {self.done}/{total} generations "
                 f"({time.time() - self.start:.0f}s)  {trial_id}  "
                 f"gen {result['generation']}  {headline}")
@@ -86,6 +115,28 @@ def ray_connection(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
+def _default_concurrency(study: Study) -> int | None:
+    """How many chains may run at once when the study does not say.
+
+    A chain holds its driver's reservation (cpus_per_trial) plus whatever its family
+    holds while it runs (trainer workers, sampler actors). When chains stream their
+    mix from Parquet, Ray Data's file listing asks for one whole CPU, so one CPU is
+    kept free for it: without that, every chain waits on a read that can never be
+    scheduled."""
+    import ray
+
+    from engine.families import get_family
+
+    family = get_family(study.family)
+    params = [family.Params(**t.params) for t in study.trials()]
+    held = max(family.chain_cpus(p) for p in params)
+    if not held:
+        return None  # in-memory families: Tune's own accounting of cpus_per_trial suffices
+    streams = any(family.data_view(p) == "dataset" for p in params)
+    cpus = ray.cluster_resources().get("CPU", 1) - (1 if streams else 0)
+    return max(1, int(cpus // (study.resources.cpus_per_trial + held)))
+
+
 def run_sweep(study: Study,
               say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> None:
     """Run every chain of the study not yet finished. Needs a Ray connection."""
@@ -93,24 +144,24 @@ def run_sweep(study: Study,
 
     out = Path(study.out).resolve()
     trials = study.trials()
-    total = len(trials) * study.generations
-    done = sum(min(completed_generations(out, t), study.generations) for t in trials)
+    total = sum(t.generations for t in trials)
+    done = sum(min(completed_generations(out, t), t.generations) for t in trials)
     if done == total:
         say(f"[{study.name}] all {len(trials)} chains already complete in {out}")
         return
-    say(f"[{study.name}] {len(trials)} chains × {study.generations} generations; "
-        f"{done}/{total} generations already on disk")
+    say(f"[{study.name}] {len(trials)} chains, {total} generations; "
+        f"{done} already on disk")
 
     r = study.resources
+    concurrent = r.max_concurrent_trials or _default_concurrency(study)
     tuner = tune.Tuner(
         tune.with_resources(_chain_trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}),
         param_space={
             "trial": tune.grid_search([t.to_dict() for t in trials]),
-            "generations": study.generations,
             "out": str(out),
         },
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=r.max_concurrent_trials,
+            max_concurrent_trials=concurrent,
             reuse_actors=True,
             trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
         ),

@@ -83,3 +83,12 @@ def test_ray_dataset_view_serves_exactly_the_same_rows(store, ray_local):
         in_memory = sorted(store.read(mix, seed=3).column("v").to_pylist())
         streamed = sorted(r["v"] for r in store.dataset(mix, seed=3).iter_rows())
         assert streamed == in_memory, name
+
+
+def test_a_mix_of_corpora_with_different_columns_keeps_the_common_ones(tmp_path):
+    # a chain directory named like a Hive partition must not add a column either
+    s = CorpusStore(tmp_path / "accumulate__seed=0" / "corpus")
+    s.write(S.real(1), pa.table({"v": [1, 2], "true_logprob": [-1.0, -2.0]}), model="real data")
+    s.write(S.synthetic(1), pa.table({"v": [3, 4], "logprob": [-0.5, -0.1]}), model="g1")
+    table = s.read(S.get("accumulate").mix(2, 2), seed=0)
+    assert table.column_names == ["v"] and table.column("v").to_pylist() == [1, 2, 3, 4]

@@ -17,7 +17,7 @@ def run_in_process(tmp_path, family: str, strategies, generations: int):
                     f"generations: {generations}\nseeds: [0]\nout: {tmp_path / 'out'}\n")
     study = load_study(f)
     for trial in study.trials():
-        run_chain(trial, study.generations, study.out)
+        run_chain(trial, trial.generations, study.out)
     return results.collect(study)
 
 

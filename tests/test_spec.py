@@ -33,7 +33,7 @@ def test_grid_is_strategies_times_list_axes_times_seeds(study_file):
 def test_set_overrides_any_dotted_key(study_file):
     study = load_study(study_file, ["family.d=7", "generations=12",
                                     "strategies=[replace,accumulate]", "family.T=[30,40]"])
-    assert study.family_params["d"] == 7 and study.generations == 12
+    assert study.family_params["d"] == 7 and study.generations == {"replace": 12, "accumulate": 12}
     assert study.strategies == ("replace", "accumulate")
     assert study.axes == {"T": [30, 40]}
 
@@ -123,3 +123,12 @@ def test_unreachable_ray_address_is_one_line_exit_2_nothing_written(tmp_path, st
                                 f"127.0.0.1:{port} (Connection refused); start the cluster "
                                 "(ray start --head) or fix --address")
     assert not (tmp_path / "out").exists()
+
+
+def test_generations_per_strategy(study_file):
+    study = load_study(study_file, ["generations={replace: 10, default: 4}"])
+    assert {t.strategy: t.generations for t in study.trials()} == {"replace": 10, "accumulate": 4}
+    with pytest.raises(SpecError, match=r"generations.reaplce \(from --set\): not one of"):
+        load_study(study_file, ["generations={reaplce: 10, default: 4}"])
+    with pytest.raises(SpecError, match="no count for accumulate"):
+        load_study(study_file, ["generations={replace: 10}"])

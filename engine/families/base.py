@@ -43,7 +43,9 @@ class Family(Protocol):
         data, fixed features, the true model) is the family's own business. `cache_dir`
         is shared by every chain of the study, for work done once (a tokenizer)."""
 
-    def fit(self, params: Any, real: Any, mix: Any, seed: int) -> Any: ...
+    def fit(self, params: Any, real: Any, mix: Any, seed: int, workdir: Path) -> Any:
+        """A fresh model fit to the mix. `workdir` is scratch space of this chain and
+        generation alone (cleared before every attempt)."""
 
     def evaluate(self, params: Any, real: Any, model: Any) -> dict[str, float]:
         """Metrics on REAL held-out data (or the exact truth), never on samples."""
@@ -57,6 +59,13 @@ class Family(Protocol):
 
     def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
         """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""
+
+    def chain_cpus(self, params: Any) -> float:
+        """CPUs a running chain holds beyond its driver (trainer workers, sampler actors)."""
+
+    def cost(self, params: Any) -> Any:
+        """An engine.plan.Cost: rows per generation and, for token models, tokens per
+        row and parameter count — for `collapse run --dry-run`, without running."""
 
     def save_model(self, model: Any, directory: Path) -> None: ...
 
@@ -83,3 +92,7 @@ class ExactFamily:
     @staticmethod
     def temperature(params: Any) -> float | None:
         return None
+
+    @staticmethod
+    def chain_cpus(params: Any) -> float:
+        return 0.0

@@ -73,7 +73,8 @@ def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) 
         for k in range(1, chunks + 1)])
 
 
-def fit(p: Params, real: GaussianReal, mix: pa.Table, seed: int) -> GaussianModel:
+def fit(p: Params, real: GaussianReal, mix: pa.Table, seed: int,
+        workdir: Path | None = None) -> GaussianModel:
     x = points_from_table(mix, p)
     mean = x.mean(axis=0)
     centered = x - mean
@@ -131,6 +132,12 @@ class _Gaussian(ExactFamily):
     sample = staticmethod(sample)
     save_model = staticmethod(save_model)
     load_model = staticmethod(load_model)
+
+    @staticmethod
+    def cost(p: Params):
+        from engine.plan import Cost
+
+        return Cost(rows_per_generation=p.n, tokens_per_row=None, parameters=None)
 
     @staticmethod
     def model_name(p: Params) -> str:

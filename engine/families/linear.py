@@ -90,7 +90,8 @@ def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) 
     return LinearReal(X=X, w_star=w_star, train_chunks=train_chunks, ols_operator=operator)
 
 
-def fit(p: Params, real: LinearReal, mix: pa.Table, seed: int) -> np.ndarray:
+def fit(p: Params, real: LinearReal, mix: pa.Table, seed: int,
+        workdir: Path | None = None) -> np.ndarray:
     """Weighted least squares over the mix, batched over trials: a row with feature k
     contributes x_k x_kᵀ to the Gram matrix, so only per-feature counts and label sums
     are needed — one (trials, d, T) @ (trials, T, d) product instead of a loop."""
@@ -167,6 +168,12 @@ class _Linear(ExactFamily):
     sample = staticmethod(sample)
     save_model = staticmethod(save_model)
     load_model = staticmethod(load_model)
+
+    @staticmethod
+    def cost(p: Params):
+        from engine.plan import Cost
+
+        return Cost(rows_per_generation=p.T, tokens_per_row=None, parameters=None)
 
     @staticmethod
     def model_name(p: Params) -> str:

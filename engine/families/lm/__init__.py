@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,18 +220,17 @@ def train_config(p: Params, real: LMReal, seed: int):
                        log_every=p.log_every, threads=p.threads)
 
 
-def fit(p: Params, real: LMReal, mix, seed: int) -> LMModel:
+def fit(p: Params, real: LMReal, mix, seed: int, workdir: Path) -> LMModel:
     from engine.families.lm import train
 
-    scratch = real.directory.parent / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix="fit-", dir=scratch))
+    out = Path(workdir) / "model"
+    out.mkdir(parents=True)
     cfg = train_config(p, real, seed)
     if p.trainer == "local":
         train.fit_local(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out)
     else:
         train.fit_ray(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out, p.workers,
-                      p.cpus_per_worker, p.gpus_per_worker, storage=scratch / "ray_train")
+                      p.cpus_per_worker, p.gpus_per_worker, storage=Path(workdir) / "ray_train")
     return LMModel(path=str(out), curve=[tuple(x) for x in json.loads(
         (out / "train_curve.json").read_text())])
 
@@ -273,6 +271,37 @@ def sample(p: Params, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Tab
                          seeds, settings, p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
 
 
+CHARS_PER_TOKEN = 4.0  # byte-level BPE on English stories, vocabularies of ~1k-32k
+TINYSTORIES_TOKENS_PER_STORY = 224  # 470M tokens / 2.1M stories (the seed paper)
+
+
+def cost(p: Params):
+    """Rows and tokens a generation will have, estimated without training a tokenizer."""
+    from engine.plan import Cost
+    from engine.families.lm.zoo import parameter_count
+
+    if p.data == GRAMMAR:
+        n = p.stories
+        chars = sum(len(s.text) for s in grammar.sample_stories(200, 0)) / 200
+        tokens, how = chars / CHARS_PER_TOKEN, f"{CHARS_PER_TOKEN:g} characters per token"
+    elif "://" not in p.data:
+        stories = read_stories(p.data, p.max_stories)
+        n = len(stories)
+        tokens = sum(map(len, stories)) / n / CHARS_PER_TOKEN
+        how = f"{CHARS_PER_TOKEN:g} characters per token"
+    else:
+        if p.max_stories is None and p.train_stories is None:
+            raise DataError(f"family.data: {p.data} is not read for a dry run; set "
+                            "family.max_stories (or train_stories) to plan it")
+        n = p.max_stories or (p.train_stories + p.test_stories)
+        tokens, how = TINYSTORIES_TOKENS_PER_STORY, "TinyStories' 224 tokens per story"
+    T = p.train_stories or n - p.test_stories
+    N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
+    return Cost(rows_per_generation=T, tokens_per_row=tokens, parameters=N,
+                note=f"model {p.model}: {N / 1e6:.3g}M parameters at vocabulary {p.vocab_size}; "
+                     f"~{tokens:.0f} tokens per story ({how}); T = {T} stories per generation")
+
+
 def sample_stats(p: Params, table: pa.Table) -> dict[str, float]:
     from engine.families.lm.evaluate import sample_stats as stats
 
@@ -296,18 +325,25 @@ class _LM:
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
                "distinct_3", "unique_stories", "mean_length", "sample_entropy")
     theory_for = None
+    paper_table = True  # `collapse table` prints the seed paper's Table 2 layout
     validate = staticmethod(validate)
     real_data = staticmethod(real_data)
     fit = staticmethod(fit)
     evaluate = staticmethod(evaluate)
     sample = staticmethod(sample)
     sample_stats = staticmethod(sample_stats)
+    cost = staticmethod(cost)
     save_model = staticmethod(save_model)
     load_model = staticmethod(load_model)
 
     @staticmethod
     def data_view(p: Params) -> str:
         return "dataset" if p.trainer == "ray" else "table"
+
+    @staticmethod
+    def chain_cpus(p: Params) -> float:
+        trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
+        return max(trainer, p.sampler_actors * p.sampler_cpus)
 
     @staticmethod
     def theory(p: Params, strategy: str, generation: int) -> None:

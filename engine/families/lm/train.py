@@ -231,11 +231,16 @@ def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    stats = dataset.sum("n_tokens"), dataset.count()
-    steps = total_steps(int(stats[0]), int(stats[1]), cfg, epochs, workers, token_budget)
-    blocks = (dataset.random_shuffle(seed=cfg.seed)
+    from ray.data.aggregate import Count, Sum
+
+    stats = dataset.aggregate(Sum("n_tokens"), Count())  # one pass for both
+    steps = total_steps(int(stats["sum(n_tokens)"]), int(stats["count()"]), cfg, epochs,
+                        workers, token_budget)
+    from engine.raydata import TASK_CPUS
+
+    blocks = (dataset.random_shuffle(seed=cfg.seed, num_cpus=TASK_CPUS)
               .map_batches(pack_batch, fn_kwargs={"context": cfg.context, "eos": cfg.eos},
-                           batch_format="pyarrow", batch_size=1024))
+                           batch_format="pyarrow", batch_size=1024, num_cpus=TASK_CPUS))
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker

@@ -1,0 +1,189 @@
+"""Language-model family pieces, each on its own: data, grammar, tokenizer, zoo, sampler."""
+import json
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SHARED, collapse, write_study
+from engine.families.lm import grammar, zoo
+from engine.families.lm.data import DataError, read_stories, split
+from engine.families.lm.tokenizer import END_OF_TEXT, minimum_vocab_size, train_tokenizer
+
+TINYSTORIES = SHARED / "data" / "tinystories" / "TinyStories-train-head.txt"
+
+
+# ------------------------------------------------------------------------------ data
+
+def test_tinystories_text_format_is_read_story_by_story():
+    stories = read_stories(str(TINYSTORIES))
+    assert len(stories) == 2316  # the file's README: the first 2,316 complete stories
+    assert all(END_OF_TEXT not in s and s.strip() == s and s for s in stories)
+    assert stories[0].startswith("One day, a little girl named Lily found a needle")
+    first_50 = read_stories(str(TINYSTORIES), max_stories=50)
+    assert first_50 == stories[:50]
+
+
+def test_parquet_json_jsonl_and_directories_with_a_text_column(tmp_path):
+    texts = [f"Story number {i}." for i in range(7)]
+    pq.write_table(pa.table({"text": texts[:3], "id": [1, 2, 3]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts[3:5]))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in texts[5:]]))
+    assert read_stories(str(tmp_path)) == texts
+    assert read_stories(str(tmp_path / "b.jsonl")) == texts[3:5]
+    assert read_stories(str(tmp_path), max_stories=4) == texts[:4]
+    assert read_stories(f"file://{tmp_path / 'a.parquet'}") == texts[:3]
+
+
+def test_bad_data_names_the_file(tmp_path):
+    with pytest.raises(DataError, match="nope.txt: no such file"):
+        read_stories(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty.txt: no stories found"):
+        read_stories(str(tmp_path / "empty.txt"))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet: no `text` column \(columns: body\)"):
+        read_stories(str(tmp_path / "t.parquet"))
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train, test = split(100, 10, seed=3)
+    assert len(test) == 10 and len(train) == 90 and not set(train) & set(test)
+    assert (split(100, 10, seed=3)[1] == test).all() and not (split(100, 10, seed=4)[1] == test).all()
+
+
+# --------------------------------------------------------------------------- grammar
+
+def test_grammar_text_determines_its_log_probability():
+    stories = grammar.sample_stories(20000, seed=1)
+    by_text = defaultdict(set)
+    for s in stories:
+        by_text[s.text].add(round(s.logprob, 9))
+    assert all(len(v) == 1 for v in by_text.values())  # one text, one derivation
+    assert len(by_text) > 15000  # tens of thousands of distinct stories
+    assert grammar.distinct_stories() > 10**8
+    # the sample mean of -log p estimates the exact entropy
+    assert abs(-np.mean([s.logprob for s in stories]) / grammar.entropy_per_story() - 1) < 0.01
+    assert [s.text for s in grammar.sample_stories(5, seed=1)] == [s.text for s in stories[:5]]
+
+
+# ------------------------------------------------------------------- tokenizer & zoo
+
+def test_byte_level_bpe_round_trips_and_keeps_the_special_tokens():
+    texts = [s.text for s in grammar.sample_stories(300, seed=0)]
+    tok = train_tokenizer(texts, 400)
+    assert len(tok) <= 400 and tok.eos_token == END_OF_TEXT
+    ids = tok("Zoë said: naïve café!", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "Zoë said: naïve café!"  # bytes never seen still encode
+    assert minimum_vocab_size() == 258
+
+
+@pytest.mark.parametrize("name", ["gpt2-9m", "llama2-12m", "llama2-42m", "llama2-126m"])
+def test_paper_sizes_are_within_10_percent_of_their_names(name):
+    target = float(name.split("-")[1].rstrip("m")) * 1e6
+    assert abs(zoo.parameter_count(zoo.ZOO[name], 8192) / target - 1) < 0.10
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "gpt2-9m"])
+def test_parameter_count_formula_matches_the_built_model(name):
+    model = zoo.build(zoo.ZOO[name], 1000, 128, 0, 0, 1, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == zoo.parameter_count(zoo.ZOO[name], 1000, 128)
+
+
+# --------------------------------------------------------------------------- sampler
+
+@pytest.fixture(scope="module")
+def trained_tiny():
+    """A tiny model trained briefly on grammar stories with the engine's inner loop."""
+    import torch
+
+    from engine.families.lm.train import TrainConfig, pack_blocks, train_loop
+
+    texts = [s.text for s in grammar.sample_stories(600, seed=0)]
+    tok = train_tokenizer(texts, 512)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    cfg = TrainConfig(model="tiny", vocab_size=len(tok), context=64, bos=eos, eos=eos,
+                      pad=tok.pad_token_id, batch_size=16, lr=5e-3, warmup=0.05,
+                      weight_decay=0.0, precision="fp32", zero_stage=0, seed=0, log_every=10)
+    blocks = pack_blocks(ids, 64, eos)
+    batches = (torch.from_numpy(blocks[i:i + 16]) for _ in range(4)
+               for i in range(0, len(blocks) - 16, 16))
+    model = zoo.build(zoo.ZOO["tiny"], len(tok), 64, eos, eos, tok.pad_token_id, seed=0)
+    module, curve = train_loop(model, batches, cfg, steps=120)
+    assert curve[-1][1] < curve[0][1] - 1.0  # it learned something
+    return module.eval(), tok
+
+
+def settings(tok, temperature, **kw):
+    from engine.families.lm.sample import SampleSettings
+
+    return SampleSettings(temperature=temperature, top_k=kw.get("top_k", 0), top_p=1.0,
+                          max_new_tokens=60, eos=tok.eos_token_id, batch_size=64)
+
+
+def test_lower_temperature_gives_lower_entropy_samples(trained_tiny):
+    from engine.families.lm.evaluate import sample_stats
+    from engine.families.lm.sample import _rows, generate
+
+    model, tok = trained_tiny
+    entropy = {}
+    for t in (0.5, 1.0, 1.5):
+        prompts = [[tok.eos_token_id]] * 64
+        rows = generate(model, prompts, list(range(64)), settings(tok, t))
+        table = _rows({"row": np.arange(64)}, prompts, rows, tok)
+        entropy[t] = sample_stats(table)["sample_entropy"]
+    assert entropy[0.5] < entropy[1.0] < entropy[1.5], entropy
+
+
+def test_each_story_depends_only_on_its_own_seed(trained_tiny):
+    from engine.families.lm.sample import generate
+
+    model, tok = trained_tiny
+    p = [tok.eos_token_id]
+    four = generate(model, [p] * 4, [11, 12, 13, 14], settings(tok, 1.0))
+    two = generate(model, [p] * 2, [13, 14], settings(tok, 1.0))
+    assert [r["ids"] for r in four[2:]] == [r["ids"] for r in two]
+    assert four[0]["ids"] != four[1]["ids"]
+    greedy = generate(model, [p] * 3, [1, 2, 3], settings(tok, 0.0))
+    assert greedy[0]["ids"] == greedy[1]["ids"] == greedy[2]["ids"]  # why BOS + T=0 warns
+
+
+# ------------------------------------------------------------------------- bad input
+
+LM_STUDY = """\
+name: lmbad
+family: {{name: lm, stories: 300, test_stories: 50{extra}}}
+strategies: [replace]
+generations: 1
+seeds: [0]
+out: {out}
+"""
+
+
+@pytest.mark.parametrize("extra,message", [
+    (", model: gpt5", "family.model: unknown model 'gpt5' (known: tiny, small"),
+    (", data: /nonexistent/stories.txt", "family.data: /nonexistent/stories.txt: no such file"),
+    (", temperature: -0.5", "family.temperature: must be >= 0, got -0.5"),
+    (", vocab_size: 100", "family.vocab_size: must be >= 258 (256 byte tokens + 2 special tokens)"),
+    (", temperature: [1.0, -1.0]", "family.temperature: must be >= 0, got -1.0 at temperature=-1.0"),
+])
+def test_lm_bad_input_is_one_line_exit_2_nothing_touched(tmp_path, extra, message):
+    out = tmp_path / "out"
+    f = write_study(tmp_path / "s.yaml", LM_STUDY.format(extra=extra, out=out))
+    r = collapse("run", f)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.strip().startswith(f"{f}: {message}"), r.stderr
+    assert not out.exists()
+
+
+def test_empty_corpus_file_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n")
+    f = write_study(tmp_path / "s.yaml", LM_STUDY.format(extra=f", data: {tmp_path / 'empty.txt'}",
+                                                         out=tmp_path / "out"))
+    r = collapse("run", f)
+    assert r.returncode == 2
+    assert f"family.data: {tmp_path / 'empty.txt'}: no stories found (empty corpus)" in r.stderr
