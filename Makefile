@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make quickstart   install into .venv, run the quickstart study, plot it
+#   make quickstart   install into .venv, run studies/quickstart.yaml, plot it
 #   make test         install into .venv, run the test suite
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -19,11 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: install
-	$(BIN)/collapse run studies/linear_regression.yaml
-	$(BIN)/collapse plot results/linear_regression
+	$(BIN)/collapse run studies/quickstart.yaml
+	$(BIN)/collapse plot results/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/linear_speed.py
+	$(BIN)/python bench/lm_fit_speed.py
+	$(BIN)/python bench/lm_sample_speed.py

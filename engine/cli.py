@@ -29,7 +29,8 @@ def _table(args: argparse.Namespace) -> int:
     from engine import results
 
     table = results.load_results(args.dir)
-    print(results.summary(table, args.metric).to_string(float_format=lambda v: f"{v:.4g}"))
+    view = results.pivot(table, args.metric) if args.pivot else results.summary(table, args.metric)
+    print(view.to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -65,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="print a study's results as a pivot table")
     table.add_argument("dir", help="the study's output directory")
     table.add_argument("--metric", default=None, help="metric (default: the family's headline)")
+    table.add_argument("--pivot", action="store_true",
+                       help="strategy × axes by generation, even where the family has a paper layout")
     table.set_defaults(func=_table)
 
     plot = sub.add_parser("plot", help="write PNG plots of a study's results")

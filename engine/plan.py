@@ -45,11 +45,11 @@ def generation_rows(study: Study) -> pd.DataFrame:
             if cost.tokens_per_row is not None:
                 epochs = getattr(params, "epochs", 1.0)
                 budget = getattr(params, "token_budget", None)
-                train_tokens = budget if budget else trained * cost.tokens_per_row * epochs
-                sample_tokens = sampled * cost.tokens_per_row
+                train_tokens = float(budget if budget else trained * cost.tokens_per_row * epochs)
+                sample_tokens = float(sampled * cost.tokens_per_row)
                 record.update(train_tokens=train_tokens, sample_tokens=sample_tokens,
-                              train_flops=6 * cost.parameters * train_tokens,
-                              sample_flops=2 * cost.parameters * sample_tokens)
+                              train_flops=6.0 * cost.parameters * train_tokens,
+                              sample_flops=2.0 * cost.parameters * sample_tokens)
             records.append(record)
     return pd.DataFrame(records)
 

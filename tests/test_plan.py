@@ -1,0 +1,37 @@
+"""`collapse run --dry-run`: the plan, on any machine, without running or writing."""
+import pytest
+
+from conftest import collapse, write_study
+from engine.plan import generation_rows
+from engine.spec import load_study
+
+
+def test_rows_follow_the_strategies(tmp_path):
+    f = write_study(tmp_path / "s.yaml", "name: p\nfamily: {name: linear, d: 3, T: 20}\n"
+                    "strategies: [replace, accumulate, replace_multiple]\n"
+                    "generations: {replace: 6, default: 3}\nseeds: [0]\n")
+    rows = generation_rows(load_study(f)).set_index(["strategy", "generation"])
+    assert rows.loc[("accumulate", 3), "train_rows"] == 60
+    assert rows.loc[("replace", 6), "train_rows"] == 20
+    assert rows.loc[("replace_multiple", 3), "train_rows"] == 60
+    assert rows.loc[("replace_multiple", 3), "sample_rows"] == 80
+    assert len(rows) == 6 + 3 + 3
+
+
+def test_paper_grid_dry_run_works_offline_and_writes_nothing(tmp_path):
+    r = collapse("run", "studies/tinystories_paper.yaml", "--dry-run",
+                 "--set", f"out={tmp_path / 'out'}", "--gpu", "A100", "--mfu", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tinystories_paper: 24 chains (3 strategies × 8 grid points × 1 seeds)")
+    assert "GPU-hours on A100 at 50% MFU" in r.stdout
+    lines = [line.split() for line in r.stdout.splitlines()]
+    gens = [line[0] for line in lines if line and line[0].isdigit() and len(line) == 7]
+    assert gens == [str(g) for g in range(1, 11)]  # replace runs to generation 10
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_plan_counts_tokens(tmp_path):
+    r = collapse("run", "studies/quickstart.yaml", "--dry-run")
+    assert r.returncode == 0 and "T = 800 stories per generation" in r.stdout
+    assert "train flops" in r.stdout and "-" not in r.stdout.split("total:")[1].split("\n")[0]
