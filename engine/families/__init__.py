@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from engine.families.base import Family, ParamError
+from engine.families.base import Family, ModuleFamily, ParamError
 
 FAMILY_MODULES = {
     "linear": "engine.families.linear",
@@ -21,7 +21,7 @@ def get_family(name: str) -> Family:
         module = FAMILY_MODULES[name]
     except KeyError:
         raise KeyError(f"unknown family {name!r} (known: {', '.join(FAMILY_MODULES)})") from None
-    return importlib.import_module(module).FAMILY
+    return ModuleFamily(importlib.import_module(module))
 
 
 __all__ = ["Family", "ParamError", "FAMILY_MODULES", "get_family"]

@@ -72,14 +72,35 @@ class Family(Protocol):
     def load_model(self, directory: Path) -> Any: ...
 
 
-class ExactFamily:
-    """Defaults for in-memory families with no per-step curves or sample statistics."""
+class ModuleFamily:
+    """A family is a module of plain functions (engine/families/linear.py is the
+    smallest). This wrapper is what the engine holds: it forwards to the module and
+    answers for the optional parts a module leaves out."""
+
+    def __init__(self, module: Any):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(self._module, name):
+            return getattr(self._module, name)
+        if hasattr(_Defaults, name):
+            return getattr(_Defaults, name)
+        raise AttributeError(f"family module {self._module.__name__} has no {name!r}")
+
+
+class _Defaults:
+    """What a family without per-step curves, sample statistics or token costs does."""
 
     theory_for: str | None = None
+    paper_table = False
 
     @staticmethod
     def data_view(params: Any) -> str:
         return "table"
+
+    @staticmethod
+    def theory(params: Any, strategy: str, generation: int) -> float | None:
+        return None
 
     @staticmethod
     def sample_stats(params: Any, table: pa.Table) -> dict[str, float]:

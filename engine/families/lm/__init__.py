@@ -35,6 +35,11 @@ log = logging.getLogger("engine.lm")
 
 GRAMMAR = "grammar"
 
+name = "lm"
+metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2", "distinct_3",
+           "unique_stories", "mean_length", "sample_entropy")  # the first is the headline
+paper_table = True  # `collapse table` prints the seed paper's Table 2 layout
+
 
 @dataclass(frozen=True)
 class Params:
@@ -319,47 +324,22 @@ def load_model(directory: Path) -> LMModel:
     return LMModel(path=str(directory), curve=[tuple(x) for x in curve])
 
 
-class _LM:
-    name = "lm"
-    Params = Params
-    metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
-               "distinct_3", "unique_stories", "mean_length", "sample_entropy")
-    theory_for = None
-    paper_table = True  # `collapse table` prints the seed paper's Table 2 layout
-    validate = staticmethod(validate)
-    real_data = staticmethod(real_data)
-    fit = staticmethod(fit)
-    evaluate = staticmethod(evaluate)
-    sample = staticmethod(sample)
-    sample_stats = staticmethod(sample_stats)
-    cost = staticmethod(cost)
-    save_model = staticmethod(save_model)
-    load_model = staticmethod(load_model)
-
-    @staticmethod
-    def data_view(p: Params) -> str:
-        return "dataset" if p.trainer == "ray" else "table"
-
-    @staticmethod
-    def chain_cpus(p: Params) -> float:
-        trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
-        return max(trainer, p.sampler_actors * p.sampler_cpus)
-
-    @staticmethod
-    def theory(p: Params, strategy: str, generation: int) -> None:
-        return None
-
-    @staticmethod
-    def curves(model: LMModel) -> dict[str, list[tuple[int, float]]]:
-        return {"train_loss": model.curve}
-
-    @staticmethod
-    def model_name(p: Params) -> str:
-        return p.model
-
-    @staticmethod
-    def temperature(p: Params) -> float:
-        return p.temperature
+def data_view(p: Params) -> str:
+    return "dataset" if p.trainer == "ray" else "table"
 
 
-FAMILY = _LM()
+def chain_cpus(p: Params) -> float:
+    trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
+    return max(trainer, p.sampler_actors * p.sampler_cpus)
+
+
+def curves(model: LMModel) -> dict[str, list[tuple[int, float]]]:
+    return {"train_loss": model.curve}
+
+
+def model_name(p: Params) -> str:
+    return p.model
+
+
+def temperature(p: Params) -> float:
+    return p.temperature
