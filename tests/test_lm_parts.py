@@ -34,7 +34,19 @@ def test_parquet_json_jsonl_and_directories_with_a_text_column(tmp_path):
     assert read_stories(str(tmp_path)) == texts
     assert read_stories(str(tmp_path / "b.jsonl")) == texts[3:5]
     assert read_stories(str(tmp_path), max_stories=4) == texts[:4]
-    assert read_stories(f"file://{tmp_path / 'a.parquet'}") == texts[:3]
+    assert read_stories(f"file://{tmp_path / 'a.parquet'}") == texts[:3]  # pyarrow's filesystems
+    assert read_stories(f"file://{tmp_path}") == texts
+
+
+def test_uri_schemes_pyarrow_lacks_go_through_fsspec(tmp_path):
+    import fsspec
+
+    with fsspec.open("memory://stories/s.txt", "w") as f:  # fsspec's in-memory filesystem
+        f.write("First story.\n<|endoftext|>\nSecond story.\n<|endoftext|>\n")
+    assert read_stories("memory://stories/s.txt") == ["First story.", "Second story."]
+    assert read_stories("memory://stories") == ["First story.", "Second story."]
+    with pytest.raises(DataError, match="memory://nope.txt: no such file"):
+        read_stories("memory://nope.txt")
 
 
 def test_bad_data_names_the_file(tmp_path):

@@ -28,29 +28,51 @@ class DataError(ValueError):
     """A data source problem, phrased for the user (names the file)."""
 
 
-def _open(uri: str):
-    if "://" in uri:
+def _filesystem(uri: str):
+    """(filesystem, path, kind) for a URI: pyarrow's own filesystems first (file://,
+    s3://, gs://, hdfs:// — no extra packages), fsspec for the rest (hf://, ...)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path, "pyarrow"
+    except (pa.ArrowInvalid, ValueError):
         import fsspec
 
-        return fsspec.open(uri, "rb").open()
-    return open(uri, "rb")
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs, path, "fsspec"
+
+
+def _open(uri: str):
+    if "://" not in uri:
+        return open(uri, "rb")
+    fs, path, kind = _filesystem(uri)
+    return fs.open_input_file(path) if kind == "pyarrow" else fs.open(path, "rb")
 
 
 def _list_files(source: str) -> list[str]:
+    suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
     if "://" in source:
-        import fsspec
+        import pyarrow.fs as pafs
 
-        fs, path = fsspec.core.url_to_fs(source)
-        if fs.isdir(path):
-            protocol = source.split("://", 1)[0]
-            return [f"{protocol}://{p}" for p in sorted(fs.ls(path, detail=False))
-                    if p.endswith(TEXT_SUFFIXES + TABLE_SUFFIXES)]
+        fs, path, kind = _filesystem(source)
+        scheme = source.split("://", 1)[0]
+        if kind == "pyarrow":
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"{source}: no such file or directory")
+            if info.type == pafs.FileType.Directory:
+                found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                return sorted(f"{scheme}://{f.path}" for f in found if f.path.endswith(suffixes))
+            return [source]
         if not fs.exists(path):
             raise DataError(f"{source}: no such file or directory")
+        if fs.isdir(path):
+            return [f"{scheme}://{p}" for p in sorted(fs.find(path)) if p.endswith(suffixes)]
         return [source]
     p = Path(source)
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES)
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in suffixes)
         if not files:
             raise DataError(f"{source}: no .txt, .parquet, .json or .jsonl files in this directory")
         return files
