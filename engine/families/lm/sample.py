@@ -176,12 +176,15 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                 actors: int, gpus_per_actor: float) -> pa.Table:
     import os
 
+    import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from engine.families.lm.tokenizer import load_tokenizer
 
     on_cpu = not gpus_per_actor
     # vLLM-CPU refuses to start without a KV-cache size (GiB); the engine actors get it
     # through their runtime env, since they do not inherit this process's variables.
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu else {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     config = vLLMEngineProcessorConfig(
         model_source=model_dir,
         engine_kwargs={"max_model_len": max(len(prompts[0]) + s.max_new_tokens, 64),
@@ -189,7 +192,7 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                        "seed": 0},
         concurrency=actors,
         batch_size=s.batch_size,
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": env if on_cpu else {}},
         log_engine_metrics=False,  # its metrics import ray.serve
         # Prompts go in as token ids and stories come back as ids (decoded here, the
         # same way as the hf backend): no chat template, no tokenizer stages.
@@ -211,12 +214,8 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                 "finished": row.get("finish_reason") == "stop"}
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    table = processor(_requests(prompts, seeds)).to_arrow_refs()
-    import ray
-
-    raw = pa.concat_tables(ray.get(table)).sort_by("row")
-    from engine.families.lm.tokenizer import load_tokenizer
-
+    refs = processor(_requests(prompts, seeds)).to_arrow_refs()
+    raw = pa.concat_tables(ray.get(refs)).sort_by("row")
     tok = load_tokenizer(model_dir)
     gen = [[t for t in g if t != s.eos] for g in raw.column("generated").to_pylist()]
     rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
