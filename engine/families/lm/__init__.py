@@ -8,7 +8,9 @@ Rows of every corpus: `text`, `ids` (tokens, no EOT), `n_tokens`, plus `true_log
 (grammar corpus) or `logprob`/`finished` (sampled corpora). Tokens, not text, are what
 training reads: each generation is tokenized once, when it is written.
 
-This module imports no torch at the top: reading a study file stays light.
+This module imports no torch at the top: reading a study file stays light. Its function
+names (fit, evaluate, sample, ...) are the family interface, so no submodule may share
+one: importing `lm.sample` would rebind the function `sample` to the submodule.
 """
 from __future__ import annotations
 
@@ -247,7 +249,7 @@ def _load_hf(model: LMModel):
 
 
 def evaluate(p: Params, real: LMReal, model: LMModel) -> dict[str, float]:
-    from engine.families.lm.evaluate import test_metrics
+    from engine.families.lm.metrics import test_metrics
 
     return test_metrics(_load_hf(model), real.test, real.eos, real.pad, p.context)
 
@@ -265,7 +267,7 @@ def prompts(p: Params, real: LMReal, n: int, seed: int) -> list[list[int]]:
 
 
 def sample(p: Params, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
-    from engine.families.lm.sample import SampleSettings, sample_corpus
+    from engine.families.lm.sampling import SampleSettings, sample_corpus
 
     settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                               max_new_tokens=min(p.max_new_tokens, p.context - 1 - (
@@ -308,7 +310,7 @@ def cost(p: Params):
 
 
 def sample_stats(p: Params, table: pa.Table) -> dict[str, float]:
-    from engine.families.lm.evaluate import sample_stats as stats
+    from engine.families.lm.metrics import sample_stats as stats
 
     return stats(table)
 
