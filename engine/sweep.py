@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator
 from engine.chain import ChainError, completed_generations, read_metrics, run_chain
 from engine.spec import Study, Trial
 
-log = logging.getLogger("engine.sweep")
 
 # Tune's newer console output prints its configuration table whatever the verbosity;
 # the classic reporter honours verbose=0, and the engine prints its own progress.

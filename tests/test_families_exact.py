@@ -1,6 +1,5 @@
 """The exact families against their closed forms, through the real chain and store."""
 import numpy as np
-import pandas as pd
 import pytest
 
 from engine import results

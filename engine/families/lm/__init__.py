@@ -15,7 +15,6 @@ one: importing `lm.sample` would rebind the function `sample` to the submodule.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from engine.families.lm.zoo import ZOO
 from engine.files import write_atomic, write_directory, write_json
 from engine.seeds import derive_seed
 
-log = logging.getLogger("engine.lm")
 
 GRAMMAR = "grammar"
 

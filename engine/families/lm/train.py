@@ -7,7 +7,6 @@ workers stream packed blocks from the mix with `get_dataset_shard(...).iter_torc
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import socket
@@ -18,7 +17,6 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-log = logging.getLogger("engine.lm.train")
 
 BLOCK = "input_ids"
 
