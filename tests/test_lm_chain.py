@@ -1,6 +1,7 @@
 """A tiny language-model study end to end through the real path: Ray Tune runs the
 chains, Ray Train + DeepSpeed fits every generation, a Ray Data actor pool samples
-(`sampler: auto` on CPUs; the corpus's manifest records which backend ran)."""
+(`sampler: auto`: vLLM's CPU build where installed, as in CI; the corpus's manifest
+records which backend ran)."""
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from conftest import collapse, collapse_exe, write_study
 from engine import strategies as S
 from engine.corpus import CorpusStore
+from engine.families.lm.sampling import vllm_available
 
 STUDY = """\
 name: lmtiny
@@ -42,7 +44,7 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     study = write_study(tmp_path / "lm.yaml", STUDY.format(out=out))
     r = collapse("run", study)
     assert r.returncode == 0, r.stderr[-3000:]
-    backend = "hf"  # what `auto` picks for a CPU sampler
+    backend = "vllm" if vllm_available() else "hf"  # what `auto` picks
     table = pd.read_parquet(out / "results.parquet")
     per_gen = table[table.step.isna()]
     for metric in ("test_loss", "kl_to_truth", "truth_loss", "distinct_2", "sample_entropy"):

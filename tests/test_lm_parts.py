@@ -218,7 +218,7 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        s = SampleSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40, eos=eos,
+        s = SampleSettings(temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=40, eos=eos,
                            batch_size=16)
         seeds = [101, 102, 103, 101, 102, 103]
         table = sample_corpus("vllm", str(tmp_path), [[eos]] * 6, seeds, s, actors=1,
@@ -232,6 +232,17 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
     assert all(0 < n <= 40 for n in table.column("n_tokens").to_pylist())
     assert all(lp < 0 for lp in table.column("logprob").to_pylist())
     assert table.column("text").to_pylist()[0] == tok.decode(ids[0])
+    # each story's log-probability is the one under the tempered distribution it was
+    # drawn from, as the model itself computes it
+    import torch
+
+    for story, lp, done in zip(ids[:3], table.column("logprob").to_pylist()[:3],
+                               table.column("finished").to_pylist()[:3]):
+        tokens = torch.tensor([[eos] + story + ([eos] if done else [])])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens).logits[0, :-1].float() / 0.8, dim=-1)
+        expected = logp.gather(1, tokens[0, 1:, None]).sum().item()
+        assert lp == pytest.approx(expected, rel=1e-3, abs=1e-2)
 
 
 def test_family_functions_survive_importing_every_submodule():

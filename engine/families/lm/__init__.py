@@ -71,7 +71,7 @@ class Params:
     cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves
     gpus_per_worker: float = 0.0
     threads: int = 0  # torch threads per trainer worker / sampler actor; 0: torch default
-    sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm for GPU samplers, else hf
+    sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
     sampler_actors: int = 1
     sampler_cpus: float = 0.5
     sampler_gpus: float = 0.0

