@@ -42,13 +42,14 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     from engine import results
     from engine.files import write_atomic
     from engine.spec import Study
-    from engine.sweep import ray_connection, run_sweep
+    from engine.sweep import check_fits_cluster, ray_connection, run_sweep
 
     if not isinstance(study, Study):
         study = load_study(study, overrides)
     check_out_directory(study)
     out = Path(study.out)
     with ray_connection(address or study.resources.address):
+        check_fits_cluster(study)
         write_atomic(out / "study.yaml",
                      lambda tmp: tmp.write_text(yaml.safe_dump(study.document, sort_keys=False)))
         run_sweep(study)

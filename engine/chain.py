@@ -51,6 +51,10 @@ class ChainPaths:
         return self.root / "trial.json"
 
     @property
+    def log_file(self) -> Path:
+        return self.root / "chain.log"
+
+    @property
     def corpus(self) -> Path:
         return self.root / "corpus"
 
@@ -95,7 +99,29 @@ def completed_generations(out: Path | str, trial: Trial) -> int:
 
 def run_chain(trial: Trial, generations: int, out: Path | str,
               report: Reporter | None = None) -> None:
-    """Run (or resume) one chain up to `generations`."""
+    """Run (or resume) one chain up to `generations`. What the engine logs meanwhile is
+    appended to the chain's own chain.log (its driver may run on any node of a cluster,
+    where nobody reads the worker's stderr)."""
+    paths = ChainPaths(chain_dir(out, trial))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(paths.log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    engine_log = logging.getLogger("engine")
+    engine_log.addHandler(handler)
+    if engine_log.getEffectiveLevel() > logging.INFO:
+        engine_log.setLevel(logging.INFO)
+    try:
+        _run_chain(trial, generations, out, report)
+    except Exception:
+        log.exception("%s: chain failed", trial.trial_id)
+        raise
+    finally:
+        engine_log.removeHandler(handler)
+        handler.close()
+
+
+def _run_chain(trial: Trial, generations: int, out: Path | str,
+               report: Reporter | None) -> None:
     family = get_family(trial.family)
     params = family.Params(**trial.params)
     strategy = strategies.get(trial.strategy)
@@ -134,11 +160,11 @@ def run_chain(trial: Trial, generations: int, out: Path | str,
             seed = derive_seed(*point, g, "mix")
             data = (store.read(mix, seed) if family.data_view(params) == "table"
                     else store.dataset(mix, seed))
-            # Scratch space of this chain and generation only; a fit killed midway left
-            # its files here, and they are cleared before it starts over.
+            # Scratch space of this chain and generation only. It survives a killed run:
+            # what a fit left there (checkpoints, a half-written model) is the family's
+            # to resume from or clear. It goes once the model is saved.
             workdir = paths.scratch(g)
-            shutil.rmtree(workdir, ignore_errors=True)
-            workdir.mkdir(parents=True)
+            workdir.mkdir(parents=True, exist_ok=True)
             trained = family.fit(params, real, data, derive_seed(*point, g, "fit"), workdir)
             write_directory(model_dir, lambda d: family.save_model(trained, d))
             shutil.rmtree(workdir, ignore_errors=True)

@@ -44,6 +44,50 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from engine import jobs
+
+    job = jobs.submit(args.study, args.set, args.address, args.working_dir)
+    print(f"submitted job {job.job_id}: {job.entrypoint}", flush=True)
+    if args.no_follow:
+        return 0
+    final = jobs.follow(job.job_id, args.address)
+    print(f"job {job.job_id}: {final}")
+    return jobs.exit_code(final)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from engine import jobs
+
+    rows = jobs.status(args.address, args.job_id)
+    print(pd.DataFrame(rows).to_string(index=False) if rows else "no jobs")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from engine import jobs
+
+    if args.follow:
+        return jobs.exit_code(jobs.follow(args.job_id, args.address))
+    print(jobs.logs(args.job_id, args.address), end="")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from engine import jobs
+
+    stopped = jobs.stop(args.job_id, args.address)
+    print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="the head's job server, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collapse", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +119,33 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", default=None, help="only this metric")
     plot.add_argument("--out", default=None, help="directory for PNGs (default: DIR/plots)")
     plot.set_defaults(func=_plot)
+
+    submit = sub.add_parser("submit", help="run a study as a Ray Job on a cluster")
+    submit.add_argument("study", help="study YAML file inside the working directory")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted key (repeatable); out must be shared storage")
+    _add_address(submit)
+    submit.add_argument("--working-dir", default=".",
+                        help="directory uploaded with the job (default: .)")
+    submit.add_argument("--no-follow", action="store_true",
+                        help="print the job id and return instead of following the logs")
+    submit.set_defaults(func=_submit)
+
+    status = sub.add_parser("status", help="list study jobs, or one job's status")
+    status.add_argument("job_id", nargs="?", default=None)
+    _add_address(status)
+    status.set_defaults(func=_status)
+
+    logs = sub.add_parser("logs", help="print a job's logs")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends")
+    _add_address(logs)
+    logs.set_defaults(func=_logs)
+
+    stop = sub.add_parser("stop", help="stop a running job")
+    stop.add_argument("job_id")
+    _add_address(stop)
+    stop.set_defaults(func=_stop)
     return p
 
 

@@ -43,7 +43,8 @@ class SpecError(ValueError):
 class Resources:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    max_concurrent_trials: int | None = None
+    max_concurrent_trials: int | None = None  # default: what the cluster's CPUs/GPUs hold
+    max_failures: int = 2  # restarts of a chain whose driver died; it resumes from disk
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
 
 
@@ -181,7 +182,7 @@ def _describe(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            type(None): "null"}.get(annotation, str(annotation))
+            type(None): "null", dict: "a mapping"}.get(annotation, str(annotation))
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -258,6 +259,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
         out = f"results/{name}"
     if not isinstance(out, str) or not out.strip():
         check.fail("out", f"expected a directory path, got {out!r}")
+    out = _local_out(check, out)
 
     resources = _validate_resources(check, document.get("resources") or {})
 
@@ -303,6 +305,26 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]
                 check.fail(f"family.{key}", f"missing (family {name!r} requires it)")
             params[key] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     return name, params
+
+
+def _local_out(check: _Checker, out: str) -> str:
+    """`out` is a directory: local, or a shared filesystem mounted on every node (NFS,
+    EFS, Filestore), as cluster.yaml sets up. The engine's atomic writes rename files
+    into place, which POSIX filesystems do and object stores do not. file:// URIs are
+    paths; other schemes are refused before anything runs."""
+    scheme, sep, rest = out.partition("://")
+    if not sep:
+        return out
+    if scheme == "file":
+        return rest
+    hint = ("use a shared filesystem mounted on every node (NFS, EFS, Filestore; see "
+            f"cluster.yaml) and give its path, e.g. /mnt/shared/{Path(rest).name}")
+    if scheme in ("s3", "gs", "gcs", "abfs", "az", "hdfs"):
+        check.fail("out", f"{out}: a run directory is written with atomic renames, which "
+                          f"{scheme}:// object stores do not have, so it cannot be `out`; "
+                          f"{hint}")
+    check.fail("out", f"{out}: unsupported scheme {scheme}:// (supported: a path, file://); "
+                      f"{hint}")
 
 
 def _validate_strategies(check: _Checker, strategies: Any) -> list[str]:
@@ -352,6 +374,8 @@ def _validate_resources(check: _Checker, resources: Any) -> Resources:
         check.fail("resources.cpus_per_trial", f"must be > 0, got {r.cpus_per_trial}")
     if r.gpus_per_trial < 0:
         check.fail("resources.gpus_per_trial", f"must be >= 0, got {r.gpus_per_trial}")
+    if r.max_failures < -1:
+        check.fail("resources.max_failures", f"must be >= -1, got {r.max_failures}")
     if r.max_concurrent_trials is not None and r.max_concurrent_trials < 1:
         check.fail("resources.max_concurrent_trials",
                    f"must be >= 1 or null, got {r.max_concurrent_trials}")

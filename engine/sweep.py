@@ -114,26 +114,102 @@ def ray_connection(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
+def node_shapes() -> list[dict[str, float]]:
+    """The resources of every node the cluster has or may start: live nodes, plus each
+    node type the autoscaler may add (cluster.yaml's `available_node_types`)."""
+    import ray
+    from ray._private.state import state
+
+    shapes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 — no autoscaler state (a local Ray): live nodes only
+        config = None
+    for group in getattr(config, "node_group_configs", []) or []:
+        if group.max_count != 0:
+            shapes.append({k: float(v) for k, v in group.resources.items()})
+    return shapes
+
+
+def _autoscaler_max() -> dict[str, float]:
+    """The most of each resource the autoscaler may bring up ({} without one)."""
+    from ray._private.state import state
+
+    try:
+        return dict(state.get_max_resources_from_cluster_config() or {})
+    except Exception:  # noqa: BLE001 — a local Ray has no autoscaler config
+        return {}
+
+
+def _fits(need: dict[str, float], shape: dict[str, float]) -> bool:
+    return all(amount <= shape.get(name, 0.0) + 1e-9 for name, amount in need.items() if amount)
+
+
+def _show(resources: dict[str, float]) -> str:
+    shown = {k: v for k, v in resources.items()
+             if v and (k in ("CPU", "GPU") or not k.startswith(("node:", "memory",
+                                                                "object_store_memory")))}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(shown.items())) or "nothing"
+
+
+def check_fits_cluster(study: Study) -> None:
+    """Refuse, before any work starts, a study one of whose processes no node can hold
+    (e.g. 8 GPUs per trainer worker on a cluster without GPUs): Ray would otherwise wait
+    for such a node forever, silently."""
+    from engine.families import get_family
+    from engine.spec import SpecError
+
+    family = get_family(study.family)
+    shapes = node_shapes()
+    nodes = "; ".join(sorted({_show(s) for s in shapes})) or "no nodes"
+    r = study.resources
+    driver = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}
+    if not any(_fits(driver, s) for s in shapes):
+        key = "gpus_per_trial" if r.gpus_per_trial and not any(
+            _fits({"GPU": r.gpus_per_trial}, s) for s in shapes) else "cpus_per_trial"
+        raise SpecError(f"{study.source}: resources.{key}: a chain's driver asks for "
+                        f"{_show(driver)}, but no node of this cluster has that (nodes: "
+                        f"{nodes}); lower it or add such a node type to cluster.yaml")
+    for trial in study.trials():
+        for bundle in family.placement(family.Params(**trial.params)):
+            if any(_fits(bundle.resources, s) for s in shapes):
+                continue
+            short = next((k for k, v in bundle.resources.items()
+                          if v and not any(_fits({k: v}, s) for s in shapes)), "CPU")
+            field = bundle.fields.get(short, "")
+            raise SpecError(f"{study.source}: family.{field}: a {bundle.what} asks for "
+                            f"{_show(bundle.resources)}, but no node of this cluster has that "
+                            f"(nodes: {nodes}); lower it or add such a node type to "
+                            "cluster.yaml")
+
+
 def _default_concurrency(study: Study) -> int | None:
     """How many chains may run at once when the study does not say.
 
-    A chain holds its driver's reservation (cpus_per_trial) plus whatever its family
-    holds while it runs (trainer workers, sampler actors). When chains stream their
-    mix from Parquet, Ray Data's file listing asks for one whole CPU, so one CPU is
-    kept free for it: without that, every chain waits on a read that can never be
-    scheduled."""
+    A chain holds its driver's reservation (cpus_per_trial, gpus_per_trial) plus what
+    its family holds while it runs (trainer workers, sampler actors); on a cluster the
+    GPUs usually decide. When chains stream their mix from Parquet, Ray Data's file
+    listing asks for one whole CPU, so one CPU is kept free for it: without that, every
+    chain waits on a read that can never be scheduled."""
     import ray
 
     from engine.families import get_family
 
     family = get_family(study.family)
     params = [family.Params(**t.params) for t in study.trials()]
-    held = max(family.chain_cpus(p) for p in params)
-    if not held:
+    r = study.resources
+    cpus_held = max(family.chain_cpus(p) for p in params)
+    gpus_held = max(family.chain_gpus(p) for p in params) + r.gpus_per_trial
+    if not cpus_held and not gpus_held:
         return None  # in-memory families: Tune's own accounting of cpus_per_trial suffices
+    # What the cluster has, or may grow to under its autoscaler.
+    total = {k: max(ray.cluster_resources().get(k, 0.0), _autoscaler_max().get(k, 0.0))
+             for k in ("CPU", "GPU")}
     streams = any(family.data_view(p) == "dataset" for p in params)
-    cpus = ray.cluster_resources().get("CPU", 1) - (1 if streams else 0)
-    return max(1, int(cpus // (study.resources.cpus_per_trial + held)))
+    limits = [max(1, int((total["CPU"] - (1 if streams else 0)) // (r.cpus_per_trial + cpus_held)))]
+    if gpus_held:
+        limits.append(max(1, int(total["GPU"] // gpus_held)))
+    return min(limits)
 
 
 def run_sweep(study: Study,
@@ -168,6 +244,10 @@ def run_sweep(study: Study,
             name="sweep",
             storage_path=str(out / "tune"),
             verbose=0,
+            # A chain whose driver died (its node lost) starts again and resumes from
+            # its own directory: finished generations are kept, a fit goes on from its
+            # last training checkpoint.
+            failure_config=tune.FailureConfig(max_failures=r.max_failures),
             callbacks=[_progress_callback(study, done, total, say)],
         ),
     )

@@ -256,6 +256,7 @@ def test_family_functions_survive_importing_every_submodule():
         importlib.import_module(f"engine.families.lm.{sub.name}")
     family = get_family("lm")
     for name in ("real_data", "fit", "evaluate", "sample", "sample_stats", "save_model",
-                 "load_model", "cost", "curves", "data_view", "chain_cpus"):
+                 "load_model", "cost", "curves", "data_view", "chain_cpus", "chain_gpus",
+                 "placement", "scaling"):
         assert callable(getattr(family, name)) and not isinstance(getattr(family, name),
                                                                   type(importlib)), name

@@ -5,6 +5,7 @@ story). The chain calls these functions in order and never looks inside their va
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -63,6 +64,14 @@ class Family(Protocol):
     def chain_cpus(self, params: Any) -> float:
         """CPUs a running chain holds beyond its driver (trainer workers, sampler actors)."""
 
+    def chain_gpus(self, params: Any) -> float:
+        """GPUs a running chain holds at most (trainer workers or sampler actors)."""
+
+    def placement(self, params: Any) -> list["Bundle"]:
+        """The processes a chain starts besides its driver (trainer workers, sampler
+        actors), each a Bundle; a study is refused before it starts if one fits on no
+        node of the cluster."""
+
     def cost(self, params: Any) -> Any:
         """An engine.plan.Cost: rows per generation and, for token models, tokens per
         row and parameter count — for `collapse run --dry-run`, without running."""
@@ -70,6 +79,16 @@ class Family(Protocol):
     def save_model(self, model: Any, directory: Path) -> None: ...
 
     def load_model(self, directory: Path) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One process's Ray resources, and the family parameter behind each amount (for
+    the error that names the field when no node can hold it)."""
+
+    what: str  # e.g. "trainer worker"
+    resources: dict[str, float]  # Ray resource name -> amount
+    fields: dict[str, str]  # Ray resource name -> family parameter
 
 
 class ModuleFamily:
@@ -117,3 +136,11 @@ class _Defaults:
     @staticmethod
     def chain_cpus(params: Any) -> float:
         return 0.0
+
+    @staticmethod
+    def chain_gpus(params: Any) -> float:
+        return 0.0
+
+    @staticmethod
+    def placement(params: Any) -> list[Bundle]:
+        return []

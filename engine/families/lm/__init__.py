@@ -15,6 +15,7 @@ one: importing `lm.sample` would rebind the function `sample` to the submodule.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.families.base import ParamError
+from engine.families.base import Bundle, ParamError
 from engine.families.lm import grammar
 from engine.families.lm.data import DataError, read_stories, split
 from engine.families.lm.tokenizer import SPECIAL_TOKENS, minimum_vocab_size
@@ -32,6 +33,8 @@ from engine.families.lm.zoo import ZOO
 from engine.files import write_atomic, write_directory, write_json
 from engine.seeds import derive_seed
 
+
+log = logging.getLogger("engine.lm")
 
 GRAMMAR = "grammar"
 
@@ -67,9 +70,13 @@ class Params:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
     zero_stage: int = 0
     trainer: Literal["ray", "local"] = "ray"  # ray: TorchTrainer workers; local: in-process
-    workers: int = 1
+    workers: int = 1  # trainer workers (the most, when elastic)
+    min_workers: int | None = None  # elastic: the fewest a fit may go on with after a failure
     cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves
     gpus_per_worker: float = 0.0
+    worker_resources: dict | None = None  # more Ray resources per worker, e.g. {"trainer": 1}
+    max_failures: int = 3  # worker-group restarts a fit may take (-1: unlimited)
+    checkpoint_every: int = 200  # steps between training checkpoints (0: none)
     threads: int = 0  # torch threads per trainer worker / sampler actor; 0: torch default
     sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
     sampler_actors: int = 1
@@ -103,9 +110,22 @@ def validate(p: Params) -> None:
         raise ParamError("top_p", f"must be in (0, 1], got {p.top_p}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.cpus_per_worker <= 0 or p.sampler_cpus <= 0:
-        raise ParamError("cpus_per_worker" if p.cpus_per_worker <= 0 else "sampler_cpus",
-                         "must be > 0")
+    if p.cpus_per_worker < 0 or p.gpus_per_worker < 0 or p.sampler_gpus < 0:
+        raise ParamError(next(k for k in ("cpus_per_worker", "gpus_per_worker", "sampler_gpus")
+                              if getattr(p, k) < 0), "must be >= 0")
+    if p.sampler_cpus <= 0:
+        raise ParamError("sampler_cpus", "must be > 0")
+    if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
+        raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
+                                        f"got {p.min_workers}")
+    if p.max_failures < -1 or p.checkpoint_every < 0:
+        raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_every",
+                         "must be >= -1" if p.max_failures < -1 else "must be >= 0")
+    if p.worker_resources is not None and not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+            for k, v in p.worker_resources.items()):
+        raise ParamError("worker_resources", "expected a mapping of Ray resource names to "
+                                             f"amounts >= 0, got {p.worker_resources!r}")
     if p.data == GRAMMAR:
         if p.test_stories >= p.stories:
             raise ParamError("test_stories", f"must be below stories = {p.stories}, "
@@ -225,17 +245,32 @@ def train_config(p: Params, real: LMReal, seed: int):
                        log_every=p.log_every, threads=p.threads)
 
 
+def scaling(p: Params):
+    from engine.families.lm.train import Scaling
+
+    return Scaling(min_workers=p.min_workers or p.workers, max_workers=p.workers,
+                   cpus_per_worker=p.cpus_per_worker, gpus_per_worker=p.gpus_per_worker,
+                   extra_resources=dict(p.worker_resources or {}), max_failures=p.max_failures,
+                   checkpoint_every=p.checkpoint_every)
+
+
 def fit(p: Params, real: LMReal, mix, seed: int, workdir: Path) -> LMModel:
+    """Train a fresh model on the mix. `workdir` outlives a killed run: Ray Train keeps
+    its checkpoints in workdir/ray_train and a rerun goes on from the latest one."""
     from engine.families.lm import train
 
     out = Path(workdir) / "model"
+    shutil.rmtree(out, ignore_errors=True)  # a half-written model from a killed run
     out.mkdir(parents=True)
     cfg = train_config(p, real, seed)
     if p.trainer == "local":
         train.fit_local(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out)
     else:
-        train.fit_ray(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out, p.workers,
-                      p.cpus_per_worker, p.gpus_per_worker, storage=Path(workdir) / "ray_train")
+        report = train.fit_ray(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out,
+                               scaling(p), storage=Path(workdir) / "ray_train")
+        if report.get("resumed_at_step"):
+            log.warning("training resumed from its checkpoint at step %d and finished with "
+                        "%d worker(s)", report["resumed_at_step"], report.get("world_size", 0))
     return LMModel(path=str(out), curve=[tuple(x) for x in json.loads(
         (out / "train_curve.json").read_text())])
 
@@ -333,13 +368,20 @@ def chain_cpus(p: Params) -> float:
     return max(trainer, p.sampler_actors * p.sampler_cpus)
 
 
-def curves(model: LMModel) -> dict[str, list[tuple[int, float]]]:
-    return {"train_loss": model.curve}
+def chain_gpus(p: Params) -> float:
+    trainer = p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0
+    return max(trainer, p.sampler_actors * p.sampler_gpus)
 
 
-def model_name(p: Params) -> str:
-    return p.model
-
-
-def temperature(p: Params) -> float:
-    return p.temperature
+def placement(p: Params) -> list[Bundle]:
+    """One bundle per trainer worker (the fewest an elastic fit runs with) and per
+    sampler actor."""
+    extra = p.worker_resources or {}
+    worker = Bundle("trainer worker",
+                    {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker, **extra},
+                    {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker",
+                     **{k: "worker_resources" for k in extra}})
+    sampler = Bundle("sampler actor", {"CPU": p.sampler_cpus, "GPU": p.sampler_gpus},
+                     {"CPU": "sampler_cpus", "GPU": "sampler_gpus"})
+    trainers = [worker] * (p.min_workers or p.workers) if p.trainer == "ray" else []
+    return trainers + [sampler] * p.sampler_actors

@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -114,10 +114,16 @@ def ensure_process_group() -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 
 
-def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int,
-               device: str = "cpu") -> tuple[Any, list[tuple[int, float]]]:
+def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int, device: str = "cpu",
+               resume_from: str | None = None,
+               on_step: Callable[[Any, int, list], None] | None = None,
+               ) -> tuple[Any, list[tuple[int, float]]]:
     """The inner loop: DeepSpeed engine over `steps` batches of (B, context) token ids.
-    Returns the trained torch module and the train-loss curve [(step, loss)]."""
+    Returns the trained torch module and the train-loss curve [(step, loss)].
+
+    `resume_from`: a directory `save_state` wrote; the loop goes on from its step with
+    its weights, optimizer, schedule and curve. `on_step(engine, step, curve)` runs
+    after every step (Ray Train checkpoints from there)."""
     import deepspeed
     import torch
 
@@ -128,9 +134,14 @@ def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int,
                                            config=deepspeed_config(cfg, steps))
     engine.train()
     curve: list[tuple[int, float]] = []
-    window: list[float] = []
     step = 0
+    if resume_from is not None:
+        _, state = engine.load_checkpoint(resume_from, tag=CHECKPOINT_TAG)
+        step, curve = int(state["step"]), [tuple(x) for x in state["curve"]]
+    window: list[float] = []
     for x in batches:
+        if step >= steps:
+            break
         x = x.to(engine.device if device != "cpu" else "cpu")
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
@@ -140,11 +151,21 @@ def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int,
         if step % cfg.log_every == 0 or step == steps:
             curve.append((step, float(np.mean(window))))
             window = []
-        if step >= steps:
-            break
+        if on_step is not None:
+            on_step(engine, step, curve)
     if window:
         curve.append((step, float(np.mean(window))))
     return engine.module, curve
+
+
+CHECKPOINT_TAG = "state"
+
+
+def save_state(engine, directory: str, step: int, curve: list) -> None:
+    """DeepSpeed's own checkpoint (weights, optimizer, schedule; each rank writes its
+    part) plus where the loop stood. Every rank must call it."""
+    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
+                           client_state={"step": step, "curve": [list(c) for c in curve]})
 
 
 def blocks_from_table(table: pa.Table, cfg: TrainConfig, epochs: float, steps: int,
@@ -194,17 +215,25 @@ def fit_local(table: pa.Table, cfg: TrainConfig, epochs: float, token_budget: in
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    """Each Ray Train worker: the same fresh model (same seed), its shard of the blocks."""
+    """Each Ray Train worker: the same fresh model (same seed), its shard of the blocks.
+
+    Every `checkpoint_every` steps all workers write a DeepSpeed checkpoint that Ray Train
+    keeps in the run's storage (shared storage on a cluster). When a worker or its node
+    dies, Ray Train starts the worker group again with the workers it can place (between
+    min and max) and every worker goes on from the latest checkpoint."""
+    import tempfile
+
     import ray.train
     import torch
 
     from engine.families.lm import zoo
 
     cfg = TrainConfig(**config["cfg"])
-    steps = config["steps"]
+    steps, every = config["steps"], config["checkpoint_every"]
     model = zoo.build(zoo.ZOO[cfg.model], cfg.vocab_size, cfg.context, cfg.bos, cfg.eos,
                       cfg.pad, cfg.seed)
     shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
 
     def batches():
         epoch = 0
@@ -212,44 +241,84 @@ def _ray_worker(config: dict[str, Any]) -> None:
             for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
                                                   dtypes=torch.int64,
                                                   local_shuffle_buffer_size=8 * cfg.batch_size,
-                                                  local_shuffle_seed=cfg.seed + epoch):
+                                                  local_shuffle_seed=cfg.seed + epoch + rank):
                 yield batch[BLOCK]
             epoch += 1
 
-    module, curve = train_loop(model, batches(), cfg, steps)
-    if ray.train.get_context().get_world_rank() == 0:
+    first_step: list[int] = []
+
+    def checkpoint(engine, step, curve):
+        if not first_step:
+            first_step.append(step)
+        if every and step % every == 0 and step < steps:
+            with tempfile.TemporaryDirectory() as d:
+                save_state(engine, d, step, curve)
+                ray.train.report({"step": step},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        module, curve = train_loop(model, batches(), cfg, steps, on_step=checkpoint)
+    else:
+        with restored.as_directory() as d:
+            module, curve = train_loop(model, batches(), cfg, steps, resume_from=d,
+                                       on_step=checkpoint)
+    if rank == 0:
         save_trained(module, config["tokenizer_dir"], curve, Path(config["out"]))
-    ray.train.report({"steps": steps, "final_loss": curve[-1][1] if curve else float("nan")})
+    ray.train.report({"step": steps, "final_loss": curve[-1][1] if curve else float("nan"),
+                      "resumed_at_step": first_step[0] - 1 if restored and first_step else 0,
+                      "world_size": ray.train.get_context().get_world_size()})
 
 
 def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
-            tokenizer_dir: str, out: Path, workers: int, cpus_per_worker: float,
-            gpus_per_worker: float, storage: Path) -> None:
-    """Ray Train TorchTrainer + DeepSpeed over a Ray Dataset of stories."""
-    from ray.train import RunConfig, ScalingConfig
+            tokenizer_dir: str, out: Path, scaling: "Scaling", storage: Path) -> dict[str, Any]:
+    """Ray Train TorchTrainer + DeepSpeed over a Ray Dataset of stories. Returns the
+    run's last report (steps, final loss, where it resumed, the workers it ended with)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray.data.aggregate import Count, Sum
 
     stats = dataset.aggregate(Sum("n_tokens"), Count())  # one pass for both
+    # Steps are fixed from the most workers; a group restarted with fewer after a
+    # failure takes the remaining steps with a smaller global batch.
     steps = total_steps(int(stats["sum(n_tokens)"]), int(stats["count()"]), cfg, epochs,
-                        workers, token_budget)
+                        scaling.max_workers, token_budget)
     from engine.raydata import TASK_CPUS
 
     blocks = (dataset.random_shuffle(seed=cfg.seed, num_cpus=TASK_CPUS)
               .map_batches(pack_batch, fn_kwargs={"context": cfg.context, "eos": cfg.eos},
                            batch_format="pyarrow", batch_size=1024, num_cpus=TASK_CPUS))
-    resources = {"CPU": cpus_per_worker}
-    if gpus_per_worker:
-        resources["GPU"] = gpus_per_worker
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.extra_resources}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    workers = (scaling.max_workers if scaling.min_workers == scaling.max_workers
+               else (scaling.min_workers, scaling.max_workers))
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": cfg.to_dict(), "steps": steps, "tokenizer_dir": tokenizer_dir,
-                           "out": str(out)},
-        torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                           "out": str(out), "checkpoint_every": scaling.checkpoint_every},
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(scaling.gpus_per_worker),
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=out.name, storage_path=str(storage)),
+        # The same name and storage on a rerun: Ray Train finds its own checkpoints there
+        # and a fit whose driver was killed goes on from the latest one.
+        run_config=RunConfig(name="fit", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": blocks},
     )
-    trainer.fit()
+    return dict(trainer.fit().metrics or {})
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Where and how a fit's Ray Train workers run, from the study's family parameters."""
+
+    min_workers: int
+    max_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    extra_resources: dict
+    max_failures: int  # worker-group restarts a fit may take (-1: unlimited)
+    checkpoint_every: int  # steps between checkpoints (0: none)

@@ -1,0 +1,128 @@
+"""Studies as Ray Jobs on a cluster: submit, follow, status, logs, stop.
+
+`collapse submit STUDY.yaml --address http://HEAD:8265` is the engine's form of
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m engine.cli run STUDY.yaml [--set KEY=VALUE ...]
+
+Ray packages the working directory (this project, without .venv, results and .git)
+and the job runs `collapse run` on the head node against the cluster, so the code that
+runs is the code submitted. The study is validated here first: a bad study fails on
+the researcher's machine, before anything is uploaded.
+"""
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from engine.spec import SpecError
+
+# Never uploaded with a job: environments, outputs, caches (Ray also honours .gitignore).
+EXCLUDES = [".venv", "venv", ".git", "results", "__pycache__", "*.pyc", ".pytest_cache",
+            "*.egg-info"]
+FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    entrypoint: str
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        # e.g. no address given and no RAY_ADDRESS / RAY_API_SERVER_ADDRESS set
+        raise ConnectionError(f"{e} (give --address http://HEAD:8265, the head's dashboard)") \
+            from None
+
+
+def entrypoint(study_file: str, overrides: Sequence[str]) -> str:
+    args = ["python", "-m", "engine.cli", "run", study_file]
+    for o in overrides:
+        args += ["--set", o]
+    return shlex.join(args)
+
+
+def submit(study_path: str | Path, overrides: Sequence[str], address: str | None,
+           working_dir: str | Path = ".") -> Submitted:
+    """Validate the study here, then submit `collapse run` of it as a Ray Job."""
+    import engine
+
+    study = engine.load_study(study_path, overrides)
+    if not Path(study.out).is_absolute():
+        # The job's working directory is a temporary copy on the head node: results
+        # written under it would be lost when the job ends, and other nodes never see it.
+        raise SpecError(f"{study_path}: out: {study.out} is a relative path, which a job "
+                        "would write inside its temporary working directory on the head "
+                        "node; give a directory every node mounts, e.g. --set "
+                        f"out=/mnt/shared/{study.name}")
+    root = Path(working_dir).resolve()
+    path = Path(study_path).resolve()
+    if not path.is_relative_to(root):
+        raise SpecError(f"{study_path}: the study file must lie inside the working directory "
+                        f"{root}, which is what the job uploads; move it there or pass "
+                        "--working-dir")
+    command = entrypoint(str(path.relative_to(root)), overrides)
+    client = _client(address)
+    job_id = client.submit_job(
+        entrypoint=command,
+        runtime_env={"working_dir": str(root), "excludes": EXCLUDES},
+        metadata={"study": study.name, "out": str(study.out)},
+    )
+    return Submitted(job_id, command)
+
+
+def follow(job_id: str, address: str | None,
+           write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> str:
+    """Stream a job's logs until it ends; return its final status."""
+    client = _client(address)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            write(lines)
+
+    asyncio.run(tail())
+    # The log stream can end a moment before the status is final.
+    status = str(client.get_job_status(job_id))
+    deadline = time.time() + 30
+    while status.split(".")[-1] not in FINAL and time.time() < deadline:
+        time.sleep(0.5)
+        status = str(client.get_job_status(job_id))
+    return status.split(".")[-1]
+
+
+def status(address: str | None, job_id: str | None = None) -> list[dict[str, str]]:
+    """One row per job (or the one asked for): id, status, study, message."""
+    client = _client(address)
+    jobs = [client.get_job_info(job_id)] if job_id else client.list_jobs()
+    rows = []
+    for j in jobs:
+        rows.append({"job_id": j.submission_id or j.job_id or "",
+                     "status": str(j.status).split(".")[-1],
+                     "study": (j.metadata or {}).get("study", ""),
+                     "out": (j.metadata or {}).get("out", ""),
+                     "message": (j.message or "").splitlines()[0] if j.message else ""})
+    return rows
+
+
+def logs(job_id: str, address: str | None) -> str:
+    return _client(address).get_job_logs(job_id)
+
+
+def stop(job_id: str, address: str | None) -> bool:
+    return _client(address).stop_job(job_id)
+
+
+def exit_code(final_status: str) -> int:
+    return 0 if final_status == "SUCCEEDED" else 1
+

@@ -1,0 +1,289 @@
+"""From one machine to a cluster: cluster.yaml, study jobs, placement checks, and a real
+multi-node Ray cluster (a head and two worker nodes on this machine) that loses a node
+in the middle of a generation's training."""
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, collapse, collapse_exe, write_study
+from engine.corpus import CorpusStore
+
+LINEAR = """\
+name: jobtiny
+family: {{name: linear, d: 3, T: 20, sigma2: 1.0, trials: 50}}
+strategies: [replace, accumulate]
+generations: 3
+seeds: [0]
+out: {out}
+"""
+
+
+# ------------------------------------------------------------------ cluster.yaml
+
+def _cluster_config() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # What `ray up` does before it touches the cloud: fill in the provider's defaults,
+    # then validate against Ray's autoscaler schema.
+    validate_config(prepare_config(copy.deepcopy(_cluster_config())))
+
+
+def test_rays_validation_would_catch_a_broken_cluster_yaml():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = _cluster_config()
+    broken["available_node_types"]["head"]["min_wokers"] = 0  # a typo
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_has_gpu_workers_shared_storage_and_a_pinned_install():
+    import ray
+
+    config = _cluster_config()
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0  # the head runs drivers, not training
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_types
+    for name, t in gpu_types.items():
+        assert t["min_workers"] == 0 and 1 <= t["max_workers"] <= config["max_workers"], name
+    assert config["idle_timeout_minutes"] > 0
+    # every node mounts the shared run directories, and the container sees them
+    mounts = [c for c in config["initialization_commands"] if "mount" in c and "/mnt/shared" in c]
+    assert mounts
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    # the image's Ray is the project's Ray; torch and the GPU extra are pinned
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    setup = " ".join(config["setup_commands"])
+    assert "torch==2.13.0" in setup and "[vllm]" in setup
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f"ray[default,train,tune,data]=={ray.__version__}" in pyproject
+    assert 'vllm = ["vllm==0.32.0"]' in pyproject
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_an_unsupported_out_scheme_is_refused_before_anything_runs(tmp_path):
+    study = write_study(tmp_path / "s.yaml", LINEAR.format(out="ftp://host/x"))
+    r = collapse("run", study)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"{study}: out: ftp://host/x: unsupported scheme")
+    r = collapse("run", study, "--set", "out=s3://bucket/run")
+    assert r.returncode == 2 and "out (from --set): s3://bucket/run" in r.stderr
+    assert "shared filesystem mounted on every node" in r.stderr
+
+
+def test_resources_the_cluster_cannot_hold_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "lm.yaml", f"""\
+name: toobig
+family: {{name: lm, stories: 40, test_stories: 10, vocab_size: 300, model: tiny,
+          context: 32, workers: 1, gpus_per_worker: 8}}
+strategies: [replace]
+generations: 1
+seeds: [0]
+out: {out}
+""")
+    r = collapse("run", study, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{study}: family.gpus_per_worker: a trainer worker asks for")
+    assert "GPU 8" in last and "no node of this cluster has that" in last
+    assert not out.exists()  # nothing was written
+
+
+def test_submit_to_an_unreachable_address_fails_at_once(tmp_path):
+    study = write_study(tmp_path / "s.yaml", LINEAR.format(out=tmp_path / "out"))
+    start = time.time()
+    r = collapse("submit", study, "--address", "http://127.0.0.1:9", "--working-dir", tmp_path,
+                 timeout=120)
+    assert r.returncode == 2 and "cannot reach the Ray cluster" in r.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "out").exists()
+
+
+def test_submit_refuses_a_relative_out(tmp_path):
+    study = write_study(tmp_path / "s.yaml", LINEAR.format(out="results/x"))
+    r = collapse("submit", study, "--address", "http://127.0.0.1:9", "--working-dir", tmp_path)
+    assert r.returncode == 2
+    assert f"{study}: out: results/x is a relative path" in r.stderr
+
+
+# ------------------------------------------------------------------ a study job
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "ray start --head exited"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:  # noqa: BLE001 — not up yet
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+@pytest.mark.slow
+def test_collapse_submit_runs_a_study_as_a_ray_job(tmp_path):
+    # A real Ray head with its job server on loopback, started the way `ray up` does.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    dashboard = _free_port()
+    head = subprocess.Popen(
+        [str(Path(bin_dir) / "ray"), "start", "--head", "--block", f"--port={_free_port()}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_http(f"{address}/api/version", head)
+        # the working directory the job uploads: the engine and the study
+        project = tmp_path / "project"
+        shutil.copytree(REPO / "engine", project / "engine",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        out = tmp_path / "shared" / "jobtiny"
+        study = write_study(project / "study.yaml", LINEAR.format(out="results/jobtiny"))
+        r = collapse("submit", study, "--address", address, "--working-dir", project,
+                     "--set", f"out={out}", cwd=project, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        job_id = r.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+        assert f"job {job_id}: SUCCEEDED" in r.stdout
+        assert "[jobtiny] 6/6 generations" in r.stdout  # the job's log, followed
+        table = pd.read_parquet(out / "results.parquet")
+        cells = table[table.metric == "test_error"].groupby(["strategy", "generation"]).size()
+        assert cells.to_dict() == {(s, g): 1 for s in ("accumulate", "replace") for g in (1, 2, 3)}
+        r = collapse("status", "--address", address)
+        assert r.returncode == 0 and job_id in r.stdout and "SUCCEEDED" in r.stdout
+        assert "jobtiny" in r.stdout
+        r = collapse("logs", job_id, "--address", address)
+        assert r.returncode == 0 and "results:" in r.stdout
+        r = collapse("stop", job_id, "--address", address)
+        assert r.returncode == 0 and "already finished" in r.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ losing a node
+
+ELASTIC = """\
+name: elastic
+family:
+  name: lm
+  stories: 420
+  test_stories: 60
+  vocab_size: 300
+  model: tiny
+  context: 64
+  max_new_tokens: 40
+  batch_size: 4
+  epochs: 3
+  sample_batch_size: 100
+  log_every: 5
+  workers: 2
+  min_workers: 1          # elastic: go on with one worker when a node is lost
+  cpus_per_worker: 0.5
+  worker_resources: {{trainer: 1}}   # one trainer worker per worker node
+  checkpoint_every: 5
+  max_failures: 3
+  sampler: hf
+  sampler_cpus: 0.5
+  threads: 1
+strategies: [accumulate]
+generations: 2
+seeds: [0]
+out: {out}
+resources: {{cpus_per_trial: 0.25}}
+"""
+
+
+def _processes_of(node) -> list[str]:
+    """Command lines (Ray sets them to the actor or task name) of a node's workers."""
+    import psutil
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    lines = []
+    for p in psutil.Process(raylet).children(recursive=True):
+        try:
+            lines.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            pass
+    return lines
+
+
+@pytest.mark.slow
+def test_a_study_survives_losing_a_worker_node_mid_training(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "temp_dir": str(tmp_path / "ray")})
+    workers = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "elastic.yaml", ELASTIC.format(out=out))
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen([collapse_exe(), "run", str(study), "--address", cluster.address],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    chain = out / "trials" / "accumulate__seed=0"
+    try:
+        # Wait until generation 1's training has written a checkpoint, then kill a worker
+        # node that holds a training worker (not the one running the chain's driver).
+        checkpoints = chain / "scratch" / "gen-0001" / "ray_train" / "fit"
+        deadline = time.time() + 400
+        while not list(checkpoints.glob("checkpoint_*")):
+            assert run.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "no training checkpoint appeared"
+            time.sleep(0.05)
+        assert not (chain / "models" / "gen-0001").exists()  # still mid-training
+        victims = [n for n in workers
+                   if any("RayTrainWorker" in c for c in _processes_of(n))
+                   and not any("TrainController" in c or "_run_chain_task" in c
+                               for c in _processes_of(n))]
+        assert victims, "no worker node holds a training worker"
+        cluster.remove_node(victims[0], allow_graceful=False)
+        assert run.wait(600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        cluster.shutdown()
+
+    table = pd.read_parquet(out / "results.parquet")
+    per_gen = table[table.step.isna()]
+    assert not per_gen.duplicated(["trial", "generation", "metric"]).any()
+    assert sorted(per_gen[per_gen.metric == "test_loss"].generation) == [1, 2]
+    store = CorpusStore(chain / "corpus")
+    assert store.verify() == []
+    assert {k: e.rows for k, e in store.entries().items()} == {
+        "real-0001": 360, "synthetic-0001": 360, "synthetic-0002": 360}
+    chain_log = (chain / "chain.log").read_text()
+    assert "training resumed from its checkpoint at step" in chain_log, chain_log[-3000:]
+    assert "finished with 1 worker(s)" in chain_log
