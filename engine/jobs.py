@@ -33,9 +33,29 @@ class Submitted:
     entrypoint: str
 
 
+def _use_token_if_present() -> None:
+    """Ray 2.60 clusters started where a Ray token exists (~/.ray/auth_token, or
+    RAY_AUTH_TOKEN[_PATH]) require it, but the job client only sends it in token mode.
+    Do what ray.init does when it joins a cluster: token mode if a token is there."""
+    import logging
+
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+    except ImportError:  # a Ray without token authentication
+        return
+    quiet = logging.getLogger(auth.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
+    _use_token_if_present()
     try:
         return JobSubmissionClient(address)
     except ConnectionError:

@@ -268,9 +268,9 @@ def fit(p: Params, real: LMReal, mix, seed: int, workdir: Path) -> LMModel:
     else:
         report = train.fit_ray(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out,
                                scaling(p), storage=Path(workdir) / "ray_train")
-        if report.get("resumed_at_step"):
+        if report["resumed_at_step"] is not None:
             log.warning("training resumed from its checkpoint at step %d and finished with "
-                        "%d worker(s)", report["resumed_at_step"], report.get("world_size", 0))
+                        "%d worker(s)", report["resumed_at_step"], report["world_size"])
     return LMModel(path=str(out), curve=[tuple(x) for x in json.loads(
         (out / "train_curve.json").read_text())])
 
@@ -385,3 +385,15 @@ def placement(p: Params) -> list[Bundle]:
                      {"CPU": "sampler_cpus", "GPU": "sampler_gpus"})
     trainers = [worker] * (p.min_workers or p.workers) if p.trainer == "ray" else []
     return trainers + [sampler] * p.sampler_actors
+
+
+def curves(model: LMModel) -> dict[str, list[tuple[int, float]]]:
+    return {"train_loss": model.curve}
+
+
+def model_name(p: Params) -> str:
+    return p.model
+
+
+def temperature(p: Params) -> float:
+    return p.temperature

@@ -159,6 +159,7 @@ def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int, device: s
 
 
 CHECKPOINT_TAG = "state"
+FIT_RECORD = "fit.json"  # steps, workers at the end, the step a restored fit resumed at
 
 
 def save_state(engine, directory: str, step: int, curve: list) -> None:
@@ -265,15 +266,19 @@ def _ray_worker(config: dict[str, Any]) -> None:
                                        on_step=checkpoint)
     if rank == 0:
         save_trained(module, config["tokenizer_dir"], curve, Path(config["out"]))
-    ray.train.report({"step": steps, "final_loss": curve[-1][1] if curve else float("nan"),
-                      "resumed_at_step": first_step[0] - 1 if restored and first_step else 0,
-                      "world_size": ray.train.get_context().get_world_size()})
+        # How this fit went, beside the model (Ray Train's own result only keeps the
+        # metrics of checkpoints): the chain logs a restore from it.
+        (Path(config["out"]) / FIT_RECORD).write_text(json.dumps({
+            "steps": steps, "world_size": ray.train.get_context().get_world_size(),
+            "resumed_at_step": first_step[0] - 1 if restored and first_step else None}))
+    ray.train.report({"step": steps})
 
 
 def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
             tokenizer_dir: str, out: Path, scaling: "Scaling", storage: Path) -> dict[str, Any]:
     """Ray Train TorchTrainer + DeepSpeed over a Ray Dataset of stories. Returns the
-    run's last report (steps, final loss, where it resumed, the workers it ended with)."""
+    fit's record (steps, the workers it ended with, the step it resumed at if a
+    failure made it restore a checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -308,7 +313,8 @@ def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": blocks},
     )
-    return dict(trainer.fit().metrics or {})
+    trainer.fit()
+    return json.loads((out / FIT_RECORD).read_text())
 
 
 @dataclass(frozen=True)
