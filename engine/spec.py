@@ -289,7 +289,10 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]
         if key not in fields:
             check.fail(f"family.{key}", f"unknown parameter of family {name!r} "
                                         f"(allowed: {', '.join(fields)})")
-        if isinstance(value, list):  # a grid axis
+        # A list is a grid axis, except for a parameter that is itself a list (such
+        # as an image family's conv `widths`): there a list of lists is the axis.
+        list_valued = list in (typing.get_args(hints[key]) or (hints[key],))
+        if isinstance(value, list) and (not list_valued or all(isinstance(v, list) for v in value)):
             if not value:
                 check.fail(f"family.{key}", "an empty list gives an empty grid; give a value "
                                             "or a non-empty list")

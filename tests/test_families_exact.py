@@ -64,3 +64,19 @@ def test_every_strategy_runs_through_the_chain(tmp_path):
     # fresh real data keeps helping: below accumulate at generation 3
     g3 = table[(table.metric == "test_error") & (table.generation == 3)].set_index("strategy")["value"]
     assert g3["accumulate_fresh_real"] < g3["accumulate"]
+
+
+def test_logistic_variance_ratio_accumulate_near_sum_inverse_squares(tmp_path):
+    # Dey & Donoho's universality: the logistic MLE's error ratio to generation 1
+    # follows linear regression's factors, Σ 1/i² under accumulate, ~g under replace.
+    table = run_in_process(tmp_path, "{name: logistic, d: 4, T: 600, trials: 1500}",
+                           "[replace, accumulate]", 10)
+    wide = table.pivot_table(index=["strategy", "generation"], columns="metric", values="value")
+    accumulate = wide.loc[("accumulate", 10), "variance_ratio"]
+    assert abs(accumulate / np.sum(1 / np.arange(1, 11) ** 2) - 1) < 0.10, accumulate
+    replace = wide.loc["replace", "variance_ratio"]
+    assert replace[1] == 1.0 and wide.loc[("accumulate", 1), "variance_ratio"] == 1.0
+    # replace grows roughly linearly: each generation adds about generation 1's error
+    slope = np.polyfit(replace.index.to_numpy(float), replace.to_numpy(), 1)[0]
+    assert 0.7 < slope < 1.4, replace.to_string()
+    assert (np.diff(replace.to_numpy()) > 0).sum() >= 8

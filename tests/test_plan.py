@@ -33,5 +33,5 @@ def test_paper_grid_dry_run_works_offline_and_writes_nothing(tmp_path):
 @pytest.mark.slow
 def test_quickstart_plan_counts_tokens(tmp_path):
     r = collapse("run", "studies/quickstart.yaml", "--dry-run")
-    assert r.returncode == 0 and "T = 800 stories per generation" in r.stdout
+    assert r.returncode == 0 and "T = 600 stories per generation" in r.stdout
     assert "train flops" in r.stdout and "-" not in r.stdout.split("total:")[1].split("\n")[0]
