@@ -29,7 +29,7 @@ from typing import Any, Callable
 from engine import strategies
 from engine.corpus import CorpusStore
 from engine.families import get_family
-from engine.files import write_directory, write_json
+from engine.files import write_atomic, write_directory, write_json
 from engine.seeds import derive_seed
 from engine.spec import Trial
 
@@ -60,6 +60,9 @@ class ChainPaths:
 
     def model(self, g: int) -> Path:
         return self.root / "models" / f"gen-{g:04d}"
+
+    def preview(self, name: str) -> Path:
+        return self.root / "previews" / f"{name}.npy"
 
     def metrics(self, g: int) -> Path:
         return self.root / "metrics" / f"gen-{g:04d}.json"
@@ -145,6 +148,7 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
     for k, table in enumerate(real.train_chunks, start=1):
         if not store.has(strategies.real(k)):
             store.write(strategies.real(k), table, model="real data")
+    _save_preview(family, params, paths.preview("real"), real.train_chunks[0])
 
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():
@@ -189,6 +193,9 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
                         stats=family.sample_stats(params, table))
             timings["sample"] = time.perf_counter() - start
         scores.update(store.entry(synth).stats)
+        if not paths.preview(synth.name).exists():
+            _save_preview(family, params, paths.preview(synth.name),
+                          _first_rows(store, synth, 16))
 
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
@@ -199,6 +206,28 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
                  ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         if report is not None:
             report(g, scores)
+
+
+def _first_rows(store: CorpusStore, name: str, n: int):
+    import pyarrow.parquet as pq
+
+    entry = store.entry(name)
+    return pq.read_table(store.root / entry.files[0].path).slice(0, n)
+
+
+def _save_preview(family, params, path: Path, table) -> None:
+    """A few samples as images (image families only), for `collapse plot`'s grids."""
+    if path.exists():
+        return
+    images = family.preview(params, table)
+    if images is not None:
+        import numpy as np
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(images, dtype=np.float32))
+
+        write_atomic(path, save)
 
 
 def read_metrics(out: Path | str, trial: Trial, generations: int) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ def _plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.dir) / "plots"
     for path in results.plot(table, out, [args.metric] if args.metric else None):
         print(path)
+    for path in results.plot_samples(args.dir, out):
+        print(path)
     return 0
 
 

@@ -205,3 +205,45 @@ def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = N
         written.append(path)
     curves = plot_curves(table, out_dir)
     return written + ([curves] if curves else [])
+
+
+def plot_samples(study_dir: Path | str, out_dir: Path | str) -> list[Path]:
+    """For image families: one PNG per chain, a row of samples per generation under a
+    row of real training images (the seed paper's Fig. 6: under replace the rows drift
+    to one mode, under accumulate they keep their variety). Reads the few images each
+    chain keeps in previews/, not the corpora."""
+    import numpy as np
+
+    study_dir, out_dir = Path(study_dir), Path(out_dir)
+    written = []
+    for chain in sorted((study_dir / "trials").glob("*")):
+        files = sorted((chain / "previews").glob("synthetic-*.npy"))
+        if not files:
+            continue
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [("real", chain / "previews" / "real.npy")] + [
+            (f"gen {int(f.stem.split('-')[1])}", f) for f in files]
+        rows = [(label, np.load(f)) for label, f in rows if f.exists()]
+        k = max(len(images) for _, images in rows)
+        fig, cells = plt.subplots(len(rows), k, figsize=(0.7 * k, 0.75 * len(rows)),
+                                  squeeze=False)
+        for r, (label, images) in enumerate(rows):
+            for c in range(k):
+                cell = cells[r][c]
+                cell.set_xticks([])
+                cell.set_yticks([])
+                if c < len(images):
+                    cell.imshow(images[c], cmap="gray" if images.ndim == 3 else None,
+                                vmin=0, vmax=1)
+            cells[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"{study_dir.name}: {chain.name}", fontsize=9)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"samples_{chain.name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -73,7 +73,7 @@ class Trial:
 class Study:
     name: str
     family: str
-    family_params: dict[str, Any]  # values may be lists: grid axes
+    family_params: dict[str, Any]  # an axis's value is the list of its values
     strategies: tuple[str, ...]
     generations: dict[str, int]  # per strategy
     seeds: tuple[int, ...]
@@ -82,9 +82,12 @@ class Study:
     description: str = ""
     source: str = "<study>"
     document: dict[str, Any] = field(default_factory=dict, compare=False)  # resolved YAML
+    axis_keys: tuple[str, ...] | None = None  # None: every list-valued parameter
 
     @property
     def axes(self) -> dict[str, list[Any]]:
+        if self.axis_keys is not None:
+            return {k: self.family_params[k] for k in self.axis_keys}
         return {k: v for k, v in self.family_params.items() if isinstance(v, list)}
 
     def grid_points(self) -> list[dict[str, Any]]:
@@ -240,7 +243,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
     if not isinstance(description, str):
         check.fail("description", f"expected a string, got {description!r}")
 
-    family_name, family_params = _validate_family(check, document["family"])
+    family_name, family_params, axis_keys = _validate_family(check, document["family"])
     strategies = _validate_strategies(check, document["strategies"])
 
     generations = _validate_generations(check, document["generations"], strategies)
@@ -267,12 +270,13 @@ def validate(document: dict[str, Any], source: str = "<study>",
         name=name, family=family_name, family_params=family_params,
         strategies=tuple(strategies), generations=generations, seeds=tuple(seeds), out=out,
         resources=resources, description=description, source=source, document=document,
+        axis_keys=axis_keys,
     )
     _validate_grid(check, study)
     return study
 
 
-def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]:
+def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any], tuple[str, ...]]:
     if not isinstance(family, dict) or "name" not in family:
         check.fail("family", "expected a mapping with a `name` and that family's parameters, "
                              f"e.g. {{name: linear, d: 10}} (families: {', '.join(FAMILY_MODULES)})")
@@ -283,6 +287,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]
     hints = typing.get_type_hints(fam.Params)
     fields = {f.name: f for f in dataclasses.fields(fam.Params)}
     params: dict[str, Any] = {}
+    axis_keys: list[str] = []
     for key, value in family.items():
         if key == "name":
             continue
@@ -300,6 +305,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]
             if len(set(map(repr, values))) != len(values):
                 check.fail(f"family.{key}", f"repeated value in {value!r}")
             params[key] = values
+            axis_keys.append(key)
         else:
             params[key] = check.typed(f"family.{key}", value, hints[key])
     for key, f in fields.items():
@@ -307,7 +313,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any]]
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 check.fail(f"family.{key}", f"missing (family {name!r} requires it)")
             params[key] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return name, params
+    return name, params, tuple(axis_keys)
 
 
 def _local_out(check: _Checker, out: str) -> str:

@@ -13,6 +13,9 @@ FAMILY_MODULES = {
     "linear": "engine.families.linear",
     "gaussian": "engine.families.gaussian",
     "lm": "engine.families.lm",
+    "logistic": "engine.families.logistic",
+    "vae": "engine.families.vae",
+    "ae": "engine.families.ae",
 }
 
 

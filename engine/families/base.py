@@ -61,6 +61,11 @@ class Family(Protocol):
     def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
         """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""
 
+    def preview(self, params: Any, table: pa.Table) -> Any:
+        """A few of a corpus's samples as images, (k, H, W) or (k, H, W, 3) in [0, 1],
+        for the sample grids of `collapse plot`; None for families whose samples are
+        not images."""
+
     def chain_cpus(self, params: Any) -> float:
         """CPUs a running chain holds beyond its driver (trainer workers, sampler actors)."""
 
@@ -79,6 +84,19 @@ class Family(Protocol):
     def save_model(self, model: Any, directory: Path) -> None: ...
 
     def load_model(self, directory: Path) -> Any: ...
+
+
+def error_growth(strategy: str, generation: int) -> float | None:
+    """The factor by which an estimator's error at `generation` exceeds generation 1's
+    when each generation refits to the previous fit's samples (exact for least squares
+    and Gaussian means; the limit for other MLEs): g under replace, Σ 1/i² ≤ π²/6
+    under accumulate, Σ 1/i under replace_multiple. None for other strategies."""
+    import numpy as np
+
+    i = np.arange(1, generation + 1, dtype=float)
+    return {"replace": float(generation),
+            "accumulate": float(np.sum(1 / i**2)),
+            "replace_multiple": float(np.sum(1 / i))}.get(strategy)
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,10 @@ class _Defaults:
 
     @staticmethod
     def temperature(params: Any) -> float | None:
+        return None
+
+    @staticmethod
+    def preview(params: Any, table: pa.Table) -> Any:
         return None
 
     @staticmethod

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError
+from engine.families.base import ParamError, error_growth
 from engine.seeds import derive_seed
 
 
@@ -100,10 +100,7 @@ def evaluate(p: Params, real: GaussianReal, model: GaussianModel) -> dict[str, f
 
 
 def theory(p: Params, strategy: str, generation: int) -> float | None:
-    i = np.arange(1, generation + 1, dtype=float)
-    return {"replace": float(generation),
-            "accumulate": float(np.sum(1 / i**2)),
-            "replace_multiple": float(np.sum(1 / i))}.get(strategy)
+    return error_growth(strategy, generation)
 
 
 def sample(p: Params, real: GaussianReal, model: GaussianModel, n: int, seed: int) -> pa.Table:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError
+from engine.families.base import ParamError, error_growth
 from engine.seeds import derive_seed
 
 
@@ -137,12 +137,8 @@ def evaluate(p: Params, real: LinearReal, w_hat: np.ndarray) -> dict[str, float]
 def theory(p: Params, strategy: str, generation: int) -> float | None:
     if p.ridge != 0:
         return None
-    base = p.sigma2 * p.d / (p.T - p.d - 1)
-    i = np.arange(1, generation + 1, dtype=float)
-    factor = {"replace": float(generation),
-              "accumulate": float(np.sum(1 / i**2)),
-              "replace_multiple": float(np.sum(1 / i))}.get(strategy)
-    return None if factor is None else base * factor
+    factor = error_growth(strategy, generation)
+    return None if factor is None else p.sigma2 * p.d / (p.T - p.d - 1) * factor
 
 
 def sample(p: Params, real: LinearReal, w_hat: np.ndarray, n: int, seed: int) -> pa.Table:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError
+from engine.families.base import ParamError, error_growth
 from engine.families.linear import _sum_by_feature, labels_from_table, labels_table
 from engine.seeds import derive_seed
 
@@ -126,10 +126,7 @@ def evaluate(p: Params, real: LogisticReal, theta: np.ndarray) -> dict[str, floa
 
 
 def theory(p: Params, strategy: str, generation: int) -> float | None:
-    i = np.arange(1, generation + 1, dtype=float)
-    return {"replace": float(generation),
-            "accumulate": float(np.sum(1 / i**2)),
-            "replace_multiple": float(np.sum(1 / i))}.get(strategy)
+    return error_growth(strategy, generation)
 
 
 def sample(p: Params, real: LogisticReal, theta: np.ndarray, n: int, seed: int) -> pa.Table:

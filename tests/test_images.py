@@ -1,0 +1,111 @@
+"""The image families (vae, ae): loaders on files the tests write, bad input, and tiny
+chains end to end through the same chain, store and results code as every family."""
+import gzip
+
+import numpy as np
+import pytest
+
+from conftest import collapse, write_study
+from engine.families.vae.data import ImageDataError, load_images, write_idx
+from test_families_exact import run_in_process
+
+
+def test_digits_are_the_real_scans_that_ship_with_scikit_learn():
+    images = load_images("digits", 8, 1)
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == np.float32
+    assert images.min() == 0.0 and images.max() == 1.0
+    assert load_images("digits", 16, 3, max_images=5).shape == (5, 3, 16, 16)
+
+
+def test_mnist_idx_files_plain_and_gzipped(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", raw)
+    images = load_images(str(tmp_path / "t10k-images-idx3-ubyte"), 28, 1)
+    assert images.shape == (7, 1, 28, 28)
+    np.testing.assert_allclose(images[:, 0], raw / 255.0, atol=1e-6)
+    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "t10k-images-idx3-ubyte").read_bytes()))
+    assert load_images(str(gz), 28, 1, max_images=3).shape == (3, 1, 28, 28)
+    assert load_images(f"file://{gz}", 14, 1).shape == (7, 1, 14, 14)  # a URI, resized
+
+
+def test_image_folder_is_centre_cropped_and_resized(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "celeba"
+    folder.mkdir()
+    for i in range(3):
+        # 30 wide, 40 tall: a white band in the centre square, black outside it
+        a = np.zeros((40, 30, 3), dtype=np.uint8)
+        a[5:35, :, :] = 255
+        Image.fromarray(a).save(folder / f"{i:06d}.jpg", quality=100)
+    images = load_images(str(folder), 16, 3)
+    assert images.shape == (3, 3, 16, 16)
+    assert images.min() > 0.9  # the crop kept only the white centre square
+
+
+def test_bad_image_input_names_the_file(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(ImageDataError, match="no such image folder"):
+        load_images(str(tmp_path / "missing"), 8, 1)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mixed / "a.png")
+    Image.fromarray(np.zeros((12, 10), np.uint8)).save(mixed / "b.png")
+    with pytest.raises(ImageDataError, match=r"b\.png: 10×12 pixels, but a\.png is 10×10"):
+        load_images(str(mixed), 8, 1)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(broken / "a.png")
+    (broken / "b.png").write_bytes(b"not an image")
+    with pytest.raises(ImageDataError, match=r"b\.png: unreadable image"):
+        load_images(str(broken), 8, 1)
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
+    with pytest.raises(ImageDataError, match="x-images-idx3-ubyte: not an idx3 image file"):
+        load_images(str(tmp_path / "x-images-idx3-ubyte"), 8, 1)
+
+
+def test_a_missing_image_folder_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "s.yaml", f"""\
+name: v
+family: {{name: vae, data: {tmp_path / 'nowhere'}}}
+strategies: [replace]
+generations: 1
+seeds: [0]
+out: {out}
+""")
+    r = collapse("run", study)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"{study}: family.data: {tmp_path / 'nowhere'}: no such file or folder (give `digits`, "
+        "an MNIST idx3 file, or a folder of images)")
+    assert not out.exists()
+
+
+TINY = "{name: %s, test_images: 200, train_images: 300, widths: [8, 16], latent: 4, hidden: 32, epochs: 4, batch_size: 32, threads: 1}"
+
+
+@pytest.mark.parametrize("family", ["vae", "ae"])
+def test_image_family_chain_end_to_end(tmp_path, family):
+    table = run_in_process(tmp_path, TINY % family, "[replace, accumulate]", 2)
+    per_gen = table[table.step.isna()]
+    for metric in ("test_loss", "reconstruction", "sample_distance", "pixel_variance"):
+        cells = per_gen[per_gen.metric == metric].groupby(["strategy", "generation"]).size()
+        assert cells.to_dict() == {(s, g): 1 for s in ("accumulate", "replace") for g in (1, 2)}
+    test_loss = per_gen[per_gen.metric == "test_loss"].set_index(["strategy", "generation"]).value
+    assert test_loss[("replace", 1)] == test_loss[("accumulate", 1)]  # common random numbers
+    assert (table[table.metric == "train_loss"].step.notna()).all()
+    if family == "ae":  # no KL: the test loss is the reconstruction error
+        recon = per_gen[per_gen.metric == "reconstruction"].set_index(["strategy", "generation"]).value
+        assert np.allclose(test_loss.sort_index(), recon.sort_index())
+    # the sample grids of `collapse plot`
+    from engine.results import plot_samples
+
+    paths = plot_samples(tmp_path / "out", tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["samples_accumulate__seed=0.png",
+                                             "samples_replace__seed=0.png"]
+    previews = np.load(tmp_path / "out" / "trials" / "replace__seed=0" / "previews" /
+                       "synthetic-0002.npy")
+    assert previews.shape == (16, 8, 8) and 0 <= previews.min() and previews.max() <= 1
