@@ -16,6 +16,7 @@ FAMILY_MODULES = {
     "logistic": "engine.families.logistic",
     "vae": "engine.families.vae",
     "ae": "engine.families.ae",
+    "diffusion": "engine.families.diffusion",
 }
 
 

@@ -138,58 +138,20 @@ def build(p: Params, shape) -> object:
 
 def fit(p: Params, real: ImageReal, mix: pa.Table, seed: int, workdir: Path | None = None
         ) -> ImageModel:
-    """A fresh network trained on the mix by DeepSpeed (fp32 on CPU), shuffled batches,
-    warmup + cosine schedule; the train-loss curve is kept per step."""
-    import deepspeed
+    """A fresh network trained on the mix by the shared DeepSpeed loop; loss = the
+    negative ELBO (reconstruction + KL) per image."""
     import torch
 
-    from engine.families.lm.train import ensure_process_group
+    from engine.families.deepspeed_fit import fit_module
 
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    torch.manual_seed(seed % 2**31)
     images = torch.from_numpy(images_from_table(mix, real.shape))
-    if len(images) < p.batch_size:
-        raise ValueError(f"family.batch_size: the mix holds {len(images)} images, fewer than "
-                         f"one batch of {p.batch_size}")
-    per_epoch = len(images) // p.batch_size
-    steps = max(1, int(round(p.epochs * per_epoch)))
-    net = build(p, real.shape)
-    ensure_process_group()
-    config = {
-        "train_micro_batch_size_per_gpu": p.batch_size,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": p.lr, "weight_decay": p.weight_decay,
-                                                  "torch_adam": True}},
-        "scheduler": {"type": "WarmupCosineLR",
-                      "params": {"total_num_steps": steps,
-                                 "warmup_num_steps": max(1, steps // 20),
-                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.05,
-                                 "warmup_type": "linear"}},
-        "steps_per_print": 10**9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
-                                           config=config)
-    engine.train()
-    gen = torch.Generator().manual_seed(seed % 2**31)
-    curve, window, step = [], [], 0
-    log_every = max(1, steps // 50)
-    while step < steps:
-        order = torch.randperm(len(images), generator=gen)
-        for start in range(0, per_epoch * p.batch_size, p.batch_size):
-            x = images[order[start:start + p.batch_size]]
-            recon, kl = engine.module.losses(x)
-            loss = (recon + kl).mean()
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            window.append(float(loss.detach()))
-            if step % log_every == 0 or step == steps:
-                curve.append((step, float(np.mean(window))))
-                window = []
-            if step >= steps:
-                break
-    net = engine.module.eval()
+
+    def negative_elbo(net, x, generator):
+        recon, kl = net.losses(x, generator=generator)
+        return (recon + kl).mean()
+
+    net, curve = fit_module(lambda: build(p, real.shape), images, negative_elbo, p.epochs,
+                            p.batch_size, p.lr, seed, p.weight_decay, p.threads)
     model = ImageModel(net=net, curve=curve)
     if p.kind == "ae":
         with torch.no_grad():
