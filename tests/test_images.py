@@ -109,3 +109,18 @@ def test_image_family_chain_end_to_end(tmp_path, family):
     previews = np.load(tmp_path / "out" / "trials" / "replace__seed=0" / "previews" /
                        "synthetic-0002.npy")
     assert previews.shape == (16, 8, 8) and 0 <= previews.min() and previews.max() <= 1
+
+
+@pytest.mark.slow
+def test_image_fit_on_ray_train_workers(tmp_path, ray_local):
+    """`trainer: ray`: the same DeepSpeed loop on two Ray Train workers, each on its half
+    of the mix, gradients averaged; the chain gets the trained network back."""
+    family = TINY.replace("threads: 1}", "threads: 1, trainer: ray, workers: 2, cpus_per_worker: 0.5}")
+    table = run_in_process(tmp_path, family % "vae", "[replace]", 2)
+    per_gen = table[table.step.isna()]
+    assert sorted(per_gen[per_gen.metric == "test_loss"].generation) == [1, 2]
+    assert (per_gen[per_gen.metric == "test_loss"].value > 0).all()
+    assert (table[table.metric == "train_loss"].step.notna()).all()
+    # two workers over 300 images, batches of 32: 4 steps an epoch each, 16 in all
+    steps = table[(table.metric == "train_loss") & (table.generation == 1)].step
+    assert steps.max() == 16

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.families.vae import (  # noqa: F401 — the family interface, shared with vae
-    cost, curves, evaluate, fit, load_model, metrics, model_name, preview, real_data,
-    sample, sample_stats, save_model, validate)
+    chain_cpus, chain_gpus, cost, curves, evaluate, fit, load_model, metrics, model_name, preview, real_data,
+    placement, sample, sample_stats, save_model, validate)
 from engine.families.vae import Params as _VAEParams
 
 name = "ae"

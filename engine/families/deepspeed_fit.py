@@ -1,9 +1,12 @@
 """The DeepSpeed inner loop the array families (vae, ae, diffusion) share: a network,
 a tensor of examples, a loss function, epochs → the trained network and its curve.
 
-A plain function, run in the chain's process (tests and benchmarks call it directly);
-fp32 over a one-member gloo group on CPU. The language-model family has its own loop
-(engine/families/lm/train.py: packed token blocks, Ray Train workers)."""
+`fit_module` is a plain function: `trainer: local` runs it in the chain's process
+(fp32 over a one-member gloo group on CPU; tests call it directly). `fit_module_ray`
+runs it on Ray Train workers (a TorchTrainer; gloo on CPUs, NCCL and bf16-capable
+DeepSpeed on GPUs), each on its shard of the examples, gradients averaged by DeepSpeed.
+The language-model family has its own loop (engine/families/lm/train.py: packed token
+blocks streamed from Ray Data)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -61,7 +64,8 @@ def fit_module(make_net: Callable[[], Any], examples, loss: Callable[[Any, Any, 
     while step < steps:
         order = torch.randperm(len(examples), generator=order_gen)
         for start in range(0, per_epoch * batch_size, batch_size):
-            value = loss(engine.module, examples[order[start:start + batch_size]], noise_gen)
+            batch = examples[order[start:start + batch_size]].to(engine.device)
+            value = loss(engine.module, batch, noise_gen)
             engine.backward(value)
             engine.step()
             step += 1
@@ -72,3 +76,99 @@ def fit_module(make_net: Callable[[], Any], examples, loss: Callable[[Any, Any, 
             if step >= steps:
                 break
     return engine.module.eval(), curve
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: an equal shard of the examples, the same fresh network (same
+    seed) on every worker; rank 0 saves the trained weights and the curve."""
+    import json
+    from pathlib import Path
+
+    import ray
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    examples = ray.get(config["examples"][0])
+    # Equal shards: workers that took different numbers of steps would wait for each
+    # other's gradients forever.
+    per_worker = len(examples) // world
+    shard = torch.from_numpy(examples[rank * per_worker:(rank + 1) * per_worker])
+    net, curve = fit_module(config["make_net"], shard, config["loss"], config["epochs"],
+                            config["batch_size"], config["lr"], config["seed"],
+                            config["weight_decay"], config["threads"])
+    if rank == 0:
+        out = Path(config["out"])
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "net.pt")
+        (out / "curve.json").write_text(json.dumps(curve))
+    ray.train.report({"steps": curve[-1][0] if curve else 0})
+
+
+def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
+                   loss: Callable[[Any, Any, Any], Any], epochs: float, batch_size: int,
+                   lr: float, seed: int, weight_decay: float, threads: int, workers: int,
+                   cpus_per_worker: float, gpus_per_worker: float, workdir
+                   ) -> tuple[Any, list[tuple[int, float]]]:
+    """`fit_module` on `workers` Ray Train workers; the trained network comes back
+    through `workdir` (the chain's scratch directory, shared storage on a cluster)."""
+    import json
+    from pathlib import Path
+
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = Path(workdir) / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        _ray_worker,
+        # The examples travel once through the object store (a list keeps Ray from
+        # resolving the reference before the workers ask for it).
+        train_loop_config={"examples": [ray.put(np.ascontiguousarray(examples))],
+                           "make_net": make_net, "loss": loss, "epochs": epochs,
+                           "batch_size": batch_size, "lr": lr, "seed": seed,
+                           "weight_decay": weight_decay, "threads": threads, "out": str(out)},
+        torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="fit", storage_path=str(Path(workdir) / "ray_train")),
+    )
+    trainer.fit()
+    torch.manual_seed(seed % 2**31)
+    net = make_net()
+    net.load_state_dict(torch.load(out / "net.pt", weights_only=True))
+    return net.eval(), [tuple(c) for c in json.loads((out / "curve.json").read_text())]
+
+
+def fit_with(p: Any, make_net: Callable[[], Any], examples: np.ndarray,
+             loss: Callable[[Any, Any, Any], Any], seed: int, workdir
+             ) -> tuple[Any, list[tuple[int, float]]]:
+    """Dispatch on the family's `trainer`: in this process, or on Ray Train workers."""
+    import torch
+
+    common = (p.epochs, p.batch_size, p.lr, seed, getattr(p, "weight_decay", 0.0), p.threads)
+    if p.trainer == "local":
+        return fit_module(make_net, torch.from_numpy(examples), loss, *common)
+    return fit_module_ray(make_net, examples, loss, *common, p.workers, p.cpus_per_worker,
+                          p.gpus_per_worker, workdir)
+
+
+def trainer_placement(p: Any) -> list:
+    """Ray resources of a `trainer: ray` fit's workers, for the pre-run placement check."""
+    from engine.families.base import Bundle
+
+    if p.trainer != "ray":
+        return []
+    return [Bundle("trainer worker", {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker},
+                   {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"})] * p.workers
+
+
+def trainer_cpus(p: Any) -> float:
+    return p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
+
+
+def trainer_gpus(p: Any) -> float:
+    return p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0

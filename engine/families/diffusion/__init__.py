@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +51,10 @@ class Params:
     lr: float = 2e-3
     threads: int = 0  # torch threads; 0: torch default
     sample_diversity_n: int = 500  # samples the diversity metrics look at
+    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train
+    workers: int = 1  # Ray Train workers (trainer: ray)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 def points_kind(p: Params) -> bool:
@@ -58,7 +63,7 @@ def points_kind(p: Params) -> bool:
 
 def validate(p: Params) -> None:
     for key, low in (("test_examples", 1), ("width", 8), ("steps", 2), ("batch_size", 1),
-                     ("sample_diversity_n", 2)):
+                     ("sample_diversity_n", 2), ("workers", 1)):
         if getattr(p, key) < low:
             raise ParamError(key, f"must be >= {low}, got {getattr(p, key)}")
     if p.width % 8:
@@ -136,21 +141,33 @@ def _to_model_space(p: Params, x):
 
 def fit(p: Params, real: DiffusionReal, mix: pa.Table, seed: int, workdir: Path | None = None
         ) -> DiffusionModel:
-    import torch
+    from engine.families.deepspeed_fit import fit_with
 
-    from engine.families.deepspeed_fit import fit_module
-    from engine.families.diffusion.model import ImageEps, PointEps, eps_loss, schedule
-
-    x = _to_model_space(p, torch.from_numpy(_examples(p, mix, real.shape)))
-    def make_net():
-        return (PointEps(real.shape[0], p.width, p.steps) if points_kind(p)
-                else ImageEps(real.shape[0], p.width, p.steps))
-
-    alpha_bar = schedule(p.steps)[2]
-    rotate = points_kind(p)
-    net, curve = fit_module(make_net, x, lambda m, batch, g: eps_loss(m, batch, g, alpha_bar, rotate),
-                            p.epochs, p.batch_size, p.lr, seed, threads=p.threads)
+    examples = _examples(p, mix, real.shape)
+    if not points_kind(p):
+        examples = _to_model_space(p, examples)
+    net, curve = fit_with(p, _net_factory(p, real.shape), examples, _LSimple(p.steps, points_kind(p)),
+                          seed, workdir)
     return DiffusionModel(net=net, curve=curve)
+
+
+def _net_factory(p: Params, shape):
+    from engine.families.diffusion.model import ImageEps, PointEps
+
+    points, width, steps, first = points_kind(p), p.width, p.steps, shape[0]
+    return lambda: PointEps(first, width, steps) if points else ImageEps(first, width, steps)
+
+
+class _LSimple:
+    """The training loss, picklable for Ray Train workers."""
+
+    def __init__(self, steps: int, rotate: bool):
+        self.steps, self.rotate = steps, rotate
+
+    def __call__(self, net, batch, generator):
+        from engine.families.diffusion.model import eps_loss, schedule
+
+        return eps_loss(net, batch, generator, schedule(self.steps)[2], self.rotate)
 
 
 def evaluate(p: Params, real: DiffusionReal, model: DiffusionModel) -> dict[str, float]:
@@ -230,7 +247,9 @@ def load_model(directory: Path) -> DiffusionModel:
 def cost(p: Params):
     from engine.plan import Cost
 
-    return Cost(rows_per_generation=p.train_examples or 0, tokens_per_row=None, parameters=None)
+    # digits: 1,797 images; other data is not read for a plan (set train_examples to plan it)
+    rows = p.train_examples or (1797 - p.test_examples if p.data == DIGITS else 0)
+    return Cost(rows_per_generation=rows, tokens_per_row=None, parameters=None)
 
 
 def curves(model: DiffusionModel) -> dict[str, list[tuple[int, float]]]:
@@ -239,3 +258,21 @@ def curves(model: DiffusionModel) -> dict[str, list[tuple[int, float]]]:
 
 def model_name(p: Params) -> str:
     return f"ddpm-{'points' if points_kind(p) else 'images'}-w{p.width}-s{p.steps}"
+
+
+def chain_cpus(p: Params) -> float:
+    from engine.families.deepspeed_fit import trainer_cpus
+
+    return trainer_cpus(p)
+
+
+def chain_gpus(p: Params) -> float:
+    from engine.families.deepspeed_fit import trainer_gpus
+
+    return trainer_gpus(p)
+
+
+def placement(p: Params) -> list:
+    from engine.families.deepspeed_fit import trainer_placement
+
+    return trainer_placement(p)

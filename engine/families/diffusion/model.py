@@ -84,12 +84,14 @@ def eps_loss(net: nn.Module, x0: torch.Tensor, generator: torch.Generator,
              alpha_bar: torch.Tensor, augment_rotations: bool = False) -> torch.Tensor:
     """L_simple: E_t,ε ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖² per example (the variational
     bound with Ho et al.'s reweighting), summed over coordinates, averaged over the batch."""
+    # Draws come from the CPU generator (reproducible), then move to the data's device.
     if augment_rotations:
         x0 = x0 - x0.mean(dim=1, keepdim=True)
-        x0 = x0 @ random_rotations(len(x0), generator).transpose(1, 2)
+        x0 = x0 @ random_rotations(len(x0), generator).to(x0.device).transpose(1, 2)
     t = torch.randint(0, len(alpha_bar), (len(x0),), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    a = alpha_bar[t].view(-1, *[1] * (x0.dim() - 1))
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    a = alpha_bar[t].to(x0.device).view(-1, *[1] * (x0.dim() - 1))
+    t = t.to(x0.device)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
     return (net(xt, t) - eps).pow(2).flatten(1).sum(dim=1).mean()
 

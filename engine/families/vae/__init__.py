@@ -53,6 +53,10 @@ class Params:
     weight_decay: float = 0.0
     threads: int = 0  # torch threads; 0: torch default
     sample_diversity_n: int = 500  # samples the diversity metrics look at
+    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train
+    workers: int = 1  # Ray Train workers (trainer: ray)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 def _widths(p: Params) -> list[int]:
@@ -70,7 +74,7 @@ def validate(p: Params) -> None:
                                        f"{2 ** len(widths)} (one stride-2 layer per width), "
                                        f"got {p.image_size}")
     for key, low in (("test_images", 1), ("latent", 1), ("hidden", 1), ("batch_size", 1),
-                     ("sample_diversity_n", 2)):
+                     ("sample_diversity_n", 2), ("workers", 1)):
         if getattr(p, key) < low:
             raise ParamError(key, f"must be >= {low}, got {getattr(p, key)}")
     if p.epochs <= 0 or p.lr <= 0:
@@ -142,23 +146,23 @@ def fit(p: Params, real: ImageReal, mix: pa.Table, seed: int, workdir: Path | No
     negative ELBO (reconstruction + KL) per image."""
     import torch
 
-    from engine.families.deepspeed_fit import fit_module
+    from engine.families.deepspeed_fit import fit_with
 
-    images = torch.from_numpy(images_from_table(mix, real.shape))
-
-    def negative_elbo(net, x, generator):
-        recon, kl = net.losses(x, generator=generator)
-        return (recon + kl).mean()
-
-    net, curve = fit_module(lambda: build(p, real.shape), images, negative_elbo, p.epochs,
-                            p.batch_size, p.lr, seed, p.weight_decay, p.threads)
+    images = images_from_table(mix, real.shape)
+    shape = real.shape
+    net, curve = fit_with(p, lambda: build(p, shape), images, _negative_elbo, seed, workdir)
     model = ImageModel(net=net, curve=curve)
     if p.kind == "ae":
         with torch.no_grad():
-            z = net.encode(images)[0].numpy().astype(np.float64)
+            z = net.encode(torch.from_numpy(images))[0].numpy().astype(np.float64)
         model.latent_mean = z.mean(axis=0)
         model.latent_cov = np.cov(z, rowvar=False) + 1e-6 * np.eye(z.shape[1])
     return model
+
+
+def _negative_elbo(net, x, generator):
+    recon, kl = net.losses(x, generator=generator)
+    return (recon + kl).mean()
 
 
 def evaluate(p: Params, real: ImageReal, model: ImageModel) -> dict[str, float]:
@@ -242,7 +246,9 @@ def load_model(directory: Path) -> ImageModel:
 def cost(p: Params):
     from engine.plan import Cost
 
-    return Cost(rows_per_generation=p.train_images or 0, tokens_per_row=None, parameters=None)
+    # digits: 1,797 images; other data is not read for a plan (set train_images to plan it)
+    rows = p.train_images or (1797 - p.test_images if p.data == DIGITS else 0)
+    return Cost(rows_per_generation=rows, tokens_per_row=None, parameters=None)
 
 
 def curves(model: ImageModel) -> dict[str, list[tuple[int, float]]]:
@@ -251,3 +257,21 @@ def curves(model: ImageModel) -> dict[str, list[tuple[int, float]]]:
 
 def model_name(p: Params) -> str:
     return f"{p.kind}-{'x'.join(map(str, _widths(p)))}-z{p.latent}"
+
+
+def chain_cpus(p: Params) -> float:
+    from engine.families.deepspeed_fit import trainer_cpus
+
+    return trainer_cpus(p)
+
+
+def chain_gpus(p: Params) -> float:
+    from engine.families.deepspeed_fit import trainer_gpus
+
+    return trainer_gpus(p)
+
+
+def placement(p: Params) -> list:
+    from engine.families.deepspeed_fit import trainer_placement
+
+    return trainer_placement(p)

@@ -51,10 +51,11 @@ class ConvVAE(nn.Module):
         autoencoder). Their sum is the negative ELBO, the VAE's loss."""
         mean, logvar = self.encode(x)
         if self.kind == "ae":
-            z, kl = mean, torch.zeros(len(x))
+            z, kl = mean, torch.zeros(len(x), device=x.device)
         else:
-            eps = torch.randn(mean.shape, generator=generator) if generator is not None \
-                else torch.randn_like(mean)
+            # noise from the CPU generator (reproducible), then to the model's device
+            eps = torch.randn(mean.shape, generator=generator).to(mean.device) \
+                if generator is not None else torch.randn_like(mean)
             z = mean + eps * torch.exp(0.5 * logvar)
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=1)
         recon = nn.functional.binary_cross_entropy(self.decode(z), x, reduction="none")
