@@ -156,8 +156,10 @@ def fit_with(p: Any, make_net: Callable[[], Any], examples: np.ndarray,
                           p.gpus_per_worker, workdir)
 
 
-def trainer_placement(p: Any) -> list:
-    """Ray resources of a `trainer: ray` fit's workers, for the pre-run placement check."""
+def placement(p: Any) -> list:
+    """Ray resources of a `trainer: ray` fit's workers, for the pre-run placement check.
+    This and chain_cpus / chain_gpus are the array families' own interface functions
+    (they import them under these names)."""
     from engine.families.base import Bundle
 
     if p.trainer != "ray":
@@ -166,9 +168,9 @@ def trainer_placement(p: Any) -> list:
                    {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"})] * p.workers
 
 
-def trainer_cpus(p: Any) -> float:
+def chain_cpus(p: Any) -> float:
     return p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
 
 
-def trainer_gpus(p: Any) -> float:
+def chain_gpus(p: Any) -> float:
     return p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0

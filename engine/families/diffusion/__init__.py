@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError
-from engine.families.vae import image_table, images_from_table
+from engine.families.deepspeed_fit import chain_cpus, chain_gpus, placement  # noqa: F401 — interface
+from engine.families.vae import curves, image_table, images_from_table  # noqa: F401
 from engine.families.vae import preview as image_preview
 from engine.families.vae import sample_stats as image_stats
 from engine.families.vae.data import DIGITS, ImageDataError, load_images
@@ -252,27 +253,5 @@ def cost(p: Params):
     return Cost(rows_per_generation=rows, tokens_per_row=None, parameters=None)
 
 
-def curves(model: DiffusionModel) -> dict[str, list[tuple[int, float]]]:
-    return {"train_loss": model.curve}
-
-
 def model_name(p: Params) -> str:
     return f"ddpm-{'points' if points_kind(p) else 'images'}-w{p.width}-s{p.steps}"
-
-
-def chain_cpus(p: Params) -> float:
-    from engine.families.deepspeed_fit import trainer_cpus
-
-    return trainer_cpus(p)
-
-
-def chain_gpus(p: Params) -> float:
-    from engine.families.deepspeed_fit import trainer_gpus
-
-    return trainer_gpus(p)
-
-
-def placement(p: Params) -> list:
-    from engine.families.deepspeed_fit import trainer_placement
-
-    return trainer_placement(p)

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError
+from engine.families.deepspeed_fit import chain_cpus, chain_gpus, placement  # noqa: F401 — interface
 from engine.families.vae.data import DIGITS, ImageDataError, load_images
 
 log = logging.getLogger("engine.vae")
@@ -257,21 +258,3 @@ def curves(model: ImageModel) -> dict[str, list[tuple[int, float]]]:
 
 def model_name(p: Params) -> str:
     return f"{p.kind}-{'x'.join(map(str, _widths(p)))}-z{p.latent}"
-
-
-def chain_cpus(p: Params) -> float:
-    from engine.families.deepspeed_fit import trainer_cpus
-
-    return trainer_cpus(p)
-
-
-def chain_gpus(p: Params) -> float:
-    from engine.families.deepspeed_fit import trainer_gpus
-
-    return trainer_gpus(p)
-
-
-def placement(p: Params) -> list:
-    from engine.families.deepspeed_fit import trainer_placement
-
-    return trainer_placement(p)
