@@ -30,7 +30,7 @@ from engine.families.deepspeed_fit import chain_cpus, chain_gpus, placement  # n
 from engine.families.vae import curves, image_table, images_from_table  # noqa: F401
 from engine.families.vae import preview as image_preview
 from engine.families.vae import sample_stats as image_stats
-from engine.families.vae.data import DIGITS, ImageDataError, load_images
+from engine.families.vae.data import DIGITS, ImageDataError, load_images, split
 
 name = "diffusion"
 metrics = ("test_loss", "sample_distance", "pixel_variance", "radius_of_gyration")
@@ -114,15 +114,8 @@ def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) 
             examples = load_images(p.data, p.image_size, p.channels, p.max_examples)
     except ImageDataError as e:
         raise ImageDataError(f"family.data: {e}") from None
-    if len(examples) <= p.test_examples:
-        raise ImageDataError(f"family.test_examples: {p.data} has {len(examples)} examples, "
-                             f"not more than test_examples = {p.test_examples}")
-    order = np.random.default_rng(seed).permutation(len(examples))
-    test, train = examples[order[:p.test_examples]], examples[order[p.test_examples:]]
-    T = p.train_examples or len(train) // chunks
-    if T < 1 or chunks * T > len(train):
-        raise ImageDataError(f"family.train_examples: {chunks} real chunk(s) of {T} need "
-                             f"{chunks * T} training examples; the data has {len(train)}")
+    train, test, T = split(examples, p.data, p.test_examples, p.train_examples, chunks, seed,
+                           "test_examples", "train_examples")
     return DiffusionReal(train=train, test=test, shape=tuple(examples.shape[1:]),
                          train_chunks=[_table(p, train[k * T:(k + 1) * T]) for k in range(chunks)])
 

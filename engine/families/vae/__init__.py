@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from engine.families.base import ParamError
 from engine.families.deepspeed_fit import chain_cpus, chain_gpus, placement  # noqa: F401 — interface
-from engine.families.vae.data import DIGITS, ImageDataError, load_images
+from engine.families.vae.data import DIGITS, ImageDataError, load_images, split
 
 log = logging.getLogger("engine.vae")
 
@@ -112,15 +112,8 @@ def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) 
         images = load_images(p.data, p.image_size, p.channels, p.max_images)
     except ImageDataError as e:
         raise ImageDataError(f"family.data: {e}") from None
-    if len(images) <= p.test_images:
-        raise ImageDataError(f"family.test_images: {p.data} has {len(images)} images, not "
-                             f"more than test_images = {p.test_images}")
-    order = np.random.default_rng(seed).permutation(len(images))
-    test, train = images[order[:p.test_images]], images[order[p.test_images:]]
-    T = p.train_images or len(train) // chunks
-    if T < 1 or chunks * T > len(train):
-        raise ImageDataError(f"family.train_images: {chunks} real chunk(s) of {T} images need "
-                             f"{chunks * T} training images; the data has {len(train)}")
+    train, test, T = split(images, p.data, p.test_images, p.train_images, chunks, seed,
+                           "test_images", "train_images")
     return ImageReal(train=train, test=test, shape=tuple(images.shape[1:]),
                      train_chunks=[image_table(train[k * T:(k + 1) * T]) for k in range(chunks)])
 

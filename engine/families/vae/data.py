@@ -140,3 +140,19 @@ def write_idx(path: Path, images: np.ndarray) -> None:
     n, rows, cols = images.shape
     path.write_bytes(struct.pack(">IIII", 2051, n, rows, cols) +
                      np.asarray(images, dtype=np.uint8).tobytes())
+
+
+def split(examples: np.ndarray, source: str, test_n: int, train_n: int | None, chunks: int,
+          seed: int, test_field: str, train_field: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """A seeded test/train split, fixed per study seed, and T, the examples per real
+    chunk: (train, test, T). Errors name the study field to change."""
+    if len(examples) <= test_n:
+        raise ImageDataError(f"family.{test_field}: {source} has {len(examples)} examples, "
+                             f"not more than {test_field} = {test_n}")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    test, train = examples[order[:test_n]], examples[order[test_n:]]
+    T = train_n or len(train) // chunks
+    if T < 1 or chunks * T > len(train):
+        raise ImageDataError(f"family.{train_field}: {chunks} real chunk(s) of {T} need "
+                             f"{chunks * T} training examples; the data has {len(train)}")
+    return train, test, T
