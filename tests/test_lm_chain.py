@@ -92,15 +92,18 @@ resources: {{cpus_per_trial: 0.5}}
 
 
 def start(study: Path) -> subprocess.Popen:
+    log = open(study.with_suffix(".log"), "a")
     return subprocess.Popen([collapse_exe(), "run", str(study)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the moment to kill it"
+    log = Path(proc.args[2]).with_suffix(".log")
+    assert proc.poll() is None, "the run ended before the moment to kill it: " + \
+        log.read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -103,15 +103,14 @@ def ensure_process_group() -> None:
         return
     import deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    # A file rendezvous, not MASTER_ADDR/PORT: a port picked here could be taken by the
+    # time the store binds it, and env variables leak into child processes (a stale
+    # MASTER_PORT inherited from a parent that still listens on it: EADDRINUSE).
+    store = tempfile.NamedTemporaryFile(prefix="collapse-pg-", delete=False)
+    store.close()
+    os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"] = "0", "0", "1"
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+                               init_method=f"file://{store.name}", rank=0, world_size=1)
 
 
 def train_loop(model, batches: Iterator, cfg: TrainConfig, steps: int, device: str = "cpu",
