@@ -148,7 +148,7 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
     for k, table in enumerate(real.train_chunks, start=1):
         if not store.has(strategies.real(k)):
             store.write(strategies.real(k), table, model="real data")
-    _save_preview(family, params, paths.preview("real"), real.train_chunks[0])
+    _save_preview(family, params, paths.preview("real"), lambda: real.train_chunks[0])
 
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():
@@ -193,9 +193,7 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
                         stats=family.sample_stats(params, table))
             timings["sample"] = time.perf_counter() - start
         scores.update(store.entry(synth).stats)
-        if not paths.preview(synth.name).exists():
-            _save_preview(family, params, paths.preview(synth.name),
-                          _first_rows(store, synth, 16))
+        _save_preview(family, params, paths.preview(synth.name), lambda: store.head(synth, 16))
 
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
@@ -208,26 +206,22 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
             report(g, scores)
 
 
-def _first_rows(store: CorpusStore, name: str, n: int):
-    import pyarrow.parquet as pq
-
-    entry = store.entry(name)
-    return pq.read_table(store.root / entry.files[0].path).slice(0, n)
-
-
-def _save_preview(family, params, path: Path, table) -> None:
-    """A few samples as images (image families only), for `collapse plot`'s grids."""
-    if path.exists():
+def _save_preview(family, params, path: Path, rows: Callable[[], Any]) -> None:
+    """A few samples as images, for `collapse plot`'s grids: only for families that
+    draw previews (the image families; a family's preview may also decline with None),
+    and only once per corpus."""
+    if family.preview is None or path.exists():
         return
-    images = family.preview(params, table)
-    if images is not None:
-        import numpy as np
+    images = family.preview(params, rows())
+    if images is None:
+        return
+    import numpy as np
 
-        def save(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(images, dtype=np.float32))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(images, dtype=np.float32))
 
-        write_atomic(path, save)
+    write_atomic(path, save)
 
 
 def read_metrics(out: Path | str, trial: Trial, generations: int) -> list[dict[str, Any]]:

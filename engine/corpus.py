@@ -183,6 +183,11 @@ class CorpusStore:
             tables.append(table.take(pa.array(sel.rows)))
         return pa.concat_tables(tables)
 
+    def head(self, source: Source, n: int) -> pa.Table:
+        """The first n rows of one stored corpus (or fewer, if it holds fewer)."""
+        first = self._paths(source)[0]
+        return pq.read_table(first, partitioning=None).slice(0, n)
+
     def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
         """The same rows as read(), as a Ray Dataset streamed from the shards."""
         import ray.data

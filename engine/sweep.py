@@ -203,8 +203,8 @@ def _default_concurrency(study: Study) -> int | None:
     if not cpus_held and not gpus_held:
         return None  # in-memory families: Tune's own accounting of cpus_per_trial suffices
     # What the cluster has, or may grow to under its autoscaler.
-    total = {k: max(ray.cluster_resources().get(k, 0.0), _autoscaler_max().get(k, 0.0))
-             for k in ("CPU", "GPU")}
+    now, most = ray.cluster_resources(), _autoscaler_max()
+    total = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in ("CPU", "GPU")}
     streams = any(family.data_view(p) == "dataset" for p in params)
     limits = [max(1, int((total["CPU"] - (1 if streams else 0)) // (r.cpus_per_trial + cpus_held)))]
     if gpus_held:

@@ -63,8 +63,8 @@ class Family(Protocol):
 
     def preview(self, params: Any, table: pa.Table) -> Any:
         """A few of a corpus's samples as images, (k, H, W) or (k, H, W, 3) in [0, 1],
-        for the sample grids of `collapse plot`; None for families whose samples are
-        not images."""
+        for the sample grids of `collapse plot`. Optional: a family whose samples are
+        not images leaves it out (the default is None, not a function)."""
 
     def chain_cpus(self, params: Any) -> float:
         """CPUs a running chain holds beyond its driver (trainer workers, sampler actors)."""
@@ -151,9 +151,7 @@ class _Defaults:
     def temperature(params: Any) -> float | None:
         return None
 
-    @staticmethod
-    def preview(params: Any, table: pa.Table) -> Any:
-        return None
+    preview = None  # families whose samples are not images draw no previews
 
     @staticmethod
     def chain_cpus(params: Any) -> float:

@@ -9,9 +9,20 @@ The language-model family has its own loop (engine/families/lm/train.py: packed 
 blocks streamed from Ray Data)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class TrainerParams:
+    """Where an array family's fit runs; its Params inherit these fields."""
+
+    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train
+    workers: int = 1  # Ray Train workers (trainer: ray)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 def fit_module(make_net: Callable[[], Any], examples, loss: Callable[[Any, Any, Any], Any],

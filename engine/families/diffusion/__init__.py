@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError
-from engine.families.deepspeed_fit import chain_cpus, chain_gpus, placement  # noqa: F401 — interface
-from engine.families.vae import curves, image_table, images_from_table  # noqa: F401
+from engine.families.deepspeed_fit import (  # noqa: F401 — interface functions
+    TrainerParams, chain_cpus, chain_gpus, placement)
+from engine.families.vae import (  # noqa: F401 — curves: the family interface
+    curves, image_table, images_from_table, mean_pairwise_distance)
 from engine.families.vae import preview as image_preview
 from engine.families.vae import sample_stats as image_stats
 from engine.families.vae.data import DIGITS, ImageDataError, load_images, split
@@ -38,7 +39,7 @@ GEOM = "geom:"
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(TrainerParams):
     data: str = DIGITS  # "digits", an MNIST idx3 file, an image folder, or geom:PICKLE
     max_examples: int | None = None  # read only the first N images / conformers
     test_examples: int = 300  # held-out REAL examples, fixed per study seed
@@ -52,10 +53,6 @@ class Params:
     lr: float = 2e-3
     threads: int = 0  # torch threads; 0: torch default
     sample_diversity_n: int = 500  # samples the diversity metrics look at
-    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train
-    workers: int = 1  # Ray Train workers (trainer: ray)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
 
 
 def points_kind(p: Params) -> bool:
@@ -199,11 +196,7 @@ def sample_stats(p: Params, table: pa.Table) -> dict[str, float]:
     pts = flat.reshape(table.num_rows, -1, 3)[:p.sample_diversity_n].astype(np.float64)
     pts = pts - pts.mean(axis=1, keepdims=True)
     gyration = np.sqrt((pts ** 2).sum(axis=2).mean(axis=1))
-    flat = pts.reshape(len(pts), -1)
-    sq = (flat ** 2).sum(axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0)
-    iu = np.triu_indices(len(flat), k=1)
-    return {"sample_distance": float(np.sqrt(d2[iu]).mean()) if len(flat) > 1 else 0.0,
+    return {"sample_distance": mean_pairwise_distance(pts.reshape(len(pts), -1)),
             "radius_of_gyration": float(gyration.mean())}
 
 

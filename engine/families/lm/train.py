@@ -221,8 +221,6 @@ def _ray_worker(config: dict[str, Any]) -> None:
     keeps in the run's storage (shared storage on a cluster). When a worker or its node
     dies, Ray Train starts the worker group again with the workers it can place (between
     min and max) and every worker goes on from the latest checkpoint."""
-    import tempfile
-
     import ray.train
     import torch
 

@@ -18,8 +18,7 @@ cross-entropy per image), and two diversity measures of the generation's samples
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,17 +26,16 @@ import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError
-from engine.families.deepspeed_fit import chain_cpus, chain_gpus, placement  # noqa: F401 — interface
+from engine.families.deepspeed_fit import (  # noqa: F401 — interface functions
+    TrainerParams, chain_cpus, chain_gpus, placement)
 from engine.families.vae.data import DIGITS, ImageDataError, load_images, split
-
-log = logging.getLogger("engine.vae")
 
 name = "vae"
 metrics = ("test_loss", "reconstruction", "sample_distance", "pixel_variance")  # headline first
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(TrainerParams):
     data: str = DIGITS  # "digits", an MNIST idx3 file, or a folder of images (CelebA)
     max_images: int | None = None  # read only the first N images
     test_images: int = 300  # held-out REAL test images, fixed per study seed
@@ -54,10 +52,6 @@ class Params:
     weight_decay: float = 0.0
     threads: int = 0  # torch threads; 0: torch default
     sample_diversity_n: int = 500  # samples the diversity metrics look at
-    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train
-    workers: int = 1  # Ray Train workers (trainer: ray)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
 
 
 def _widths(p: Params) -> list[int]:
@@ -93,7 +87,6 @@ class ImageReal:
     test: np.ndarray
     train_chunks: list[pa.Table]
     shape: tuple[int, int, int]
-    latent_fit: dict = field(default_factory=dict)
 
 
 def image_table(images: np.ndarray) -> pa.Table:
@@ -190,11 +183,17 @@ def sample_stats(p: Params, table: pa.Table) -> dict[str, float]:
     images = flat.reshape(table.num_rows, -1)[:p.sample_diversity_n].astype(np.float64)
     if len(images) < 2:
         return {}
-    sq = (images ** 2).sum(axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * images @ images.T, 0)
-    iu = np.triu_indices(len(images), k=1)
-    return {"sample_distance": float(np.sqrt(d2[iu]).mean()),
+    return {"sample_distance": mean_pairwise_distance(images),
             "pixel_variance": float(images.var(axis=0).mean())}
+
+
+def mean_pairwise_distance(rows: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of rows (a diversity measure of samples)."""
+    if len(rows) < 2:
+        return 0.0
+    sq = (rows ** 2).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0)
+    return float(np.sqrt(d2[np.triu_indices(len(rows), k=1)]).mean())
 
 
 def preview(p: Params, table: pa.Table) -> np.ndarray:
