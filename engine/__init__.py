@@ -40,16 +40,20 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     import yaml
 
     from engine import results
-    from engine.files import write_atomic
-    from engine.spec import Study
+    from engine.files import Location, StorageError, check_writable, write_atomic
+    from engine.spec import SpecError, Study
     from engine.sweep import check_fits_cluster, ray_connection, run_sweep
 
     if not isinstance(study, Study):
         study = load_study(study, overrides)
     check_out_directory(study)
-    out = Path(study.out)
+    out = Location.of(study.out)  # a path or an object-store URI
     with ray_connection(address or study.resources.address):
         check_fits_cluster(study)
+        try:  # a missing bucket, no credentials, a read-only mount: one line, now
+            check_writable(out)
+        except StorageError as e:
+            raise SpecError(f"{study.source}: out: {e}") from None
         write_atomic(out / "study.yaml",
                      lambda tmp: tmp.write_text(yaml.safe_dump(study.document, sort_keys=False)))
         run_sweep(study)

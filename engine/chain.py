@@ -18,18 +18,20 @@ strategies in the table are the strategies' doing, not the noise's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from engine import strategies
 from engine.corpus import CorpusStore
 from engine.families import get_family
-from engine.files import write_atomic, write_directory, write_json
+from engine.files import (Location, directory_complete, node_cache, write_atomic,
+                          write_directory, write_json)
 from engine.seeds import derive_seed
 from engine.spec import Trial
 
@@ -44,38 +46,51 @@ class ChainError(RuntimeError):
 
 @dataclass(frozen=True)
 class ChainPaths:
-    root: Path
+    """A chain's files, in the run's storage (a path or an object-store URI)."""
+
+    root: Location
 
     @property
-    def trial_file(self) -> Path:
+    def trial_file(self) -> Location:
         return self.root / "trial.json"
 
     @property
-    def log_file(self) -> Path:
+    def log_file(self) -> Location:
         return self.root / "chain.log"
 
     @property
-    def corpus(self) -> Path:
+    def corpus(self) -> Location:
         return self.root / "corpus"
 
-    def model(self, g: int) -> Path:
+    def model(self, g: int) -> Location:
         return self.root / "models" / f"gen-{g:04d}"
 
-    def preview(self, name: str) -> Path:
+    def preview(self, name: str) -> Location:
         return self.root / "previews" / f"{name}.npy"
 
-    def metrics(self, g: int) -> Path:
+    def metrics(self, g: int) -> Location:
         return self.root / "metrics" / f"gen-{g:04d}.json"
 
-    def scratch(self, g: int) -> Path:
+    def scratch(self, g: int) -> Location:
         return self.root / "scratch" / f"gen-{g:04d}"
 
 
-def chain_dir(out: Path | str, trial: Trial) -> Path:
-    return Path(out) / "trials" / trial.trial_id
+def chain_dir(out: Location | Path | str, trial: Trial) -> Location:
+    return Location.of(out) / "trials" / trial.trial_id
 
 
-def recorded_trial_mismatch(out: Path | str, trial: Trial) -> str | None:
+def real_cache(out: Location | Path | str) -> Path:
+    """Where a family keeps work on real data done once per study (a tokenizer, the
+    tokenized splits): `out`/real on a filesystem every chain sees; for an object-store
+    run, a directory in this node's cache (that work is deterministic in the study seed,
+    so every node that redoes it gets the same data)."""
+    out = Location.of(out)
+    if out.is_local:
+        return out.local_path / "real"
+    return node_cache() / "real" / hashlib.sha256(out.uri.encode()).hexdigest()[:24]
+
+
+def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | None:
     """If `out` already holds this chain with other parameters, say how they differ.
     Read-only, so a bad study can be refused before anything is written."""
     path = ChainPaths(chain_dir(out, trial)).trial_file
@@ -92,7 +107,7 @@ def recorded_trial_mismatch(out: Path | str, trial: Trial) -> str | None:
     return "; ".join(diffs) or None
 
 
-def completed_generations(out: Path | str, trial: Trial) -> int:
+def completed_generations(out: Location | Path | str, trial: Trial) -> int:
     paths = ChainPaths(chain_dir(out, trial))
     g = 0
     while paths.metrics(g + 1).exists():
@@ -100,31 +115,54 @@ def completed_generations(out: Path | str, trial: Trial) -> int:
     return g
 
 
-def run_chain(trial: Trial, generations: int, out: Path | str,
+def run_chain(trial: Trial, generations: int, out: Location | Path | str,
               report: Reporter | None = None) -> None:
     """Run (or resume) one chain up to `generations`. What the engine logs meanwhile is
     appended to the chain's own chain.log (its driver may run on any node of a cluster,
     where nobody reads the worker's stderr)."""
     paths = ChainPaths(chain_dir(out, trial))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(paths.log_file)
+    paths.root.mkdir()
+    with _chain_log(paths.log_file) as publish:
+        try:
+            _run_chain(trial, generations, Location.of(out), report, publish)
+        except Exception:
+            log.exception("%s: chain failed", trial.trial_id)
+            raise
+
+
+@contextmanager
+def _chain_log(where: Location) -> Iterator[Callable[[], None]]:
+    """Append the engine's log to `where` while the chain runs. Yields `publish`, which
+    the chain calls after each generation: an object store cannot append, so there the
+    log is kept in a node-local file and uploaded whole at each call and at the end."""
+    if where.is_local:
+        local = where.local_path
+    else:
+        local = node_cache() / "logs" / hashlib.sha256(where.uri.encode()).hexdigest()[:24]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(where.read_bytes() if where.is_file() else b"")
+
+    def publish() -> None:
+        if not where.is_local:
+            handler.flush()
+            write_atomic(where, lambda tmp: tmp.write_bytes(local.read_bytes()))
+
+    handler = logging.FileHandler(local)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     engine_log = logging.getLogger("engine")
     engine_log.addHandler(handler)
     if engine_log.getEffectiveLevel() > logging.INFO:
         engine_log.setLevel(logging.INFO)
     try:
-        _run_chain(trial, generations, out, report)
-    except Exception:
-        log.exception("%s: chain failed", trial.trial_id)
-        raise
+        yield publish
     finally:
         engine_log.removeHandler(handler)
         handler.close()
+        publish()
 
 
-def _run_chain(trial: Trial, generations: int, out: Path | str,
-               report: Reporter | None) -> None:
+def _run_chain(trial: Trial, generations: int, out: Location,
+               report: Reporter | None, publish: Callable[[], None]) -> None:
     family = get_family(trial.family)
     params = family.Params(**trial.params)
     strategy = strategies.get(trial.strategy)
@@ -143,7 +181,7 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
     # Real data depends on the study seed alone (and on whichever parameters the family
     # says shape it), so every cell of the grid splits and tokenizes the same data.
     real = family.real_data(params, derive_seed(trial.seed, trial.family, "real"),
-                            strategy.real_chunks(generations), Path(out) / "real")
+                            strategy.real_chunks(generations), real_cache(out))
     T = real.train_chunks[0].num_rows
     for k, table in enumerate(real.train_chunks, start=1):
         if not store.has(strategies.real(k)):
@@ -156,7 +194,7 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
         model_dir = paths.model(g)
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        if model_dir.exists():
+        if directory_complete(model_dir):
             model = family.load_model(model_dir)
             log.info("%s: generation %d: model loaded from checkpoint", trial.trial_id, g)
         else:
@@ -164,14 +202,14 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
             seed = derive_seed(*point, g, "mix")
             data = (store.read(mix, seed) if family.data_view(params) == "table"
                     else store.dataset(mix, seed))
-            # Scratch space of this chain and generation only. It survives a killed run:
-            # what a fit left there (checkpoints, a half-written model) is the family's
-            # to resume from or clear. It goes once the model is saved.
+            # Scratch space of this chain and generation only, in the run's storage. It
+            # survives a killed run: what a fit left there (Ray Train's checkpoints) is
+            # the family's to resume from. It goes once the model is saved.
             workdir = paths.scratch(g)
-            workdir.mkdir(parents=True, exist_ok=True)
+            workdir.mkdir()
             trained = family.fit(params, real, data, derive_seed(*point, g, "fit"), workdir)
             write_directory(model_dir, lambda d: family.save_model(trained, d))
-            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.remove()
             # Go on from the checkpoint, as a resumed run would: both see the same model.
             model = family.load_model(model_dir)
             timings["fit"] = time.perf_counter() - start
@@ -202,11 +240,12 @@ def _run_chain(trial: Trial, generations: int, out: Path | str,
                                       "seconds": timings})
         log.info("%s: generation %d/%d done (%s)", trial.trial_id, g, generations,
                  ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        publish()
         if report is not None:
             report(g, scores)
 
 
-def _save_preview(family, params, path: Path, rows: Callable[[], Any]) -> None:
+def _save_preview(family, params, path: Location, rows: Callable[[], Any]) -> None:
     """A few samples as images, for `collapse plot`'s grids: only for families that
     draw previews (the image families; a family's preview may also decline with None),
     and only once per corpus."""
@@ -224,7 +263,7 @@ def _save_preview(family, params, path: Path, rows: Callable[[], Any]) -> None:
     write_atomic(path, save)
 
 
-def read_metrics(out: Path | str, trial: Trial, generations: int) -> list[dict[str, Any]]:
+def read_metrics(out: Location | Path | str, trial: Trial, generations: int) -> list[dict[str, Any]]:
     """The recorded metrics of one chain, generation by generation."""
     paths = ChainPaths(chain_dir(out, trial))
     rows = []

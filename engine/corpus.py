@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.files import write_atomic, write_json
+from engine.files import Location, write_atomic, write_json
 from engine.strategies import Mix, Source
 
 if TYPE_CHECKING:
@@ -58,9 +58,9 @@ class ManifestEntry:
     metadata: dict[str, str] = field(default_factory=dict)  # the table's schema metadata
 
 
-def _sha256(path: Path) -> str:
+def _sha256(where: Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with where.fs.open_input_stream(where.fs_path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -90,8 +90,8 @@ class Selection:
 
 
 class CorpusStore:
-    def __init__(self, root: Path | str):
-        self.root = Path(root)
+    def __init__(self, root: Location | Path | str):
+        self.root = Location.of(root)  # a path or an object-store URI (engine/files.py)
         self.manifest_path = self.root / "manifest.json"
 
     # ------------------------------------------------------------------ manifest
@@ -160,14 +160,15 @@ class CorpusStore:
         return [Selection(p.source, drawn[(drawn >= lo) & (drawn < hi)] - lo)
                 for p, lo, hi in zip(mix.parts, offsets[:-1], offsets[1:])]
 
-    def _paths(self, source: Source) -> list[str]:
-        return [str(self.root / f.path) for f in self.entry(source).files]
+    def _paths(self, source: Source) -> list[Location]:
+        return [self.root / f.path for f in self.entry(source).files]
 
     # ---------------------------------------------------------------- two views
     def _common_columns(self, selections: list[Selection]) -> list[str]:
         """A mix holds the columns every part has (real and sampled corpora differ in
         their provenance columns, e.g. true_logprob vs logprob)."""
-        schemas = [pq.read_schema(p) for sel in selections for p in self._paths(sel.source)[:1]]
+        schemas = [pq.read_schema(p.path, filesystem=p.arrow()[0])
+                   for sel in selections for p in self._paths(sel.source)[:1]]
         return [n for n in schemas[0].names if n != ROW and all(n in s.names for s in schemas)]
 
     def read(self, mix: Mix, seed: int) -> pa.Table:
@@ -176,17 +177,13 @@ class CorpusStore:
         columns = self._common_columns(selections)
         tables = []
         for sel in selections:
-            # One file at a time, partitioning=None: chain directories are named like
-            # `replace__seed=0`, which pyarrow would otherwise read as a Hive partition.
-            table = pa.concat_tables([pq.read_table(p, columns=columns, partitioning=None)
-                                      for p in self._paths(sel.source)])
+            table = pa.concat_tables([_read(p, columns) for p in self._paths(sel.source)])
             tables.append(table.take(pa.array(sel.rows)))
         return pa.concat_tables(tables)
 
     def head(self, source: Source, n: int) -> pa.Table:
         """The first n rows of one stored corpus (or fewer, if it holds fewer)."""
-        first = self._paths(source)[0]
-        return pq.read_table(first, partitioning=None).slice(0, n)
+        return _read(self._paths(source)[0]).slice(0, n)
 
     def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
         """The same rows as read(), as a Ray Dataset streamed from the shards."""
@@ -201,8 +198,10 @@ class CorpusStore:
         for sel in selections:
             # partitioning=None: chain directories are named like `replace__seed=0`,
             # which Ray Data would otherwise read as a Hive partition column.
-            ds = ray.data.read_parquet(self._paths(sel.source), partitioning=None,
-                                       columns=columns + [ROW], num_cpus=raydata.TASK_CPUS)
+            paths = self._paths(sel.source)
+            ds = ray.data.read_parquet([p.path for p in paths], filesystem=paths[0].arrow()[0],
+                                       partitioning=None, num_cpus=raydata.TASK_CPUS
+                                       ).select_columns(columns + [ROW])
             counts = np.bincount(sel.rows, minlength=self.entry(sel.source).rows)
             if not (counts == 1).all():
                 ds = ds.map_batches(_KeepRows(counts), batch_format="pyarrow",
@@ -223,9 +222,16 @@ class CorpusStore:
                     problems.append(f"{path}: missing")
                 elif _sha256(path) != f.sha256:
                     problems.append(f"{path}: checksum mismatch")
-                elif pq.ParquetFile(path).metadata.num_rows != f.rows:
+                elif pq.read_metadata(path.path, filesystem=path.arrow()[0]).num_rows != f.rows:
                     problems.append(f"{path}: row count mismatch")
         return problems
+
+
+def _read(where: Location, columns: list[str] | None = None) -> pa.Table:
+    # partitioning=None: chain directories are named like `replace__seed=0`, which
+    # pyarrow would otherwise read as a Hive partition.
+    fs, path = where.arrow()
+    return pq.read_table(path, columns=columns, partitioning=None, filesystem=fs)
 
 
 class _KeepRows:

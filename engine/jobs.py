@@ -79,13 +79,13 @@ def submit(study_path: str | Path, overrides: Sequence[str], address: str | None
     import engine
 
     study = engine.load_study(study_path, overrides)
-    if not Path(study.out).is_absolute():
+    if "://" not in study.out and not Path(study.out).is_absolute():
         # The job's working directory is a temporary copy on the head node: results
         # written under it would be lost when the job ends, and other nodes never see it.
         raise SpecError(f"{study_path}: out: {study.out} is a relative path, which a job "
                         "would write inside its temporary working directory on the head "
-                        "node; give a directory every node mounts, e.g. --set "
-                        f"out=/mnt/shared/{study.name}")
+                        "node; give a directory every node mounts or a bucket, e.g. --set "
+                        f"out=/mnt/shared/{study.name} or out=s3://BUCKET/{study.name}")
     root = Path(working_dir).resolve()
     path = Path(study_path).resolve()
     if not path.is_relative_to(root):

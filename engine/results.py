@@ -16,7 +16,7 @@ import pandas as pd
 
 from engine.chain import read_metrics
 from engine.families import get_family
-from engine.files import write_atomic
+from engine.files import Location, write_atomic
 from engine.spec import Study
 
 FIXED_COLUMNS = ["study", "trial", "family", "model", "strategy", "temperature", "seed",
@@ -49,18 +49,20 @@ def collect(study: Study) -> pd.DataFrame:
     return table
 
 
-def write(table: pd.DataFrame, out: Path | str) -> None:
-    out = Path(out)
+def write(table: pd.DataFrame, out: Location | Path | str) -> None:
+    out = Location.of(out)
     write_atomic(out / TABLE_FILE, lambda tmp: table.to_parquet(tmp, index=False))
     write_atomic(out / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
 
 
-def load_results(directory: Path | str) -> pd.DataFrame:
-    path = Path(directory) / TABLE_FILE
+def load_results(directory: Location | Path | str) -> pd.DataFrame:
+    import io
+
+    path = Location.of(directory) / TABLE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results table (run the study first: "
                                 "collapse run STUDY.yaml)")
-    return pd.read_parquet(path)
+    return pd.read_parquet(io.BytesIO(path.read_bytes()))
 
 
 def axis_columns(table: pd.DataFrame) -> list[str]:
@@ -115,7 +117,8 @@ def summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return pivot(table, metric)
 
 
-def plot_curves(table: pd.DataFrame, out_dir: Path | str, metric: str = "train_loss") -> Path | None:
+def plot_curves(table: pd.DataFrame, out_dir: Location | Path | str,
+                metric: str = "train_loss") -> Location | None:
     """The paper's Figure 3: a per-step curve (train loss) of every generation, a panel
     per strategy, one line per generation, darker for later generations."""
     import matplotlib
@@ -144,13 +147,20 @@ def plot_curves(table: pd.DataFrame, out_dir: Path | str, metric: str = "train_l
     panels[0][-1].legend(fontsize=7, frameon=False)
     fig.suptitle(f"{table['study'].iloc[0]}: {metric} by step, every generation")
     fig.tight_layout()
-    path = Path(out_dir) / f"{metric}_curves.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    path = Location.of(out_dir) / f"{metric}_curves.png"
+    _save_png(fig, path, dpi=110)
     return path
 
 
-def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = None) -> list[Path]:
+def _save_png(fig, path: Location, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot(table: pd.DataFrame, out_dir: Location | Path | str,
+         metrics: list[str] | None = None) -> list[Location]:
     """One PNG per metric: metric against generation, a panel per strategy, a line per
     grid-axis value; the family's closed form, where it has one, dashed."""
     import matplotlib
@@ -163,8 +173,7 @@ def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = N
                           and not m.endswith("_stderr")]
     axes_cols = axis_columns(table)
     strategies = list(dict.fromkeys(table["strategy"]))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Location.of(out_dir)
     written = []
     for metric in metrics:
         fig, panels = plt.subplots(1, len(strategies), figsize=(4.2 * len(strategies), 3.6),
@@ -200,24 +209,26 @@ def plot(table: pd.DataFrame, out_dir: Path | str, metrics: list[str] | None = N
         fig.suptitle(title)
         fig.tight_layout()
         path = out_dir / f"{metric}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        _save_png(fig, path, dpi=110)
         written.append(path)
     curves = plot_curves(table, out_dir)
     return written + ([curves] if curves else [])
 
 
-def plot_samples(study_dir: Path | str, out_dir: Path | str) -> list[Path]:
+def plot_samples(study_dir: Location | Path | str, out_dir: Location | Path | str) -> list[Location]:
     """For image families: one PNG per chain, a row of samples per generation under a
     row of real training images (the seed paper's Fig. 6: under replace the rows drift
     to one mode, under accumulate they keep their variety). Reads the few images each
     chain keeps in previews/, not the corpora."""
     import numpy as np
 
-    study_dir, out_dir = Path(study_dir), Path(out_dir)
+    import io
+
+    study_dir, out_dir = Location.of(study_dir), Location.of(out_dir)
     written = []
-    for chain in sorted((study_dir / "trials").glob("*")):
-        files = sorted((chain / "previews").glob("synthetic-*.npy"))
+    for chain in (study_dir / "trials").children():
+        files = [f for f in (chain / "previews").children()
+                 if f.name.startswith("synthetic-") and f.name.endswith(".npy")]
         if not files:
             continue
         import matplotlib
@@ -226,8 +237,8 @@ def plot_samples(study_dir: Path | str, out_dir: Path | str) -> list[Path]:
         import matplotlib.pyplot as plt
 
         rows = [("real", chain / "previews" / "real.npy")] + [
-            (f"gen {int(f.stem.split('-')[1])}", f) for f in files]
-        rows = [(label, np.load(f)) for label, f in rows if f.exists()]
+            (f"gen {int(f.name[:-len('.npy')].split('-')[1])}", f) for f in files]
+        rows = [(label, np.load(io.BytesIO(f.read_bytes()))) for label, f in rows if f.exists()]
         k = max(len(images) for _, images in rows)
         fig, cells = plt.subplots(len(rows), k, figsize=(0.7 * k, 0.75 * len(rows)),
                                   squeeze=False)
@@ -241,9 +252,7 @@ def plot_samples(study_dir: Path | str, out_dir: Path | str) -> list[Path]:
                                 vmin=0, vmax=1)
             cells[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
         fig.suptitle(f"{study_dir.name}: {chain.name}", fontsize=9)
-        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"samples_{chain.name}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        _save_png(fig, path, dpi=100)
         written.append(path)
     return written

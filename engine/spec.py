@@ -262,7 +262,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
         out = f"results/{name}"
     if not isinstance(out, str) or not out.strip():
         check.fail("out", f"expected a directory path, got {out!r}")
-    out = _local_out(check, out)
+    out = _run_out(check, out)
 
     resources = _validate_resources(check, document.get("resources") or {})
 
@@ -316,24 +316,25 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
     return name, params, tuple(axis_keys)
 
 
-def _local_out(check: _Checker, out: str) -> str:
-    """`out` is a directory: local, or a shared filesystem mounted on every node (NFS,
-    EFS, Filestore), as cluster.yaml sets up. The engine's atomic writes rename files
-    into place, which POSIX filesystems do and object stores do not. file:// URIs are
-    paths; other schemes are refused before anything runs."""
+def _run_out(check: _Checker, out: str) -> str:
+    """`out` is where the run lives: a directory (local, or a shared filesystem mounted on
+    every node: NFS, EFS, Filestore) or an object-store URI every node reaches (s3://,
+    gs://), see engine/files.py. file:// URIs are paths; other schemes are refused before
+    anything runs."""
+    from engine.files import OBJECT_STORES
+
     scheme, sep, rest = out.partition("://")
     if not sep:
         return out
     if scheme == "file":
         return rest
-    hint = ("use a shared filesystem mounted on every node (NFS, EFS, Filestore; see "
-            f"cluster.yaml) and give its path, e.g. /mnt/shared/{Path(rest).name}")
-    if scheme in ("s3", "gs", "gcs", "abfs", "az", "hdfs"):
-        check.fail("out", f"{out}: a run directory is written with atomic renames, which "
-                          f"{scheme}:// object stores do not have, so it cannot be `out`; "
-                          f"{hint}")
-    check.fail("out", f"{out}: unsupported scheme {scheme}:// (supported: a path, file://); "
-                      f"{hint}")
+    if scheme in OBJECT_STORES:
+        if not rest.strip("/"):
+            check.fail("out", f"{out}: no bucket; give one, e.g. {scheme}://my-bucket/runs/x")
+        return out
+    check.fail("out", f"{out}: unsupported scheme {scheme}:// (supported: a path, file://, "
+                      "s3://, gs://); use an object-store bucket or a shared filesystem "
+                      f"mounted on every node, e.g. /mnt/shared/{Path(rest).name}")
 
 
 def _validate_strategies(check: _Checker, strategies: Any) -> list[str]:

@@ -13,7 +13,6 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine.chain import ChainError, completed_generations, read_metrics, run_chain
@@ -40,15 +39,19 @@ def _chain_trainable(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from engine.files import Location
+
     trial = Trial.from_dict(config["trial"])
-    generations, out = trial.generations, config["out"]
+    generations, out = trial.generations, Location.of(config["out"])
+    # Each look is a few requests per generation; an object store is asked less often.
+    every = 0.5 if out.is_local else 5.0
     task = ray.remote(_run_chain_task).options(
         num_cpus=0, max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    ).remote(config["trial"], out)
+    ).remote(config["trial"], config["out"])
     reported = completed_generations(out, trial)
     while True:
-        finished, _ = ray.wait([task], timeout=0.5)
+        finished, _ = ray.wait([task], timeout=every)
         records = read_metrics(out, trial, generations)
         for record in records[reported:]:
             tune.report({"generation": record["generation"], **record["metrics"]})
@@ -217,7 +220,11 @@ def run_sweep(study: Study,
     """Run every chain of the study not yet finished. Needs a Ray connection."""
     from ray import tune
 
-    out = Path(study.out).resolve()
+    from engine.files import Location
+
+    out = Location.of(study.out)
+    if out.is_local:
+        out = Location(str(out.local_path.resolve()))  # chains may run in other directories
     trials = study.trials()
     total = sum(t.generations for t in trials)
     done = sum(min(completed_generations(out, t), t.generations) for t in trials)
@@ -233,7 +240,7 @@ def run_sweep(study: Study,
         tune.with_resources(_chain_trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}),
         param_space={
             "trial": tune.grid_search([t.to_dict() for t in trials]),
-            "out": str(out),
+            "out": out.uri,
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrent,
@@ -242,7 +249,7 @@ def run_sweep(study: Study,
         ),
         run_config=tune.RunConfig(
             name="sweep",
-            storage_path=str(out / "tune"),
+            **(out / "tune").storage(),
             verbose=0,
             # A chain whose driver died (its node lost) starts again and resumes from
             # its own directory: finished generations are kept, a fit goes on from its

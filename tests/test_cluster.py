@@ -86,9 +86,9 @@ def test_an_unsupported_out_scheme_is_refused_before_anything_runs(tmp_path):
     r = collapse("run", study)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(f"{study}: out: ftp://host/x: unsupported scheme")
-    r = collapse("run", study, "--set", "out=s3://bucket/run")
-    assert r.returncode == 2 and "out (from --set): s3://bucket/run" in r.stderr
-    assert "shared filesystem mounted on every node" in r.stderr
+    r = collapse("run", study, "--set", "out=hdfs://namenode/run")
+    assert r.returncode == 2 and "out (from --set): hdfs://namenode/run: unsupported" in r.stderr
+    assert "(supported: a path, file://, s3://, gs://)" in r.stderr
 
 
 def test_resources_the_cluster_cannot_hold_are_refused_before_any_work(tmp_path):

@@ -30,7 +30,7 @@ def test_manifest_records_rows_checksums_model_and_temperature(store):
 
 
 def test_verify_finds_a_corrupted_shard(store):
-    path = store.root / store.entry(S.real(1)).files[0].path
+    path = (store.root / store.entry(S.real(1)).files[0].path).local_path
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     assert any("checksum mismatch" in p for p in store.verify())
 
@@ -41,7 +41,7 @@ def test_a_corpus_is_never_overwritten(store):
 
 
 def test_no_temp_files_are_left_behind(store):
-    assert not [p for p in store.root.rglob(".tmp-*")]
+    assert not [p for p in store.root.local_path.rglob(".tmp-*")]
     assert json.loads(store.manifest_path.read_text()).keys() == {
         "real-0001", "synthetic-0001", "synthetic-0002"}
 

@@ -115,8 +115,9 @@ def test_kill_9_mid_training_and_mid_sampling_then_resume(tmp_path):
     chain = out / "trials" / "accumulate__seed=0"
     store = CorpusStore(chain / "corpus")
 
-    # 1. mid-training: a fit has started, no checkpoint of generation 1 yet
-    kill_when(start(study), lambda: (chain / "scratch" / "gen-0001" / "model").exists()
+    # 1. mid-training: a fit has started (its scratch directory is made just before),
+    #    no model of generation 1 yet
+    kill_when(start(study), lambda: (chain / "scratch" / "gen-0001").exists()
               and not (chain / "models" / "gen-0001").exists())
     assert not (chain / "models" / "gen-0001").exists()
 
@@ -132,7 +133,7 @@ def test_kill_9_mid_training_and_mid_sampling_then_resume(tmp_path):
         "real-0001": 400, "synthetic-0001": 400, "synthetic-0002": 400}
     # every stored story appears once, in row order: none lost, none duplicated
     for name in ("synthetic-0001", "synthetic-0002"):
-        rows = pd.concat(pd.read_parquet(store.root / f.path) for f in entries[name].files)
+        rows = pd.concat(pd.read_parquet((store.root / f.path).path) for f in entries[name].files)
         assert rows["_row"].tolist() == list(range(400))
     table = pd.read_parquet(out / "results.parquet")
     assert sorted(table[table.metric == "test_loss"].generation) == [1, 2]

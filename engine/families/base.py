@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from engine.files import Location
 
 
 class ParamError(ValueError):
@@ -44,9 +47,11 @@ class Family(Protocol):
         data, fixed features, the true model) is the family's own business. `cache_dir`
         is shared by every chain of the study, for work done once (a tokenizer)."""
 
-    def fit(self, params: Any, real: Any, mix: Any, seed: int, workdir: Path) -> Any:
+    def fit(self, params: Any, real: Any, mix: Any, seed: int, workdir: "Location") -> Any:
         """A fresh model fit to the mix. `workdir` is scratch space of this chain and
-        generation alone (cleared before every attempt)."""
+        generation alone, in the run's storage (engine.files.Location: a shared path or
+        an object-store URI, so that Ray Train workers on any node reach it). It outlives
+        a killed run, for a fit that resumes from its own checkpoints."""
 
     def evaluate(self, params: Any, real: Any, model: Any) -> dict[str, float]:
         """Metrics on REAL held-out data (or the exact truth), never on samples."""
@@ -81,9 +86,12 @@ class Family(Protocol):
         """An engine.plan.Cost: rows per generation and, for token models, tokens per
         row and parameter count — for `collapse run --dry-run`, without running."""
 
-    def save_model(self, model: Any, directory: Path) -> None: ...
+    def save_model(self, model: Any, directory: Path) -> None:
+        """Write the model into a local directory (the chain puts it in the run)."""
 
-    def load_model(self, directory: Path) -> Any: ...
+    def load_model(self, directory: "Location") -> Any:
+        """The model the chain saved, from the run's storage; `engine.files.local_copy`
+        gives a local directory with its files."""
 
 
 def error_growth(strategy: str, generation: int) -> float | None:

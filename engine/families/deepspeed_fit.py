@@ -91,8 +91,10 @@ def fit_module(make_net: Callable[[], Any], examples, loss: Callable[[Any, Any, 
 
 def _ray_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: an equal shard of the examples, the same fresh network (same
-    seed) on every worker; rank 0 saves the trained weights and the curve."""
+    seed) on every worker; rank 0 reports the trained weights and the curve as the fit's
+    checkpoint, which Ray Train puts in the run's storage whichever node rank 0 ran on."""
     import json
+    import tempfile
     from pathlib import Path
 
     import ray
@@ -109,11 +111,14 @@ def _ray_worker(config: dict[str, Any]) -> None:
     net, curve = fit_module(config["make_net"], shard, config["loss"], config["epochs"],
                             config["batch_size"], config["lr"], config["seed"],
                             config["weight_decay"], config["threads"])
-    if rank == 0:
-        out = Path(config["out"])
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "net.pt")
-        (out / "curve.json").write_text(json.dumps(curve))
-    ray.train.report({"steps": curve[-1][0] if curve else 0})
+    steps = {"steps": curve[-1][0] if curve else 0}
+    if rank != 0:
+        ray.train.report(steps)  # a report is collective: every worker makes it
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, Path(d) / "net.pt")
+        (Path(d) / "curve.json").write_text(json.dumps(curve))
+        ray.train.report(steps, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
@@ -121,9 +126,11 @@ def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
                    lr: float, seed: int, weight_decay: float, threads: int, workers: int,
                    cpus_per_worker: float, gpus_per_worker: float, workdir
                    ) -> tuple[Any, list[tuple[int, float]]]:
-    """`fit_module` on `workers` Ray Train workers; the trained network comes back
-    through `workdir` (the chain's scratch directory, shared storage on a cluster)."""
+    """`fit_module` on `workers` Ray Train workers; the trained network comes back as
+    the fit's checkpoint, kept under `workdir` (an engine.files.Location: the chain's
+    scratch directory in the run's storage, shared by every node)."""
     import json
+    import tempfile
     from pathlib import Path
 
     import ray
@@ -131,8 +138,8 @@ def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out = Path(workdir) / "model"
-    out.mkdir(parents=True, exist_ok=True)
+    from engine.files import Location
+
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
         _ray_worker,
@@ -141,17 +148,20 @@ def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
         train_loop_config={"examples": [ray.put(np.ascontiguousarray(examples))],
                            "make_net": make_net, "loss": loss, "epochs": epochs,
                            "batch_size": batch_size, "lr": lr, "seed": seed,
-                           "weight_decay": weight_decay, "threads": threads, "out": str(out)},
+                           "weight_decay": weight_decay, "threads": threads},
         torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="fit", storage_path=str(Path(workdir) / "ray_train")),
+        run_config=RunConfig(name="fit", **(Location.of(workdir) / "ray_train").storage()),
     )
-    trainer.fit()
+    result = trainer.fit()
     torch.manual_seed(seed % 2**31)
     net = make_net()
-    net.load_state_dict(torch.load(out / "net.pt", weights_only=True))
-    return net.eval(), [tuple(c) for c in json.loads((out / "curve.json").read_text())]
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(result.checkpoint.to_directory(d))
+        net.load_state_dict(torch.load(out / "net.pt", weights_only=True))
+        curve = [tuple(c) for c in json.loads((out / "curve.json").read_text())]
+    return net.eval(), curve
 
 
 def fit_with(p: Any, make_net: Callable[[], Any], examples: np.ndarray,

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError, error_growth
+from engine.files import local_copy
 from engine.seeds import derive_seed
 
 
@@ -116,8 +117,8 @@ def save_model(model: GaussianModel, directory: Path) -> None:
     np.savez(directory / "gaussian.npz", mean=model.mean, cov=model.cov)
 
 
-def load_model(directory: Path) -> GaussianModel:
-    with np.load(directory / "gaussian.npz") as f:
+def load_model(directory) -> GaussianModel:
+    with np.load(local_copy(directory) / "gaussian.npz") as f:
         return GaussianModel(mean=f["mean"], cov=f["cov"])
 
 

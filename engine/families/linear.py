@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError, error_growth
+from engine.files import local_copy
 from engine.seeds import derive_seed
 
 
@@ -152,8 +153,8 @@ def save_model(w_hat: np.ndarray, directory: Path) -> None:
     np.save(directory / "w_hat.npy", w_hat)
 
 
-def load_model(directory: Path) -> np.ndarray:
-    return np.load(directory / "w_hat.npy")
+def load_model(directory) -> np.ndarray:
+    return np.load(local_copy(directory) / "w_hat.npy")
 
 
 def cost(p: Params):

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.families.base import ParamError, error_growth
+from engine.files import local_copy
 from engine.families.linear import _sum_by_feature, labels_from_table, labels_table
 from engine.seeds import derive_seed
 
@@ -139,8 +140,8 @@ def save_model(theta: np.ndarray, directory: Path) -> None:
     np.save(directory / "theta_hat.npy", theta)
 
 
-def load_model(directory: Path) -> np.ndarray:
-    return np.load(directory / "theta_hat.npy")
+def load_model(directory) -> np.ndarray:
+    return np.load(local_copy(directory) / "theta_hat.npy")
 
 
 def cost(p: Params):

@@ -218,12 +218,15 @@ def save_model(model: DiffusionModel, directory: Path) -> None:
                                                       "curve": model.curve}))
 
 
-def load_model(directory: Path) -> DiffusionModel:
+def load_model(directory) -> DiffusionModel:
     import json
 
     import torch
 
     from engine.families.diffusion.model import build
+    from engine.files import local_copy
+
+    directory = local_copy(directory)  # the run may live in an object store
 
     meta = json.loads((Path(directory) / "model.json").read_text())
     net = build(meta["architecture"])

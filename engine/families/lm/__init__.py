@@ -225,7 +225,10 @@ def real_data(p: Params, seed: int, chunks: int, cache_dir: Path) -> LMReal:
 
 @dataclass
 class LMModel:
-    path: str  # an HF checkpoint directory (weights, config, tokenizer, train_curve.json)
+    path: str  # an HF checkpoint directory here (weights, config, tokenizer, train_curve.json)
+    # The same checkpoint where every node reaches it: a path on shared storage, or an
+    # object-store URI (sampler actors on other nodes load it from there).
+    source: str
     curve: list[tuple[int, float]]
 
 
@@ -254,24 +257,29 @@ def scaling(p: Params):
                    checkpoint_every=p.checkpoint_every)
 
 
-def fit(p: Params, real: LMReal, mix, seed: int, workdir: Path) -> LMModel:
-    """Train a fresh model on the mix. `workdir` outlives a killed run: Ray Train keeps
-    its checkpoints in workdir/ray_train and a rerun goes on from the latest one."""
-    from engine.families.lm import train
+def fit(p: Params, real: LMReal, mix, seed: int, workdir) -> LMModel:
+    """Train a fresh model on the mix. `workdir` (an engine.files.Location in the run's
+    storage) outlives a killed run: Ray Train keeps its checkpoints in workdir/ray_train
+    and a rerun goes on from the latest one. The model itself lands in a local directory,
+    which the chain saves into the run."""
+    import tempfile
 
-    out = Path(workdir) / "model"
-    shutil.rmtree(out, ignore_errors=True)  # a half-written model from a killed run
-    out.mkdir(parents=True)
+    from engine.families.lm import train
+    from engine.families.lm.tokenizer import load_tokenizer
+    from engine.files import Location
+
+    out = Path(tempfile.mkdtemp(prefix="collapse-lm-"))
     cfg = train_config(p, real, seed)
     if p.trainer == "local":
-        train.fit_local(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out)
+        train.fit_local(mix, cfg, p.epochs, p.token_budget, out)
     else:
-        report = train.fit_ray(mix, cfg, p.epochs, p.token_budget, real.tokenizer_dir, out,
-                               scaling(p), storage=Path(workdir) / "ray_train")
+        report = train.fit_ray(mix, cfg, p.epochs, p.token_budget, out, scaling(p),
+                               storage=Location.of(workdir) / "ray_train")
         if report["resumed_at_step"] is not None:
             log.warning("training resumed from its checkpoint at step %d and finished with "
                         "%d worker(s)", report["resumed_at_step"], report["world_size"])
-    return LMModel(path=str(out), curve=[tuple(x) for x in json.loads(
+    load_tokenizer(real.tokenizer_dir).save_pretrained(out)
+    return LMModel(path=str(out), source=str(out), curve=[tuple(x) for x in json.loads(
         (out / "train_curve.json").read_text())])
 
 
@@ -307,7 +315,7 @@ def sample(p: Params, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Tab
                                   p.prefix_tokens if p.prompt == "real_prefix" else 0)),
                               eos=real.eos, batch_size=p.sample_batch_size, threads=p.threads)
     seeds = [derive_seed(seed, row) for row in range(n)]
-    return sample_corpus(p.sampler, model.path, prompts(p, real, n, derive_seed(seed, "prompts")),
+    return sample_corpus(p.sampler, model.source, prompts(p, real, n, derive_seed(seed, "prompts")),
                          seeds, settings, p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
 
 
@@ -354,9 +362,13 @@ def save_model(model: LMModel, directory: Path) -> None:
     shutil.rmtree(model.path, ignore_errors=True)
 
 
-def load_model(directory: Path) -> LMModel:
-    curve = json.loads((Path(directory) / "train_curve.json").read_text())
-    return LMModel(path=str(directory), curve=[tuple(x) for x in curve])
+def load_model(directory) -> LMModel:
+    from engine.files import Location, local_copy
+
+    directory = Location.of(directory)
+    local = local_copy(directory)  # the run may live in an object store
+    curve = json.loads((local / "train_curve.json").read_text())
+    return LMModel(path=str(local), source=directory.uri, curve=[tuple(x) for x in curve])
 
 
 def data_view(p: Params) -> str:

@@ -101,6 +101,9 @@ class HFSampler:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from engine.files import local_copy
+
+        model_dir = str(local_copy(model_dir))  # this node's copy if the run is in a bucket
         self.settings = SampleSettings(**settings)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
@@ -185,6 +188,8 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
     # through their runtime env, since they do not inherit this process's variables.
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     config = vLLMEngineProcessorConfig(
+        # A path on shared storage, or an s3:// / gs:// URI that Ray's LLM processor
+        # downloads on each node its engines run on.
         model_source=model_dir,
         engine_kwargs={"max_model_len": max(len(prompts[0]) + s.max_new_tokens, 64),
                        "enforce_eager": on_cpu, "dtype": "float32" if on_cpu else "bfloat16",
@@ -225,7 +230,9 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                                 preprocess_map_kwargs=light, postprocess_map_kwargs=light)
     refs = processor(_requests(prompts, seeds)).to_arrow_refs()
     raw = pa.concat_tables(ray.get(refs)).sort_by("row")
-    tok = load_tokenizer(model_dir)
+    from engine.files import local_copy
+
+    tok = load_tokenizer(str(local_copy(model_dir)))
     gen = [[t for t in g if t != s.eos] for g in raw.column("generated").to_pylist()]
     rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
             zip(gen, raw.column("logprob").to_pylist(), raw.column("finished").to_pylist())]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,18 +191,16 @@ def blocks_from_table(table: pa.Table, cfg: TrainConfig, epochs: float, steps: i
                 return
 
 
-def save_trained(module, tokenizer_dir: str, curve: list[tuple[int, float]], out: Path) -> None:
-    """An HF checkpoint (weights, config, tokenizer) that HF and vLLM both load."""
-    from engine.families.lm.tokenizer import load_tokenizer
-
+def save_trained(module, curve: list[tuple[int, float]], out: Path) -> None:
+    """Weights, config and train curve of an HF checkpoint (the caller adds the
+    tokenizer, which it has: a Ray Train worker may run on a node without it)."""
     out.mkdir(parents=True, exist_ok=True)
     module.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(tokenizer_dir).save_pretrained(out)
     (out / "train_curve.json").write_text(json.dumps(curve))
 
 
 def fit_local(table: pa.Table, cfg: TrainConfig, epochs: float, token_budget: int | None,
-              tokenizer_dir: str, out: Path) -> None:
+              out: Path) -> None:
     """The inner loop in this process, on an in-memory mix."""
     from engine.families.lm import zoo
 
@@ -211,7 +210,7 @@ def fit_local(table: pa.Table, cfg: TrainConfig, epochs: float, token_budget: in
                       cfg.pad, cfg.seed)
     module, curve = train_loop(model, blocks_from_table(table, cfg, epochs, steps, cfg.seed),
                                cfg, steps)
-    save_trained(module, tokenizer_dir, curve, out)
+    save_trained(module, curve, out)
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -220,7 +219,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
     Every `checkpoint_every` steps all workers write a DeepSpeed checkpoint that Ray Train
     keeps in the run's storage (shared storage on a cluster). When a worker or its node
     dies, Ray Train starts the worker group again with the workers it can place (between
-    min and max) and every worker goes on from the latest checkpoint."""
+    min and max) and every worker goes on from the latest checkpoint.
+
+    The trained model goes back to the caller the same way: rank 0 reports it as the
+    fit's last checkpoint, which Ray Train puts in the run's storage, wherever rank 0
+    ran and whether that storage is a mounted path or an object store."""
     import ray.train
     import torch
 
@@ -259,23 +262,45 @@ def _ray_worker(config: dict[str, Any]) -> None:
         module, curve = train_loop(model, batches(), cfg, steps, on_step=checkpoint)
     else:
         with restored.as_directory() as d:
+            if (Path(d) / FIT_RECORD).exists():
+                # The fit had finished and reported its model when its driver died: hand
+                # the same model back rather than train again.
+                _report_model(rank, steps,
+                              lambda out: shutil.copytree(d, out, dirs_exist_ok=True))
+                return
             module, curve = train_loop(model, batches(), cfg, steps, resume_from=d,
                                        on_step=checkpoint)
-    if rank == 0:
-        save_trained(module, config["tokenizer_dir"], curve, Path(config["out"]))
-        # How this fit went, beside the model (Ray Train's own result only keeps the
-        # metrics of checkpoints): the chain logs a restore from it.
-        (Path(config["out"]) / FIT_RECORD).write_text(json.dumps({
+
+    def save(out: Path) -> None:
+        save_trained(module, curve, out)
+        # How this fit went, beside the model (Ray Train's result keeps no metrics of
+        # a worker's own): the chain logs a restore from it.
+        (out / FIT_RECORD).write_text(json.dumps({
             "steps": steps, "world_size": ray.train.get_context().get_world_size(),
             "resumed_at_step": first_step[0] - 1 if restored and first_step else None}))
-    ray.train.report({"step": steps})
+
+    _report_model(rank, steps, save)
+
+
+def _report_model(rank: int, steps: int, save: Callable[[Path], None]) -> None:
+    """Every worker reports once more (a report is collective); rank 0 with the model."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report({"step": steps})
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save(Path(d))
+        ray.train.report({"step": steps}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
-            tokenizer_dir: str, out: Path, scaling: "Scaling", storage: Path) -> dict[str, Any]:
-    """Ray Train TorchTrainer + DeepSpeed over a Ray Dataset of stories. Returns the
-    fit's record (steps, the workers it ended with, the step it resumed at if a
-    failure made it restore a checkpoint)."""
+            out: Path, scaling: "Scaling", storage) -> dict[str, Any]:
+    """Ray Train TorchTrainer + DeepSpeed over a Ray Dataset of stories; the model
+    lands in the local directory `out`. `storage` (an engine.files.Location: a shared
+    path or an object-store URI) keeps Ray Train's checkpoints. Returns the fit's record
+    (steps, the workers it ended with, the step it resumed at if a failure made it
+    restore a checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -298,19 +323,20 @@ def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
                else (scaling.min_workers, scaling.max_workers))
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "steps": steps, "tokenizer_dir": tokenizer_dir,
-                           "out": str(out), "checkpoint_every": scaling.checkpoint_every},
+        train_loop_config={"cfg": cfg.to_dict(), "steps": steps,
+                           "checkpoint_every": scaling.checkpoint_every},
         torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(scaling.gpus_per_worker),
                                      resources_per_worker=resources),
         # The same name and storage on a rerun: Ray Train finds its own checkpoints there
         # and a fit whose driver was killed goes on from the latest one.
-        run_config=RunConfig(name="fit", storage_path=str(storage),
+        run_config=RunConfig(name="fit", **storage.storage(),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": blocks},
     )
-    trainer.fit()
+    result = trainer.fit()
+    result.checkpoint.to_directory(str(out))
     return json.loads((out / FIT_RECORD).read_text())
 
 

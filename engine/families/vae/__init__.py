@@ -219,12 +219,15 @@ def save_model(model: ImageModel, directory: Path) -> None:
         np.save(directory / "latent_cov.npy", model.latent_cov)
 
 
-def load_model(directory: Path) -> ImageModel:
+def load_model(directory) -> ImageModel:
     import json
 
     import torch
 
     from engine.families.vae.model import ConvVAE
+    from engine.files import local_copy
+
+    directory = local_copy(directory)  # the run may live in an object store
 
     meta = json.loads((Path(directory) / "model.json").read_text())
     net = ConvVAE(**meta["architecture"])
