@@ -25,6 +25,7 @@ from engine.spec import SpecError
 EXCLUDES = [".venv", "venv", ".git", "results", "__pycache__", "*.pyc", ".pytest_cache",
             "*.egg-info"]
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60  # how long a submit waits for a just-started head's job agent
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,21 @@ def submit(study_path: str | Path, overrides: Sequence[str], address: str | None
                         "--working-dir")
     command = entrypoint(str(path.relative_to(root)), overrides)
     client = _client(address)
-    job_id = client.submit_job(
-        entrypoint=command,
-        runtime_env={"working_dir": str(root), "excludes": EXCLUDES},
-        metadata={"study": study.name, "out": str(study.out)},
-    )
-    return Submitted(job_id, command)
+    # A head that has just started answers before its job agent is up ("No available
+    # agent to submit job, please try again later"): try again for a while.
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=command,
+                runtime_env={"working_dir": str(root), "excludes": EXCLUDES},
+                metadata={"study": study.name, "out": str(study.out)},
+            )
+            return Submitted(job_id, command)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def follow(job_id: str, address: str | None,

@@ -23,20 +23,30 @@ from engine.spec import Study, Trial
 # the classic reporter honours verbose=0, and the engine prints its own progress.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-def _run_chain_task(trial: dict[str, Any], out: str) -> None:
+def _run_chain_task(trial: dict[str, Any], out: str, fit_callbacks: list) -> None:
+    from engine import raytrain
+
     trial = Trial.from_dict(trial)
-    run_chain(trial, trial.generations, out)
+    with raytrain.fit_callbacks(fit_callbacks):
+        run_chain(trial, trial.generations, out)
 
 
 def _chain_trainable(config: dict[str, Any]) -> None:
     """What each Tune trial runs: one chain, reported to Tune generation by generation.
 
     Tune captures every task a trial starts into the trial's placement group, where a
-    chain's Ray Data tasks and Ray Train workers cannot fit. So the chain runs as a task
+    chain's Ray Data tasks (shuffles, aggregates) cannot fit. So the chain runs as a task
     outside the group (num_cpus=0: it spends the trial's reservation, which otherwise
-    sits idle), and this function reports each generation as its metrics file lands."""
+    sits idle), and this function reports each generation as its metrics file lands.
+
+    The chain's fits are Ray Train V2 TorchTrainers whose worker groups take placement
+    groups of their own. Their reports reach this trial through TuneReportCallback
+    (Ray Train V2's Tune-over-Train): the callback is made here, in the trial's Tune
+    session, and handed to the chain, whose fits put it in their RunConfig; Tune then
+    shows each chain's training steps as they happen."""
     import ray
     from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from engine.files import Location
@@ -48,7 +58,7 @@ def _chain_trainable(config: dict[str, Any]) -> None:
     task = ray.remote(_run_chain_task).options(
         num_cpus=0, max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    ).remote(config["trial"], config["out"])
+    ).remote(config["trial"], config["out"], [TuneReportCallback()])
     reported = completed_generations(out, trial)
     while True:
         finished, _ = ray.wait([task], timeout=every)
@@ -76,6 +86,8 @@ def _progress_callback(study: Study, done: int, total: int, say: Callable[[str],
             self.start = time.time()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "generation" not in result:
+                return  # a training step one of the chain's fits reported
             self.done += 1
             trial_id = trial.config["trial"]["trial_id"]
             shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]

@@ -2,6 +2,7 @@
 chains, Ray Train + DeepSpeed fits every generation, a Ray Data actor pool samples
 (`sampler: auto`: vLLM's CPU build where installed, as in CI; the corpus's manifest
 records which backend ran)."""
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,14 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     assert (per_gen[per_gen.metric == "kl_to_truth"].value > 0).all()
     curve = table[table.metric == "train_loss"]
     assert curve.step.notna().all() and len(curve) >= 4
+    # Tune-over-Train: every fit's reports reached its chain's Tune trial through
+    # TuneReportCallback (each fit's last report carries its final train loss)
+    for trial in ("replace__seed=0", "accumulate__seed=0"):
+        records = [json.loads(line) for line in
+                   (out / "tune" / "sweep" / trial / "result.json").read_text().splitlines()]
+        assert [r["generation"] for r in records if "generation" in r] == [1, 2]
+        fits = [r for r in records if "train_loss" in r]
+        assert len(fits) >= 2 and all(r["step"] > 0 and r["train_loss"] > 0 for r in fits)
     # the Table 2 layout, with the cells this study did not run marked n/a
     r = collapse("table", out)
     assert r.returncode == 0 and "t=4 replace" in r.stdout and "n/a" in r.stdout

@@ -165,6 +165,65 @@ def test_each_story_depends_only_on_its_own_seed(trained_tiny):
     assert greedy[0]["ids"] == greedy[1]["ids"] == greedy[2]["ids"]  # why BOS + T=0 warns
 
 
+def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_path, monkeypatch):
+    """An hf sampler actor dies (its process exits, as when its node goes) on its second
+    batch. Ray Data restarts it and runs that batch again; batches already decoded are
+    kept, not decoded twice; the corpus is the one an undisturbed run makes, row for row
+    (each story depends only on its own seed)."""
+    import ray
+
+    from engine.families.lm import sampling
+
+    model, tok = trained_tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    done = tmp_path / "batches"
+    done.mkdir()
+
+    class DyingSampler(sampling.HFSampler):
+        """Records each batch it finishes (by its first row) in `done`; the first actor
+        to reach its second batch dies there instead."""
+
+        calls = 0
+
+        def __call__(self, batch):
+            import os
+            import uuid
+
+            first = int(batch["row"][0])
+            self.calls += 1
+            if self.calls == 2 and not (done / "died").exists():
+                (done / "died").write_text(str(first))
+                os._exit(1)
+            table = super().__call__(batch)
+            (done / f"{first}-{len(batch['row'])}-{uuid.uuid4().hex[:6]}").write_text("")
+            return table
+
+    monkeypatch.setattr(sampling, "HFSampler", DyingSampler)
+    n, s = 96, settings(tok, 1.0)
+    s = sampling.SampleSettings(**{**s.__dict__, "batch_size": 16, "max_new_tokens": 30})
+    prompts, seeds = [[tok.eos_token_id]] * n, list(range(1000, 1000 + n))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        table = sampling.sample_hf(str(tmp_path / "model"), prompts, seeds, s, actors=2,
+                                   cpus_per_actor=0.5)
+    finally:
+        if started:
+            ray.shutdown()
+    assert (done / "died").exists()  # an actor did die mid-sampling
+    # The finished batches tile the rows exactly: every batch finished once, the lost
+    # one included, and none that had finished was decoded again.
+    finished = sorted(tuple(map(int, f.name.split("-")[:2])) for f in done.iterdir()
+                      if f.name != "died")
+    covered = [row for first, size in finished for row in range(first, first + size)]
+    assert covered == list(range(n)), finished
+    assert table.column("row").to_pylist() == list(range(n))
+    reference = sampling.generate(model, prompts, seeds, s)
+    assert table.column("ids").to_pylist() == [r["ids"] for r in reference]
+
+
 # ------------------------------------------------------------------------- bad input
 
 LM_STUDY = """\

@@ -139,6 +139,7 @@ def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from engine.files import Location
+    from engine.raytrain import run_callbacks
 
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
@@ -152,7 +153,8 @@ def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,
         torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="fit", **(Location.of(workdir) / "ray_train").storage()),
+        run_config=RunConfig(name="fit", **(Location.of(workdir) / "ray_train").storage(),
+                             callbacks=run_callbacks()),
     )
     result = trainer.fit()
     torch.manual_seed(seed % 2**31)

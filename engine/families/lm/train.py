@@ -249,12 +249,16 @@ def _ray_worker(config: dict[str, Any]) -> None:
     first_step: list[int] = []
 
     def checkpoint(engine, step, curve):
+        """After every step; every `checkpoint_every` steps, a checkpoint with the latest
+        train loss (which a Tune trial shows, see engine/raytrain.py). Only then: a
+        report is collective, and Ray Train takes one report per worker every 2 s, so
+        reporting every few steps would hold training back."""
         if not first_step:
             first_step.append(step)
         if every and step % every == 0 and step < steps:
             with tempfile.TemporaryDirectory() as d:
                 save_state(engine, d, step, curve)
-                ray.train.report({"step": step},
+                ray.train.report(_metrics(step, curve),
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
 
     restored = ray.train.get_checkpoint()
@@ -265,7 +269,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
             if (Path(d) / FIT_RECORD).exists():
                 # The fit had finished and reported its model when its driver died: hand
                 # the same model back rather than train again.
-                _report_model(rank, steps,
+                _report_model(rank, {"step": steps},
                               lambda out: shutil.copytree(d, out, dirs_exist_ok=True))
                 return
             module, curve = train_loop(model, batches(), cfg, steps, resume_from=d,
@@ -279,19 +283,23 @@ def _ray_worker(config: dict[str, Any]) -> None:
             "steps": steps, "world_size": ray.train.get_context().get_world_size(),
             "resumed_at_step": first_step[0] - 1 if restored and first_step else None}))
 
-    _report_model(rank, steps, save)
+    _report_model(rank, _metrics(steps, curve), save)
 
 
-def _report_model(rank: int, steps: int, save: Callable[[Path], None]) -> None:
+def _metrics(step: int, curve: list) -> dict[str, Any]:
+    return {"step": step, **({"train_loss": curve[-1][1]} if curve else {})}
+
+
+def _report_model(rank: int, metrics: dict[str, Any], save: Callable[[Path], None]) -> None:
     """Every worker reports once more (a report is collective); rank 0 with the model."""
     import ray.train
 
     if rank != 0:
-        ray.train.report({"step": steps})
+        ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         save(Path(d))
-        ray.train.report({"step": steps}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
@@ -305,6 +313,8 @@ def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray.data.aggregate import Count, Sum
+
+    from engine.raytrain import run_callbacks
 
     stats = dataset.aggregate(Sum("n_tokens"), Count())  # one pass for both
     # Steps are fixed from the most workers; a group restarted with fewer after a
@@ -332,7 +342,8 @@ def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
         # and a fit whose driver was killed goes on from the latest one.
         run_config=RunConfig(name="fit", **storage.storage(),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             callbacks=run_callbacks()),
         datasets={"train": blocks},
     )
     result = trainer.fit()
