@@ -10,6 +10,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+# The family block of the tiny language-model studies the end-to-end tests run (a
+# 0.2M-parameter model on grammar stories, one epoch): indent 2, under `family:`.
+TINY_LM = """\
+  name: lm
+  vocab_size: 300
+  model: tiny
+  context: 64
+  max_new_tokens: 40
+  batch_size: 8
+  epochs: 1
+  sample_batch_size: 100
+  log_every: 5
+"""
+
+
 def write_study(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, collapse, collapse_exe, write_study
+from conftest import TINY_LM, REPO, collapse, collapse_exe, write_study
 from engine.corpus import CorpusStore
 
 LINEAR = """\
@@ -221,17 +221,9 @@ def test_collapse_submit_runs_a_study_as_a_ray_job(tmp_path):
 ELASTIC = """\
 name: elastic
 family:
-  name: lm
+""" + TINY_LM + """\
   stories: 420
   test_stories: 60
-  vocab_size: 300
-  model: tiny
-  context: 64
-  max_new_tokens: 40
-  batch_size: 8
-  epochs: 1
-  sample_batch_size: 100
-  log_every: 5
   workers: 2
   min_workers: 1          # elastic: go on with one worker when a node is lost
   cpus_per_worker: 0.5

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import collapse, collapse_exe, write_study
+from conftest import TINY_LM, collapse, collapse_exe, write_study
 from engine import strategies as S
 from engine.corpus import CorpusStore
 from engine.families.lm.sampling import vllm_available
@@ -20,17 +20,9 @@ from engine.families.lm.sampling import vllm_available
 STUDY = """\
 name: lmtiny
 family:
-  name: lm
+""" + TINY_LM + """\
   stories: 360
   test_stories: 60
-  vocab_size: 300
-  model: tiny
-  context: 64
-  max_new_tokens: 40
-  batch_size: 8
-  epochs: 1
-  sample_batch_size: 100
-  log_every: 5
 strategies: [replace, accumulate]
 generations: 2
 seeds: [0]

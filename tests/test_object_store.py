@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import collapse, write_study
+from conftest import TINY_LM, collapse, write_study
 from engine import strategies as S
 from engine.corpus import CorpusStore
 
@@ -30,17 +30,9 @@ out: {out}
 LM = """\
 name: s3lm
 family:
-  name: lm
+""" + TINY_LM + """\
   stories: 200
   test_stories: 40
-  vocab_size: 300
-  model: tiny
-  context: 64
-  max_new_tokens: 40
-  batch_size: 8
-  epochs: 1
-  sample_batch_size: 100
-  log_every: 5
   checkpoint_every: 5
 strategies: [accumulate]
 generations: 1
