@@ -263,11 +263,12 @@ def _save_preview(family, params, path: Location, rows: Callable[[], Any]) -> No
     write_atomic(path, save)
 
 
-def read_metrics(out: Location | Path | str, trial: Trial, generations: int) -> list[dict[str, Any]]:
-    """The recorded metrics of one chain, generation by generation."""
+def read_metrics(out: Location | Path | str, trial: Trial, generations: int,
+                 first: int = 1) -> list[dict[str, Any]]:
+    """The recorded metrics of one chain, generation by generation from `first`."""
     paths = ChainPaths(chain_dir(out, trial))
     rows = []
-    for g in range(1, generations + 1):
+    for g in range(first, generations + 1):
         if not paths.metrics(g).exists():
             break
         rows.append(json.loads(paths.metrics(g).read_text()))

@@ -220,9 +220,9 @@ def plot_samples(study_dir: Location | Path | str, out_dir: Location | Path | st
     row of real training images (the seed paper's Fig. 6: under replace the rows drift
     to one mode, under accumulate they keep their variety). Reads the few images each
     chain keeps in previews/, not the corpora."""
-    import numpy as np
-
     import io
+
+    import numpy as np
 
     study_dir, out_dir = Location.of(study_dir), Location.of(out_dir)
     written = []

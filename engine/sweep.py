@@ -43,10 +43,9 @@ def _chain_trainable(config: dict[str, Any]) -> None:
     groups of their own. Their reports reach this trial through TuneReportCallback
     (Ray Train V2's Tune-over-Train): the callback is made here, in the trial's Tune
     session, and handed to the chain, whose fits put it in their RunConfig; Tune then
-    shows each chain's training steps as they happen."""
+    shows each fit's checkpoints and end beside the chain's generations."""
     import ray
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from engine.files import Location
@@ -58,29 +57,32 @@ def _chain_trainable(config: dict[str, Any]) -> None:
     task = ray.remote(_run_chain_task).options(
         num_cpus=0, max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    ).remote(config["trial"], config["out"], _fit_callbacks(trial, TuneReportCallback))
+    ).remote(config["trial"], config["out"], _fit_callbacks(trial))
     reported = completed_generations(out, trial)
     while True:
         finished, _ = ray.wait([task], timeout=every)
-        records = read_metrics(out, trial, generations)
-        for record in records[reported:]:
+        # Only the generations not reported yet: the rest was read before.
+        for record in read_metrics(out, trial, generations, first=reported + 1):
             tune.report({"generation": record["generation"], **record["metrics"]})
-        reported = len(records)
+            reported = record["generation"]
         if finished:
             ray.get(task)  # raises the chain's error, if any
             return
 
 
-def _fit_callbacks(trial: Trial, make: Callable[[], Any]) -> list:
+def _fit_callbacks(trial: Trial) -> list:
     """The TuneReportCallback for the chain's fits, made only for families that start
     Ray processes of their own (trainer workers, sampler actors): each one is a queue
     actor, a worker process whose start-up would otherwise be paid by every chain of a
     study of in-memory fits (it made the 90-chain linear study 8x slower)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     from engine.families import get_family
 
     family = get_family(trial.family)
     params = family.Params(**trial.params)
-    return [make()] if family.chain_cpus(params) or family.chain_gpus(params) else []
+    starts_ray_processes = family.chain_cpus(params) or family.chain_gpus(params)
+    return [TuneReportCallback()] if starts_ray_processes else []
 
 
 def _progress_callback(study: Study, done: int, total: int, say: Callable[[str], None]):

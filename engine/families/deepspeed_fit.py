@@ -92,14 +92,15 @@ def fit_module(make_net: Callable[[], Any], examples, loss: Callable[[Any, Any, 
 def _ray_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: an equal shard of the examples, the same fresh network (same
     seed) on every worker; rank 0 reports the trained weights and the curve as the fit's
-    checkpoint, which Ray Train puts in the run's storage whichever node rank 0 ran on."""
+    checkpoint (engine.raytrain.report_model)."""
     import json
-    import tempfile
     from pathlib import Path
 
     import ray
     import ray.train
     import torch
+
+    from engine.raytrain import report_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -111,14 +112,12 @@ def _ray_worker(config: dict[str, Any]) -> None:
     net, curve = fit_module(config["make_net"], shard, config["loss"], config["epochs"],
                             config["batch_size"], config["lr"], config["seed"],
                             config["weight_decay"], config["threads"])
-    steps = {"steps": curve[-1][0] if curve else 0}
-    if rank != 0:
-        ray.train.report(steps)  # a report is collective: every worker makes it
-        return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, Path(d) / "net.pt")
-        (Path(d) / "curve.json").write_text(json.dumps(curve))
-        ray.train.report(steps, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def save(out: Path) -> None:
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out / "net.pt")
+        (out / "curve.json").write_text(json.dumps(curve))
+
+    report_model({"steps": curve[-1][0] if curve else 0}, save)
 
 
 def fit_module_ray(make_net: Callable[[], Any], examples: np.ndarray,

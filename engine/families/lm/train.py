@@ -221,11 +221,12 @@ def _ray_worker(config: dict[str, Any]) -> None:
     dies, Ray Train starts the worker group again with the workers it can place (between
     min and max) and every worker goes on from the latest checkpoint.
 
-    The trained model goes back to the caller the same way: rank 0 reports it as the
-    fit's last checkpoint, which Ray Train puts in the run's storage, wherever rank 0
-    ran and whether that storage is a mounted path or an object store."""
+    The trained model goes back to the caller the same way, as the fit's last
+    checkpoint (engine.raytrain.report_model)."""
     import ray.train
     import torch
+
+    from engine.raytrain import report_model
 
     from engine.families.lm import zoo
 
@@ -269,8 +270,8 @@ def _ray_worker(config: dict[str, Any]) -> None:
             if (Path(d) / FIT_RECORD).exists():
                 # The fit had finished and reported its model when its driver died: hand
                 # the same model back rather than train again.
-                _report_model(rank, {"step": steps},
-                              lambda out: shutil.copytree(d, out, dirs_exist_ok=True))
+                report_model({"step": steps},
+                             lambda out: shutil.copytree(d, out, dirs_exist_ok=True))
                 return
             module, curve = train_loop(model, batches(), cfg, steps, resume_from=d,
                                        on_step=checkpoint)
@@ -283,23 +284,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
             "steps": steps, "world_size": ray.train.get_context().get_world_size(),
             "resumed_at_step": first_step[0] - 1 if restored and first_step else None}))
 
-    _report_model(rank, _metrics(steps, curve), save)
+    report_model(_metrics(steps, curve), save)
 
 
 def _metrics(step: int, curve: list) -> dict[str, Any]:
     return {"step": step, **({"train_loss": curve[-1][1]} if curve else {})}
-
-
-def _report_model(rank: int, metrics: dict[str, Any], save: Callable[[Path], None]) -> None:
-    """Every worker reports once more (a report is collective); rank 0 with the model."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        save(Path(d))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def fit_ray(dataset, cfg: TrainConfig, epochs: float, token_budget: int | None,
