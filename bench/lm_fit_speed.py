@@ -2,9 +2,9 @@
 
 Side by side in one process, same model, same packed token blocks, same batch size:
 
-  engine  — engine.families.lm.train.train_loop: the DeepSpeed engine (AdamW via
-            torch_adam, warmup + cosine schedule, gradient clipping), the inner loop
-            every Ray Train worker runs
+  engine  — engine.fit.train with the language model's loss and settings: the DeepSpeed
+            engine (AdamW via torch_adam, warmup + cosine schedule, gradient clipping),
+            the inner loop every Ray Train worker runs
   bare    — model(x, labels=x).loss.backward(); clip; AdamW.step(); zero_grad()
 
 On a GPU both run in bf16 (DeepSpeed's bf16 mode vs torch.autocast) and the script
@@ -37,7 +37,8 @@ def main() -> None:
     import torch
 
     from engine.families.lm import zoo
-    from engine.families.lm.train import TrainConfig, train_loop
+    from engine.families.lm.train import ModelBuilder, lm_loss
+    from engine.fit import LoopConfig, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="base", choices=list(zoo.ZOO))
@@ -59,10 +60,9 @@ def main() -> None:
     tokens = a.steps * a.batch * a.context
 
     # engine: DeepSpeed inner loop; time the steps after the warm-up ones
-    cfg = TrainConfig(model=a.model, vocab_size=len(tok), context=a.context, bos=eos, eos=eos,
-                      pad=pad, batch_size=a.batch, lr=1e-3, warmup=0.05, weight_decay=0.1,
-                      precision="bf16" if cuda else "fp32", zero_stage=0, seed=0,
-                      log_every=10**9)
+    cfg = LoopConfig(steps=total, batch_size=a.batch, lr=1e-3, warmup=0.05, weight_decay=0.1,
+                     betas=(0.9, 0.95), grad_clip=1.0, precision="bf16" if cuda else "fp32",
+                     seed=0, log_every=10**9)
     stamps = []
 
     def timed():
@@ -71,9 +71,8 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 stamps.append(time.perf_counter())
-            yield b.to(device)
-    model = zoo.build(size, len(tok), a.context, eos, eos, pad, seed=0).to(device)
-    module, _ = train_loop(model, timed(), cfg, total, device=device)
+            yield b  # the loop moves each batch to its device itself
+    train(ModelBuilder(a.model, len(tok), a.context, eos, eos, pad), timed(), lm_loss, cfg)
     if cuda:
         torch.cuda.synchronize()
     engine_s = time.perf_counter() - stamps[0]

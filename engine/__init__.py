@@ -40,25 +40,27 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     import yaml
 
     from engine import results
-    from engine.files import Location, StorageError, check_writable, write_atomic
+    from engine.cluster import check_fits_cluster, ray_connection
+    from engine.files import StorageError, check_writable, write_atomic
+    from engine.layout import RunLayout
     from engine.spec import SpecError, Study
-    from engine.sweep import check_fits_cluster, ray_connection, run_sweep
+    from engine.sweep import run_sweep
 
     if not isinstance(study, Study):
         study = load_study(study, overrides)
     check_out_directory(study)
-    out = Location.of(study.out)  # a path or an object-store URI
+    run = RunLayout.of(study.out)  # a path or an object-store URI
     with ray_connection(address or study.resources.address):
         check_fits_cluster(study)
         try:  # a missing bucket, no credentials, a read-only mount: one line, now
-            check_writable(out)
+            check_writable(run.out)
         except StorageError as e:
             raise SpecError(f"{study.source}: out: {e}") from None
-        write_atomic(out / "study.yaml",
+        write_atomic(run.study_file,
                      lambda tmp: tmp.write_text(yaml.safe_dump(study.document, sort_keys=False)))
         run_sweep(study)
     table = results.collect(study)
-    results.write(table, out)
+    results.write(table, run.out)
     return table
 
 

@@ -23,15 +23,16 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import strategies
 from engine.corpus import CorpusStore
-from engine.families import get_family
+from engine.families import family_for
 from engine.files import (Location, directory_complete, node_cache, write_atomic,
                           write_directory, write_json)
+from engine.fit import FitContext
+from engine.layout import ChainLayout, RunLayout
 from engine.seeds import derive_seed
 from engine.spec import Trial
 
@@ -44,56 +45,14 @@ class ChainError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class ChainPaths:
-    """A chain's files, in the run's storage (a path or an object-store URI)."""
-
-    root: Location
-
-    @property
-    def trial_file(self) -> Location:
-        return self.root / "trial.json"
-
-    @property
-    def log_file(self) -> Location:
-        return self.root / "chain.log"
-
-    @property
-    def corpus(self) -> Location:
-        return self.root / "corpus"
-
-    def model(self, g: int) -> Location:
-        return self.root / "models" / f"gen-{g:04d}"
-
-    def preview(self, name: str) -> Location:
-        return self.root / "previews" / f"{name}.npy"
-
-    def metrics(self, g: int) -> Location:
-        return self.root / "metrics" / f"gen-{g:04d}.json"
-
-    def scratch(self, g: int) -> Location:
-        return self.root / "scratch" / f"gen-{g:04d}"
-
-
-def chain_dir(out: Location | Path | str, trial: Trial) -> Location:
-    return Location.of(out) / "trials" / trial.trial_id
-
-
-def real_cache(out: Location | Path | str) -> Path:
-    """Where a family keeps work on real data done once per study (a tokenizer, the
-    tokenized splits): `out`/real on a filesystem every chain sees; for an object-store
-    run, a directory in this node's cache (that work is deterministic in the study seed,
-    so every node that redoes it gets the same data)."""
-    out = Location.of(out)
-    if out.is_local:
-        return out.local_path / "real"
-    return node_cache() / "real" / hashlib.sha256(out.uri.encode()).hexdigest()[:24]
+def chain_layout(out: Location | Path | str, trial: Trial) -> ChainLayout:
+    return RunLayout.of(out).chain(trial.trial_id)
 
 
 def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | None:
     """If `out` already holds this chain with other parameters, say how they differ.
     Read-only, so a bad study can be refused before anything is written."""
-    path = ChainPaths(chain_dir(out, trial)).trial_file
+    path = chain_layout(out, trial).trial_file
     if not path.exists():
         return None
     recorded = json.loads(path.read_text())
@@ -108,7 +67,7 @@ def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | N
 
 
 def completed_generations(out: Location | Path | str, trial: Trial) -> int:
-    paths = ChainPaths(chain_dir(out, trial))
+    paths = chain_layout(out, trial)
     g = 0
     while paths.metrics(g + 1).exists():
         g += 1
@@ -116,15 +75,17 @@ def completed_generations(out: Location | Path | str, trial: Trial) -> int:
 
 
 def run_chain(trial: Trial, generations: int, out: Location | Path | str,
-              report: Reporter | None = None) -> None:
+              report: Reporter | None = None, fit_callbacks: tuple = ()) -> None:
     """Run (or resume) one chain up to `generations`. What the engine logs meanwhile is
     appended to the chain's own chain.log (its driver may run on any node of a cluster,
-    where nobody reads the worker's stderr)."""
-    paths = ChainPaths(chain_dir(out, trial))
+    where nobody reads the worker's stderr). `fit_callbacks` go to the RunConfig of every
+    Ray Train fit the chain starts (its Tune trial's TuneReportCallback)."""
+    paths = chain_layout(out, trial)
     paths.root.mkdir()
     with _chain_log(paths.log_file) as publish:
         try:
-            _run_chain(trial, generations, Location.of(out), report, publish)
+            _run_chain(trial, generations, Location.of(out), report, publish,
+                       tuple(fit_callbacks))
         except Exception:
             log.exception("%s: chain failed", trial.trial_id)
             raise
@@ -161,12 +122,12 @@ def _chain_log(where: Location) -> Iterator[Callable[[], None]]:
         publish()
 
 
-def _run_chain(trial: Trial, generations: int, out: Location,
-               report: Reporter | None, publish: Callable[[], None]) -> None:
-    family = get_family(trial.family)
-    params = family.Params(**trial.params)
+def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter | None,
+               publish: Callable[[], None], fit_callbacks: tuple) -> None:
+    family = family_for(trial)
     strategy = strategies.get(trial.strategy)
-    paths = ChainPaths(chain_dir(out, trial))
+    run = RunLayout(out)
+    paths = run.chain(trial.trial_id)
 
     mismatch = recorded_trial_mismatch(out, trial)
     if mismatch:
@@ -180,13 +141,13 @@ def _run_chain(trial: Trial, generations: int, out: Location,
     store = CorpusStore(paths.corpus)
     # Real data depends on the study seed alone (and on whichever parameters the family
     # says shape it), so every cell of the grid splits and tokenizes the same data.
-    real = family.real_data(params, derive_seed(trial.seed, trial.family, "real"),
-                            strategy.real_chunks(generations), real_cache(out))
+    real = family.real_data(derive_seed(trial.seed, trial.family, "real"),
+                            strategy.real_chunks(generations), run.real_cache)
     T = real.train_chunks[0].num_rows
     for k, table in enumerate(real.train_chunks, start=1):
         if not store.has(strategies.real(k)):
             store.write(strategies.real(k), table, model="real data")
-    _save_preview(family, params, paths.preview("real"), lambda: real.train_chunks[0])
+    _save_preview(family, paths.preview("real"), lambda: real.train_chunks[0])
 
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():
@@ -200,14 +161,15 @@ def _run_chain(trial: Trial, generations: int, out: Location,
         else:
             mix = strategy.mix(g, T)
             seed = derive_seed(*point, g, "mix")
-            data = (store.read(mix, seed) if family.data_view(params) == "table"
+            data = (store.read(mix, seed) if family.data_view() == "table"
                     else store.dataset(mix, seed))
             # Scratch space of this chain and generation only, in the run's storage. It
             # survives a killed run: what a fit left there (Ray Train's checkpoints) is
             # the family's to resume from. It goes once the model is saved.
             workdir = paths.scratch(g)
             workdir.mkdir()
-            trained = family.fit(params, real, data, derive_seed(*point, g, "fit"), workdir)
+            trained = family.fit(real, data, derive_seed(*point, g, "fit"),
+                                 FitContext(workdir=workdir, callbacks=fit_callbacks))
             write_directory(model_dir, lambda d: family.save_model(trained, d))
             workdir.remove()
             # Go on from the checkpoint, as a resumed run would: both see the same model.
@@ -215,8 +177,8 @@ def _run_chain(trial: Trial, generations: int, out: Location,
             timings["fit"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        scores = dict(family.evaluate(params, real, model))
-        expected = family.theory(params, trial.strategy, g)
+        scores = dict(family.evaluate(real, model))
+        expected = family.theory(trial.strategy, g)
         if expected is not None:
             scores["theory"] = expected
         timings["evaluate"] = time.perf_counter() - start
@@ -224,14 +186,13 @@ def _run_chain(trial: Trial, generations: int, out: Location,
         start = time.perf_counter()
         synth = strategies.synthetic(g)
         if not store.has(synth):
-            table = family.sample(params, real, model, strategy.sample_size(g, T),
+            table = family.sample(real, model, strategy.sample_size(g, T),
                                   derive_seed(*point, g, "sample"))
-            store.write(synth, table, model=f"generation {g} ({family.model_name(params)})",
-                        temperature=family.temperature(params),
-                        stats=family.sample_stats(params, table))
+            store.write(synth, table, model=f"generation {g} ({family.model_name()})",
+                        temperature=family.temperature(), stats=family.sample_stats(table))
             timings["sample"] = time.perf_counter() - start
         scores.update(store.entry(synth).stats)
-        _save_preview(family, params, paths.preview(synth.name), lambda: store.head(synth, 16))
+        _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))
 
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
@@ -245,13 +206,13 @@ def _run_chain(trial: Trial, generations: int, out: Location,
             report(g, scores)
 
 
-def _save_preview(family, params, path: Location, rows: Callable[[], Any]) -> None:
+def _save_preview(family, path: Location, rows: Callable[[], Any]) -> None:
     """A few samples as images, for `collapse plot`'s grids: only for families that
     draw previews (the image families; a family's preview may also decline with None),
     and only once per corpus."""
-    if family.preview is None or path.exists():
+    if not family.has_previews or path.exists():
         return
-    images = family.preview(params, rows())
+    images = family.preview(rows())
     if images is None:
         return
     import numpy as np
@@ -266,7 +227,7 @@ def _save_preview(family, params, path: Location, rows: Callable[[], Any]) -> No
 def read_metrics(out: Location | Path | str, trial: Trial, generations: int,
                  first: int = 1) -> list[dict[str, Any]]:
     """The recorded metrics of one chain, generation by generation from `first`."""
-    paths = ChainPaths(chain_dir(out, trial))
+    paths = chain_layout(out, trial)
     rows = []
     for g in range(first, generations + 1):
         if not paths.metrics(g).exists():

@@ -11,7 +11,7 @@ EXIT_BAD_INPUT = 2
 def _run(args: argparse.Namespace) -> int:
     import engine
     from engine import results
-    from engine.files import Location
+    from engine.layout import RunLayout
 
     study = engine.load_study(args.study, args.set)
     if args.dry_run:
@@ -20,7 +20,7 @@ def _run(args: argparse.Namespace) -> int:
         print(describe(study, gpu=args.gpu, mfu=args.mfu))
         return 0
     table = engine.run_study(study, address=args.address)
-    print(f"results: {Location.of(study.out) / results.TABLE_FILE} ({len(table)} rows)")
+    print(f"results: {RunLayout.of(study.out).results_table} ({len(table)} rows)")
     print(results.summary(table).to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 
@@ -37,9 +37,10 @@ def _table(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from engine import results
     from engine.files import Location
+    from engine.layout import RunLayout
 
     table = results.load_results(args.dir)
-    out = Location.of(args.out or Location.of(args.dir) / "plots")
+    out = Location.of(args.out) if args.out else RunLayout.of(args.dir).plots
     for path in results.plot(table, out, [args.metric] if args.metric else None):
         print(path)
     for path in results.plot_samples(args.dir, out):

@@ -78,9 +78,10 @@ def submit(study_path: str | Path, overrides: Sequence[str], address: str | None
            working_dir: str | Path = ".") -> Submitted:
     """Validate the study here, then submit `collapse run` of it as a Ray Job."""
     import engine
+    from engine.files import is_remote
 
     study = engine.load_study(study_path, overrides)
-    if "://" not in study.out and not Path(study.out).is_absolute():
+    if not is_remote(study.out) and not Path(study.out).is_absolute():
         # The job's working directory is a temporary copy on the head node: results
         # written under it would be lost when the job ends, and other nodes never see it.
         raise SpecError(f"{study_path}: out: {study.out} is a relative path, which a job "

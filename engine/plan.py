@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from engine import strategies
-from engine.families import get_family
+from engine.families import family_for
 from engine.spec import Study
 
 # Dense bf16 peak, FLOP/s (vendor datasheets, without sparsity).
@@ -30,11 +30,11 @@ class Cost:
 
 
 def generation_rows(study: Study) -> pd.DataFrame:
-    family = get_family(study.family)
     records = []
     for trial in study.trials():
-        params = family.Params(**trial.params)
-        cost: Cost = family.cost(params)
+        family = family_for(trial)
+        params = family.config
+        cost: Cost = family.cost()
         strategy = strategies.get(trial.strategy)
         T = cost.rows_per_generation
         for g in range(1, trial.generations + 1):
@@ -69,10 +69,9 @@ def _generations(study: Study) -> str:
 
 
 def describe(study: Study, gpu: str = "H100", mfu: float = 0.4) -> str:
-    family = get_family(study.family)
     rows = generation_rows(study)
     trials = study.trials()
-    first = family.cost(family.Params(**trials[0].params))
+    first = family_for(trials[0]).cost()
     lines = [f"{study.name}: {len(trials)} chains ({len(study.strategies)} strategies × "
              f"{len(study.grid_points())} grid points × {len(study.seeds)} seeds) × "
              f"{_generations(study)} generations, family {study.family}"]

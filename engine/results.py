@@ -15,24 +15,23 @@ from pathlib import Path
 import pandas as pd
 
 from engine.chain import read_metrics
-from engine.families import get_family
+from engine.families import family_for, get_family
 from engine.files import Location, write_atomic
+from engine.layout import RunLayout
 from engine.spec import Study
 
 FIXED_COLUMNS = ["study", "trial", "family", "model", "strategy", "temperature", "seed",
                  "generation", "metric", "value", "step"]  # step: for per-step curves only
-TABLE_FILE = "results.parquet"
 
 
 def collect(study: Study) -> pd.DataFrame:
     """Gather every chain's recorded metrics into the tidy table."""
-    family = get_family(study.family)
     rows = []
     for trial in study.trials():
-        params = family.Params(**trial.params)
-        temperature = family.temperature(params)
+        family = family_for(trial)
+        temperature = family.temperature()
         fixed = {"study": study.name, "trial": trial.trial_id, "family": study.family,
-                 "model": family.model_name(params), "strategy": trial.strategy,
+                 "model": family.model_name(), "strategy": trial.strategy,
                  "temperature": float("nan") if temperature is None else temperature,
                  "seed": trial.seed}
         for record in read_metrics(study.out, trial, trial.generations):
@@ -50,15 +49,15 @@ def collect(study: Study) -> pd.DataFrame:
 
 
 def write(table: pd.DataFrame, out: Location | Path | str) -> None:
-    out = Location.of(out)
-    write_atomic(out / TABLE_FILE, lambda tmp: table.to_parquet(tmp, index=False))
-    write_atomic(out / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+    run = RunLayout.of(out)
+    write_atomic(run.results_table, lambda tmp: table.to_parquet(tmp, index=False))
+    write_atomic(run.results_csv, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def load_results(directory: Location | Path | str) -> pd.DataFrame:
     import io
 
-    path = Location.of(directory) / TABLE_FILE
+    path = RunLayout.of(directory).results_table
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results table (run the study first: "
                                 "collapse run STUDY.yaml)")
@@ -224,10 +223,10 @@ def plot_samples(study_dir: Location | Path | str, out_dir: Location | Path | st
 
     import numpy as np
 
-    study_dir, out_dir = Location.of(study_dir), Location.of(out_dir)
+    run, out_dir = RunLayout.of(study_dir), Location.of(out_dir)
     written = []
-    for chain in (study_dir / "trials").children():
-        files = [f for f in (chain / "previews").children()
+    for chain in run.chains():
+        files = [f for f in chain.previews.children()
                  if f.name.startswith("synthetic-") and f.name.endswith(".npy")]
         if not files:
             continue
@@ -236,7 +235,7 @@ def plot_samples(study_dir: Location | Path | str, out_dir: Location | Path | st
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [("real", chain / "previews" / "real.npy")] + [
+        rows = [("real", chain.preview("real"))] + [
             (f"gen {int(f.name[:-len('.npy')].split('-')[1])}", f) for f in files]
         rows = [(label, np.load(io.BytesIO(f.read_bytes()))) for label, f in rows if f.exists()]
         k = max(len(images) for _, images in rows)
@@ -251,8 +250,8 @@ def plot_samples(study_dir: Location | Path | str, out_dir: Location | Path | st
                     cell.imshow(images[c], cmap="gray" if images.ndim == 3 else None,
                                 vmin=0, vmax=1)
             cells[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-        fig.suptitle(f"{study_dir.name}: {chain.name}", fontsize=9)
-        path = out_dir / f"samples_{chain.name}.png"
+        fig.suptitle(f"{run.out.name}: {chain.root.name}", fontsize=9)
+        path = out_dir / f"samples_{chain.root.name}.png"
         _save_png(fig, path, dpi=100)
         written.append(path)
     return written

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from engine import strategies as strategy_registry
-from engine.families import FAMILY_MODULES, ParamError, get_family
+from engine.families import FAMILIES, ParamError, get_family
 
 TOP_LEVEL_KEYS = ("name", "description", "family", "strategies", "generations", "seeds",
                   "out", "resources")
@@ -173,7 +173,7 @@ def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> Study:
         key, value = parse_override(text)
         apply_override(document, key, value)
         overridden.add(key)
-    return validate(document, source, overridden)
+    return validate(document, source, overridden, p.parent)
 
 
 # ---------------------------------------------------------------------- validation
@@ -204,9 +204,10 @@ def _matches(value: Any, annotation: Any) -> bool:
 
 
 class _Checker:
-    def __init__(self, source: str, overridden: set[str]):
+    def __init__(self, source: str, overridden: set[str], base: Path | None = None):
         self.source = source
         self.overridden = overridden
+        self.base = base  # the study file's directory
 
     def fail(self, field_name: str, message: str) -> typing.NoReturn:
         origin = " (from --set)" if any(
@@ -226,8 +227,9 @@ class _Checker:
 
 
 def validate(document: dict[str, Any], source: str = "<study>",
-             overridden: set[str] | None = None) -> Study:
-    check = _Checker(source, overridden or set())
+             overridden: set[str] | None = None, base: Path | None = None) -> Study:
+    """A validated Study; `base`, the study file's directory, anchors its relative paths."""
+    check = _Checker(source, overridden or set(), base)
     for key in document:
         if key not in TOP_LEVEL_KEYS:
             check.fail(str(key), f"unknown key (allowed: {', '.join(TOP_LEVEL_KEYS)})")
@@ -279,13 +281,13 @@ def validate(document: dict[str, Any], source: str = "<study>",
 def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any], tuple[str, ...]]:
     if not isinstance(family, dict) or "name" not in family:
         check.fail("family", "expected a mapping with a `name` and that family's parameters, "
-                             f"e.g. {{name: linear, d: 10}} (families: {', '.join(FAMILY_MODULES)})")
+                             f"e.g. {{name: linear, d: 10}} (families: {', '.join(FAMILIES)})")
     name = family["name"]
-    if name not in FAMILY_MODULES:
-        check.fail("family.name", f"unknown family {name!r} (known: {', '.join(FAMILY_MODULES)})")
+    if name not in FAMILIES:
+        check.fail("family.name", f"unknown family {name!r} (known: {', '.join(FAMILIES)})")
     fam = get_family(name)
-    hints = typing.get_type_hints(fam.Params)
-    fields = {f.name: f for f in dataclasses.fields(fam.Params)}
+    hints = typing.get_type_hints(fam.Config)
+    fields = {f.name: f for f in dataclasses.fields(fam.Config)}
     params: dict[str, Any] = {}
     axis_keys: list[str] = []
     for key, value in family.items():
@@ -313,6 +315,16 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 check.fail(f"family.{key}", f"missing (family {name!r} requires it)")
             params[key] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    # Paths written in the study file are relative to the file; a --set value is typed in
+    # a shell, so it stays relative to where collapse runs.
+    if check.base is not None:
+        for key in fam.path_fields:
+            if key in family and f"family.{key}" not in check.overridden:
+                value = params[key]
+                resolve = (lambda v: fam.resolve_path(v, check.base)
+                           if isinstance(v, str) else v)
+                params[key] = [resolve(v) for v in value] if isinstance(value, list) \
+                    else resolve(value)
     return name, params, tuple(axis_keys)
 
 
@@ -321,12 +333,10 @@ def _run_out(check: _Checker, out: str) -> str:
     every node: NFS, EFS, Filestore) or an object-store URI every node reaches (s3://,
     gs://), see engine/files.py. file:// URIs are paths; other schemes are refused before
     anything runs."""
-    from engine.files import OBJECT_STORES
+    from engine.files import OBJECT_STORES, split_uri
 
-    scheme, sep, rest = out.partition("://")
-    if not sep:
-        return out
-    if scheme == "file":
+    scheme, rest = split_uri(out)
+    if not scheme:
         return rest
     if scheme in OBJECT_STORES:
         if not rest.strip("/"):
@@ -395,14 +405,8 @@ def _validate_resources(check: _Checker, resources: Any) -> Resources:
 def _validate_grid(check: _Checker, study: Study) -> None:
     fam = get_family(study.family)
     for point in study.grid_points():
-        params = fam.Params(**{**study.family_params, **point})
         try:
-            fam.validate(params)
+            fam.from_params({**study.family_params, **point}).validate()
         except ParamError as e:
             where = (" at " + ", ".join(f"{k}={v}" for k, v in point.items())) if point else ""
             check.fail(f"family.{e.field}", f"{e.message}{where}")
-
-
-def family_params(trial: Trial) -> Any:
-    """The family's Params dataclass for one trial."""
-    return get_family(trial.family).Params(**trial.params)

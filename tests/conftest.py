@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+DATA = REPO / "tests" / "data"  # small real data shipped with the repository
 
 
 # The family block of the tiny language-model studies the end-to-end tests run (a

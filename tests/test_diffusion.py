@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.families.diffusion.model import ancestral_sample, random_rotations, schedule
-from engine.families.vae.data import ImageDataError
+from engine.families.images import ImageDataError
 from test_families_exact import run_in_process
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import collapse, write_study
-from engine.families.vae.data import ImageDataError, load_images, write_idx
+from engine.families.images import ImageDataError, load_images, write_idx
 from test_families_exact import run_in_process
 
 

@@ -1,18 +1,34 @@
-"""The one small interface every model family implements.
+"""What every model family is: one class, `Family`, and its config.
 
 A family is the only place that knows what a sample is (a label vector, a point, a
-story). The chain calls these functions in order and never looks inside their values.
+story, an image). The chain calls its verbs in order and never looks inside their
+values:
+
+    real  = family.real_data(seed, chunks, cache_dir)   the study's real data, fixed by seed
+    model = family.fit(real, mix, seed, context)         a fresh model fit to the mix
+    family.evaluate(real, model)                         metrics on REAL held-out data
+    table = family.sample(real, model, n, seed)          the next synthetic corpus
+    family.save_model(model, dir) / load_model(dir)      what the chain checkpoints
+
+Each family class carries a nested `Config` dataclass: its fields are the study file's
+family parameters, each with its type, default and a comment saying what it means
+(`collapse params` lists them). A family object is built once per chain from one
+concrete grid point (`family_for(trial)`) and holds that config as `self.config`.
 """
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 
 if TYPE_CHECKING:
     from engine.files import Location
+    from engine.fit import FitContext
+    from engine.plan import Cost
 
 
 class ParamError(ValueError):
@@ -24,74 +40,128 @@ class ParamError(ValueError):
         self.message = message
 
 
-class Family(Protocol):
-    name: str
-    Params: type  # a dataclass; its fields are the study file's family parameters
-    metrics: tuple[str, ...]  # what evaluate() returns; the first is the headline metric
-    theory_for: str | None  # the metric that the `theory` metric predicts, if any
+@dataclass(frozen=True)
+class Bundle:
+    """One process's Ray resources, and the family parameter behind each amount (for
+    the error that names the field when no node can hold it)."""
 
-    def data_view(self, params: Any) -> Literal["table", "dataset"]:
-        """How fit() wants its mix: a pyarrow Table in memory, or a streamed Ray Dataset."""
+    what: str  # e.g. "trainer worker"
+    resources: dict[str, float]  # Ray resource name -> amount
+    fields: dict[str, str]  # Ray resource name -> family parameter
 
-    def validate(self, params: Any) -> None:
-        """Cross-field checks on one concrete grid point; raise ParamError."""
 
-    def model_name(self, params: Any) -> str: ...
+class Family(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type]  # a frozen dataclass: the study file's family parameters
+    metrics: ClassVar[tuple[str, ...]]  # what evaluate() returns; the first is the headline
+    theory_for: ClassVar[str | None] = None  # the metric `theory` gives the closed form of
+    paper_table: ClassVar[bool] = False  # `collapse table` prints the seed paper's Table 2
+    has_previews: ClassVar[bool] = False  # samples are images: keep a few per corpus
+    # Parameters that name files, resolved against the study file's directory, and the
+    # values of those parameters that are names, not paths (e.g. "digits").
+    path_fields: ClassVar[tuple[str, ...]] = ()
+    path_keywords: ClassVar[tuple[str, ...]] = ()
 
-    def temperature(self, params: Any) -> float | None: ...
+    def __init__(self, config: Any):
+        self.config = config
 
-    def real_data(self, params: Any, seed: int, chunks: int, cache_dir: Path) -> Any:
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "Family":
+        return cls(cls.Config(**params))
+
+    @classmethod
+    def resolve_path(cls, value: str, base: Path) -> str:
+        """A path parameter's value as written in a study file in directory `base`:
+        relative paths are relative to the study file, not to where `collapse` runs."""
+        import os
+
+        from engine.files import is_remote
+
+        if value in cls.path_keywords or is_remote(value) or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(base, value))
+
+    # ------------------------------------------------------------- must give
+    @abstractmethod
+    def real_data(self, seed: int, chunks: int, cache_dir: Path) -> Any:
         """The chain's real data, fixed by the study seed. Must expose
         `train_chunks: list[pa.Table]`, `chunks` tables of T rows each — T, the rows of
         one generation, is the unit every strategy counts in. The rest (held-out test
         data, fixed features, the true model) is the family's own business. `cache_dir`
         is shared by every chain of the study, for work done once (a tokenizer)."""
 
-    def fit(self, params: Any, real: Any, mix: Any, seed: int, workdir: "Location") -> Any:
-        """A fresh model fit to the mix. `workdir` is scratch space of this chain and
-        generation alone, in the run's storage (engine.files.Location: a shared path or
-        an object-store URI, so that Ray Train workers on any node reach it). It outlives
-        a killed run, for a fit that resumes from its own checkpoints."""
+    @abstractmethod
+    def fit(self, real: Any, mix: Any, seed: int, context: "FitContext") -> Any:
+        """A fresh model fit to the mix (a pyarrow Table, or a Ray Dataset if
+        data_view() says so). `context.workdir` is scratch space of this chain and
+        generation in the run's storage, kept across a killed run so a fit can resume
+        from its checkpoints; `context.callbacks` go to its Ray Train RunConfigs."""
 
-    def evaluate(self, params: Any, real: Any, model: Any) -> dict[str, float]:
+    @abstractmethod
+    def evaluate(self, real: Any, model: Any) -> dict[str, float]:
         """Metrics on REAL held-out data (or the exact truth), never on samples."""
 
-    def theory(self, params: Any, strategy: str, generation: int) -> float | None: ...
+    @abstractmethod
+    def sample(self, real: Any, model: Any, n: int, seed: int) -> pa.Table: ...
 
-    def sample(self, params: Any, real: Any, model: Any, n: int, seed: int) -> pa.Table: ...
-
-    def sample_stats(self, params: Any, table: pa.Table) -> dict[str, float]:
-        """Metrics of a freshly sampled corpus (diversity...); stored in its manifest entry."""
-
-    def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
-        """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""
-
-    def preview(self, params: Any, table: pa.Table) -> Any:
-        """A few of a corpus's samples as images, (k, H, W) or (k, H, W, 3) in [0, 1],
-        for the sample grids of `collapse plot`. Optional: a family whose samples are
-        not images leaves it out (the default is None, not a function)."""
-
-    def chain_cpus(self, params: Any) -> float:
-        """CPUs a running chain holds beyond its driver (trainer workers, sampler actors)."""
-
-    def chain_gpus(self, params: Any) -> float:
-        """GPUs a running chain holds at most (trainer workers or sampler actors)."""
-
-    def placement(self, params: Any) -> list["Bundle"]:
-        """The processes a chain starts besides its driver (trainer workers, sampler
-        actors), each a Bundle; a study is refused before it starts if one fits on no
-        node of the cluster."""
-
-    def cost(self, params: Any) -> Any:
-        """An engine.plan.Cost: rows per generation and, for token models, tokens per
-        row and parameter count — for `collapse run --dry-run`, without running."""
-
+    @abstractmethod
     def save_model(self, model: Any, directory: Path) -> None:
         """Write the model into a local directory (the chain puts it in the run)."""
 
+    @abstractmethod
     def load_model(self, directory: "Location") -> Any:
-        """The model the chain saved, from the run's storage; `engine.files.local_copy`
-        gives a local directory with its files."""
+        """The model the chain saved, from the run's storage (`engine.files.local_copy`
+        gives a local directory with its files)."""
+
+    @abstractmethod
+    def cost(self) -> "Cost":
+        """Rows per generation and, for token models, tokens per row and parameter
+        count — for `collapse run --dry-run`, without running."""
+
+    @abstractmethod
+    def model_name(self) -> str: ...
+
+    # ------------------------------------------------- optional, with defaults
+    def validate(self) -> None:
+        """Cross-field checks on one concrete grid point; raise ParamError."""
+
+    def temperature(self) -> float | None:
+        return None
+
+    def theory(self, strategy: str, generation: int) -> float | None:
+        """The closed form of the `theory_for` metric, where the family has one."""
+        return None
+
+    def sample_stats(self, table: pa.Table) -> dict[str, float]:
+        """Metrics of a freshly sampled corpus (diversity...); stored in its manifest entry."""
+        return {}
+
+    def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
+        """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""
+        return {}
+
+    def preview(self, table: pa.Table) -> Any:
+        """A few of a corpus's samples as images, (k, H, W) or (k, H, W, 3) in [0, 1],
+        for the sample grids of `collapse plot` (families with has_previews)."""
+        return None
+
+    def data_view(self) -> Literal["table", "dataset"]:
+        """How fit() wants its mix: a pyarrow Table in memory, or a streamed Ray Dataset."""
+        return "table"
+
+    def placement(self) -> list[Bundle]:
+        """The processes a chain starts besides its driver (trainer workers, sampler
+        actors); a study is refused before it starts if one fits on no node."""
+        return []
+
+    def chain_cpus(self) -> float:
+        """CPUs a running chain holds at most beyond its driver (trainer workers or
+        sampler actors: they never run at the same time)."""
+        return 0.0
+
+    def chain_gpus(self) -> float:
+        """GPUs a running chain holds at most beyond its driver."""
+        return 0.0
 
 
 def error_growth(strategy: str, generation: int) -> float | None:
@@ -107,68 +177,5 @@ def error_growth(strategy: str, generation: int) -> float | None:
             "replace_multiple": float(np.sum(1 / i))}.get(strategy)
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """One process's Ray resources, and the family parameter behind each amount (for
-    the error that names the field when no node can hold it)."""
-
-    what: str  # e.g. "trainer worker"
-    resources: dict[str, float]  # Ray resource name -> amount
-    fields: dict[str, str]  # Ray resource name -> family parameter
-
-
-class ModuleFamily:
-    """A family is a module of plain functions (engine/families/linear.py is the
-    smallest). This wrapper is what the engine holds: it forwards to the module and
-    answers for the optional parts a module leaves out."""
-
-    def __init__(self, module: Any):
-        self._module = module
-
-    def __getattr__(self, name: str) -> Any:
-        if hasattr(self._module, name):
-            return getattr(self._module, name)
-        if hasattr(_Defaults, name):
-            return getattr(_Defaults, name)
-        raise AttributeError(f"family module {self._module.__name__} has no {name!r}")
-
-
-class _Defaults:
-    """What a family without per-step curves, sample statistics or token costs does."""
-
-    theory_for: str | None = None
-    paper_table = False
-
-    @staticmethod
-    def data_view(params: Any) -> str:
-        return "table"
-
-    @staticmethod
-    def theory(params: Any, strategy: str, generation: int) -> float | None:
-        return None
-
-    @staticmethod
-    def sample_stats(params: Any, table: pa.Table) -> dict[str, float]:
-        return {}
-
-    @staticmethod
-    def curves(model: Any) -> dict[str, list[tuple[int, float]]]:
-        return {}
-
-    @staticmethod
-    def temperature(params: Any) -> float | None:
-        return None
-
-    preview = None  # families whose samples are not images draw no previews
-
-    @staticmethod
-    def chain_cpus(params: Any) -> float:
-        return 0.0
-
-    @staticmethod
-    def chain_gpus(params: Any) -> float:
-        return 0.0
-
-    @staticmethod
-    def placement(params: Any) -> list[Bundle]:
-        return []
+def config_fields(family: type[Family]) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(family.Config))

@@ -25,21 +25,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError, error_growth
+from engine.families.base import Family, ParamError, error_growth
 from engine.files import local_copy
 from engine.seeds import derive_seed
 
-
-name = "gaussian"
-metrics = ("variance_ratio", "mean_error", "fitted_variance", "w2_squared")  # the first is the headline
-theory_for = "variance_ratio"  # the metric `theory` gives the closed form of
-
-
-@dataclass(frozen=True)
-class Params:
-    d: int = 1  # dimension
-    n: int = 100  # samples of real data per generation
-    trials: int = 1000  # independent chains averaged in every metric
 
 
 @dataclass
@@ -53,80 +42,85 @@ class GaussianReal:
     train_chunks: list[pa.Table]
 
 
-def validate(p: Params) -> None:
-    for name, low in (("d", 1), ("trials", 1)):
-        if getattr(p, name) < low:
-            raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
-    if p.n < p.d + 1:
-        raise ParamError("n", f"must be >= d + 1 = {p.d + 1} for the covariance to be "
-                              f"estimable, got {p.n}")
-
-
 def points_table(x: np.ndarray) -> pa.Table:
     """x: (rows, trials, d). One row per sample; `x` holds it for every trial."""
     flat = pa.array(np.ascontiguousarray(x).ravel())
     return pa.table({"x": pa.FixedSizeListArray.from_arrays(flat, x.shape[1] * x.shape[2])})
 
 
-def points_from_table(table: pa.Table, p: Params) -> np.ndarray:
-    return table.column("x").combine_chunks().flatten().to_numpy().reshape(-1, p.trials, p.d)
+class Gaussian(Family):
+    name = "gaussian"
+    metrics = ("variance_ratio", "mean_error", "fitted_variance", "w2_squared")  # headline first
+    theory_for = "variance_ratio"
 
+    @dataclass(frozen=True)
+    class Config:
+        d: int = 1  # dimension
+        n: int = 100  # samples of real data per generation
+        trials: int = 1000  # independent chains averaged in every metric
 
-def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) -> GaussianReal:
-    return GaussianReal([
-        points_table(np.random.default_rng(derive_seed(seed, "real-chunk", k))
-                     .standard_normal((p.n, p.trials, p.d)))
-        for k in range(1, chunks + 1)])
+    def validate(self) -> None:
+        p = self.config
+        for name, low in (("d", 1), ("trials", 1)):
+            if getattr(p, name) < low:
+                raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
+        if p.n < p.d + 1:
+            raise ParamError("n", f"must be >= d + 1 = {p.d + 1} for the covariance to be "
+                                  f"estimable, got {p.n}")
 
+    def _points(self, table: pa.Table) -> np.ndarray:
+        p = self.config
+        return table.column("x").combine_chunks().flatten().to_numpy().reshape(-1, p.trials, p.d)
 
-def fit(p: Params, real: GaussianReal, mix: pa.Table, seed: int,
-        workdir: Path | None = None) -> GaussianModel:
-    x = points_from_table(mix, p)
-    mean = x.mean(axis=0)
-    centered = x - mean
-    cov = np.einsum("mti,mtj->tij", centered, centered) / (x.shape[0] - 1)
-    return GaussianModel(mean=mean, cov=cov)
+    def real_data(self, seed: int, chunks: int, cache_dir: Path | None = None) -> GaussianReal:
+        p = self.config
+        return GaussianReal([
+            points_table(np.random.default_rng(derive_seed(seed, "real-chunk", k))
+                         .standard_normal((p.n, p.trials, p.d)))
+            for k in range(1, chunks + 1)])
 
+    def fit(self, real: GaussianReal, mix: pa.Table, seed: int, context=None) -> GaussianModel:
+        x = self._points(mix)
+        mean = x.mean(axis=0)
+        centered = x - mean
+        cov = np.einsum("mti,mtj->tij", centered, centered) / (x.shape[0] - 1)
+        return GaussianModel(mean=mean, cov=cov)
 
-def evaluate(p: Params, real: GaussianReal, model: GaussianModel) -> dict[str, float]:
-    mean_error = np.sum(model.mean**2, axis=1)  # the truth's mean is 0
-    eig = np.clip(np.linalg.eigvalsh(model.cov), 0, None)
-    w2 = mean_error + np.sum((np.sqrt(eig) - 1) ** 2, axis=1)
-    return {
-        "mean_error": float(mean_error.mean()),
-        "variance_ratio": float(mean_error.mean() / (p.d / p.n)),
-        "fitted_variance": float(np.median(np.trace(model.cov, axis1=1, axis2=2)) / p.d),
-        "w2_squared": float(w2.mean()),
-    }
+    def evaluate(self, real: GaussianReal, model: GaussianModel) -> dict[str, float]:
+        p = self.config
+        mean_error = np.sum(model.mean**2, axis=1)  # the truth's mean is 0
+        eig = np.clip(np.linalg.eigvalsh(model.cov), 0, None)
+        w2 = mean_error + np.sum((np.sqrt(eig) - 1) ** 2, axis=1)
+        return {
+            "mean_error": float(mean_error.mean()),
+            "variance_ratio": float(mean_error.mean() / (p.d / p.n)),
+            "fitted_variance": float(np.median(np.trace(model.cov, axis1=1, axis2=2)) / p.d),
+            "w2_squared": float(w2.mean()),
+        }
 
+    def theory(self, strategy: str, generation: int) -> float | None:
+        return error_growth(strategy, generation)
 
-def theory(p: Params, strategy: str, generation: int) -> float | None:
-    return error_growth(strategy, generation)
+    def sample(self, real: GaussianReal, model: GaussianModel, n: int, seed: int) -> pa.Table:
+        p = self.config
+        # Symmetric square root via eigh: stays defined when a collapsing covariance
+        # becomes numerically singular, where a Cholesky factorisation would fail.
+        eig, vec = np.linalg.eigh(model.cov)
+        root = vec * np.sqrt(np.clip(eig, 0, None))[:, None, :]  # (trials, d, d)
+        z = np.random.default_rng(seed).standard_normal((n, p.trials, p.d))
+        return points_table(model.mean[None] + np.einsum("tij,mtj->mti", root, z))
 
+    def save_model(self, model: GaussianModel, directory: Path) -> None:
+        np.savez(directory / "gaussian.npz", mean=model.mean, cov=model.cov)
 
-def sample(p: Params, real: GaussianReal, model: GaussianModel, n: int, seed: int) -> pa.Table:
-    # Symmetric square root via eigh: stays defined when a collapsing covariance
-    # becomes numerically singular, where a Cholesky factorisation would fail.
-    eig, vec = np.linalg.eigh(model.cov)
-    root = vec * np.sqrt(np.clip(eig, 0, None))[:, None, :]  # (trials, d, d)
-    z = np.random.default_rng(seed).standard_normal((n, p.trials, p.d))
-    return points_table(model.mean[None] + np.einsum("tij,mtj->mti", root, z))
+    def load_model(self, directory) -> GaussianModel:
+        with np.load(local_copy(directory) / "gaussian.npz") as f:
+            return GaussianModel(mean=f["mean"], cov=f["cov"])
 
+    def cost(self):
+        from engine.plan import Cost
 
-def save_model(model: GaussianModel, directory: Path) -> None:
-    np.savez(directory / "gaussian.npz", mean=model.mean, cov=model.cov)
+        return Cost(rows_per_generation=self.config.n, tokens_per_row=None, parameters=None)
 
-
-def load_model(directory) -> GaussianModel:
-    with np.load(local_copy(directory) / "gaussian.npz") as f:
-        return GaussianModel(mean=f["mean"], cov=f["cov"])
-
-
-def cost(p: Params):
-    from engine.plan import Cost
-
-    return Cost(rows_per_generation=p.n, tokens_per_row=None, parameters=None)
-
-
-def model_name(p: Params) -> str:
-    return f"gaussian-{p.d}d"
+    def model_name(self) -> str:
+        return f"gaussian-{self.config.d}d"

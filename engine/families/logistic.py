@@ -24,25 +24,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import ParamError, error_growth
+from engine.families.base import Family, ParamError, error_growth
 from engine.files import local_copy
-from engine.families.linear import _sum_by_feature, labels_from_table, labels_table
+from engine.families.linear import labels_from_table, labels_table, sum_by_feature
 from engine.seeds import derive_seed
 
-
-name = "logistic"
-metrics = ("variance_ratio", "param_error", "param_error_stderr")  # the first is the headline
-theory_for = "variance_ratio"  # the metric `theory` gives the closed form of
-
-
-@dataclass(frozen=True)
-class Params:
-    d: int = 5  # feature dimension
-    T: int = 500  # rows of real data per generation
-    signal: float = 1.0  # ‖θ*‖: how far from a coin flip the labels are
-    trials: int = 2000  # independent regressions averaged in every metric
-    newton_steps: int = 25  # Newton iterations per fit (converges in well under 10 here)
-    ridge: float = 1e-6  # keeps Newton defined where a small mix happens to be separable
 
 
 @dataclass
@@ -53,19 +39,6 @@ class LogisticReal:
     first_error: float = field(default=float("nan"))  # generation 1's mean ‖θ̂ − θ*‖²
 
 
-def validate(p: Params) -> None:
-    for key, low in (("d", 1), ("trials", 1), ("newton_steps", 1)):
-        if getattr(p, key) < low:
-            raise ParamError(key, f"must be >= {low}, got {getattr(p, key)}")
-    if p.T < 2 * p.d:
-        raise ParamError("T", f"must be >= 2d = {2 * p.d} for a maximum-likelihood fit "
-                              f"that exists with high probability, got {p.T}")
-    if p.signal < 0:
-        raise ParamError("signal", f"must be >= 0, got {p.signal}")
-    if p.ridge < 0:
-        raise ParamError("ridge", f"must be >= 0, got {p.ridge}")
-
-
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z) without overflow for large |z|
 
@@ -74,81 +47,102 @@ def _bernoulli(rng: np.random.Generator, prob: np.ndarray) -> np.ndarray:
     return (rng.random(prob.shape) < prob).astype(np.float64)
 
 
-def real_data(p: Params, seed: int, chunks: int, cache_dir: Path | None = None) -> LogisticReal:
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((p.trials, p.T, p.d)) / np.sqrt(p.d)
-    direction = rng.standard_normal((p.trials, p.d))
-    theta_star = p.signal * np.sqrt(p.d) * direction / np.linalg.norm(direction, axis=1,
-                                                                        keepdims=True)
-    prob = _sigmoid(np.einsum("tkd,td->kt", X, theta_star))  # (T, trials)
-    train_chunks = []
-    for k in range(1, chunks + 1):
-        # Each chunk's labels have their own seed, so chunk 1 is the same however many
-        # chunks a strategy needs: every strategy starts from identical real data.
-        draw = np.random.default_rng(derive_seed(seed, "real-chunk", k))
-        train_chunks.append(labels_table(np.arange(p.T), _bernoulli(draw, prob)))
-    real = LogisticReal(X=X, theta_star=theta_star, train_chunks=train_chunks)
-    real.first_error = _error(fit(p, real, train_chunks[0], seed), theta_star).mean()
-    return real
-
-
-def fit(p: Params, real: LogisticReal, mix: pa.Table, seed: int,
-        workdir: Path | None = None) -> np.ndarray:
-    """Newton's method on the (ridge-regularised) log-likelihood of the mix, batched:
-    a row with feature k and label y adds y·x_k to the score's data term and
-    σ(x_kᵀθ)·x_k to its model term, so per-row counts c_k and label sums s_k suffice."""
-    feature, y = labels_from_table(mix, p.trials)
-    counts = np.bincount(feature, minlength=p.T).astype(float)  # (T,)
-    sums = _sum_by_feature(feature, y, counts).T  # (trials, T)
-    X, Xt = real.X, real.X.transpose(0, 2, 1)
-    theta = np.zeros((p.trials, p.d))
-    ridge = p.ridge * counts.sum() * np.eye(p.d)
-    for _ in range(p.newton_steps):
-        prob = _sigmoid(np.einsum("tkd,td->tk", X, theta))  # (trials, T)
-        grad = np.einsum("tdk,tk->td", Xt, sums - counts * prob) - theta @ ridge
-        weight = counts * prob * (1 - prob)  # (trials, T)
-        hessian = (Xt * weight[:, None, :]) @ X + ridge
-        step = np.linalg.solve(hessian, grad[:, :, None])[..., 0]
-        theta = theta + step
-        if np.max(np.abs(step)) < 1e-10:
-            break
-    return theta
-
-
 def _error(theta: np.ndarray, theta_star: np.ndarray) -> np.ndarray:
     return np.sum((theta - theta_star) ** 2, axis=1)
 
 
-def evaluate(p: Params, real: LogisticReal, theta: np.ndarray) -> dict[str, float]:
-    err = _error(theta, real.theta_star)
-    return {"variance_ratio": float(err.mean() / real.first_error),
-            "param_error": float(err.mean()),
-            "param_error_stderr": float(err.std(ddof=1) / np.sqrt(len(err))) if len(err) > 1 else 0.0}
+class Logistic(Family):
+    name = "logistic"
+    metrics = ("variance_ratio", "param_error", "param_error_stderr")  # headline first
+    theory_for = "variance_ratio"
 
+    @dataclass(frozen=True)
+    class Config:
+        d: int = 5  # feature dimension
+        T: int = 500  # rows of real data per generation
+        signal: float = 1.0  # ‖θ*‖: how far from a coin flip the labels are
+        trials: int = 2000  # independent regressions averaged in every metric
+        newton_steps: int = 25  # Newton iterations per fit (converges in well under 10 here)
+        ridge: float = 1e-6  # keeps Newton defined where a small mix happens to be separable
 
-def theory(p: Params, strategy: str, generation: int) -> float | None:
-    return error_growth(strategy, generation)
+    def validate(self) -> None:
+        p = self.config
+        for key, low in (("d", 1), ("trials", 1), ("newton_steps", 1)):
+            if getattr(p, key) < low:
+                raise ParamError(key, f"must be >= {low}, got {getattr(p, key)}")
+        if p.T < 2 * p.d:
+            raise ParamError("T", f"must be >= 2d = {2 * p.d} for a maximum-likelihood fit "
+                                  f"that exists with high probability, got {p.T}")
+        if p.signal < 0:
+            raise ParamError("signal", f"must be >= 0, got {p.signal}")
+        if p.ridge < 0:
+            raise ParamError("ridge", f"must be >= 0, got {p.ridge}")
 
+    def real_data(self, seed: int, chunks: int, cache_dir: Path | None = None) -> LogisticReal:
+        p = self.config
+        rng = np.random.default_rng(seed)
+        X = rng.standard_normal((p.trials, p.T, p.d)) / np.sqrt(p.d)
+        direction = rng.standard_normal((p.trials, p.d))
+        theta_star = p.signal * np.sqrt(p.d) * direction / np.linalg.norm(direction, axis=1,
+                                                                            keepdims=True)
+        prob = _sigmoid(np.einsum("tkd,td->kt", X, theta_star))  # (T, trials)
+        train_chunks = []
+        for k in range(1, chunks + 1):
+            # Each chunk's labels have their own seed, so chunk 1 is the same however many
+            # chunks a strategy needs: every strategy starts from identical real data.
+            draw = np.random.default_rng(derive_seed(seed, "real-chunk", k))
+            train_chunks.append(labels_table(np.arange(p.T), _bernoulli(draw, prob)))
+        real = LogisticReal(X=X, theta_star=theta_star, train_chunks=train_chunks)
+        real.first_error = _error(self.fit(real, train_chunks[0], seed), theta_star).mean()
+        return real
 
-def sample(p: Params, real: LogisticReal, theta: np.ndarray, n: int, seed: int) -> pa.Table:
-    feature = np.arange(n) % p.T
-    prob = _sigmoid(np.einsum("tkd,td->kt", real.X, theta))[feature]  # (n, trials)
-    return labels_table(feature, _bernoulli(np.random.default_rng(seed), prob))
+    def fit(self, real: LogisticReal, mix: pa.Table, seed: int, context=None) -> np.ndarray:
+        """Newton's method on the (ridge-regularised) log-likelihood of the mix, batched:
+        a row with feature k and label y adds y·x_k to the score's data term and
+        σ(x_kᵀθ)·x_k to its model term, so per-row counts c_k and label sums s_k suffice."""
+        p = self.config
+        feature, y = labels_from_table(mix, p.trials)
+        counts = np.bincount(feature, minlength=p.T).astype(float)  # (T,)
+        sums = sum_by_feature(feature, y, counts).T  # (trials, T)
+        X, Xt = real.X, real.X.transpose(0, 2, 1)
+        theta = np.zeros((p.trials, p.d))
+        ridge = p.ridge * counts.sum() * np.eye(p.d)
+        for _ in range(p.newton_steps):
+            prob = _sigmoid(np.einsum("tkd,td->tk", X, theta))  # (trials, T)
+            grad = np.einsum("tdk,tk->td", Xt, sums - counts * prob) - theta @ ridge
+            weight = counts * prob * (1 - prob)  # (trials, T)
+            hessian = (Xt * weight[:, None, :]) @ X + ridge
+            step = np.linalg.solve(hessian, grad[:, :, None])[..., 0]
+            theta = theta + step
+            if np.max(np.abs(step)) < 1e-10:
+                break
+        return theta
 
+    def evaluate(self, real: LogisticReal, theta: np.ndarray) -> dict[str, float]:
+        err = _error(theta, real.theta_star)
+        return {"variance_ratio": float(err.mean() / real.first_error),
+                "param_error": float(err.mean()),
+                "param_error_stderr": float(err.std(ddof=1) / np.sqrt(len(err))) if len(err) > 1 else 0.0}
 
-def save_model(theta: np.ndarray, directory: Path) -> None:
-    np.save(directory / "theta_hat.npy", theta)
+    def theory(self, strategy: str, generation: int) -> float | None:
+        return error_growth(strategy, generation)
 
+    def sample(self, real: LogisticReal, theta: np.ndarray, n: int, seed: int) -> pa.Table:
+        p = self.config
+        feature = np.arange(n) % p.T
+        prob = _sigmoid(np.einsum("tkd,td->kt", real.X, theta))[feature]  # (n, trials)
+        return labels_table(feature, _bernoulli(np.random.default_rng(seed), prob))
 
-def load_model(directory) -> np.ndarray:
-    return np.load(local_copy(directory) / "theta_hat.npy")
+    def save_model(self, theta: np.ndarray, directory: Path) -> None:
+        np.save(directory / "theta_hat.npy", theta)
 
+    def load_model(self, directory) -> np.ndarray:
+        return np.load(local_copy(directory) / "theta_hat.npy")
 
-def cost(p: Params):
-    from engine.plan import Cost
+    def cost(self):
+        from engine.plan import Cost
 
-    return Cost(rows_per_generation=p.T, tokens_per_row=None, parameters=None)
+        return Cost(rows_per_generation=self.config.T, tokens_per_row=None, parameters=None)
 
-
-def model_name(p: Params) -> str:
-    return "logistic-mle"
+    def model_name(self) -> str:
+        return "logistic-mle"

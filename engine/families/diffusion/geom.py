@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.families.vae.data import ImageDataError
+from engine.families.images import ImageDataError
 
 
 def load_conformers(path: str, max_conformers: int | None = None) -> np.ndarray:

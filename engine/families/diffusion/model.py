@@ -24,7 +24,8 @@ def schedule(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02):
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32,
+                                                      device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -100,11 +101,14 @@ def eps_loss(net: nn.Module, x0: torch.Tensor, generator: torch.Generator,
 def ancestral_sample(net: nn.Module, shape: tuple[int, ...], generator: torch.Generator
                      ) -> torch.Tensor:
     """x_T ~ N(0, I), then x_{t-1} = (x_t − β_t/√(1−ᾱ_t) ε_θ)/√α_t + √β_t z."""
+    # Draws come from the CPU generator (reproducible on any device), then move to the
+    # network's device.
+    device = next(net.parameters()).device
     betas, alphas, alpha_bar = schedule(net.architecture["steps"])
-    x = torch.randn(shape, generator=generator)
+    x = torch.randn(shape, generator=generator).to(device)
     for t in reversed(range(len(betas))):
-        eps = net(x, torch.full((shape[0],), t, dtype=torch.long))
+        eps = net(x, torch.full((shape[0],), t, dtype=torch.long, device=device))
         x = (x - betas[t] / (1 - alpha_bar[t]).sqrt() * eps) / alphas[t].sqrt()
         if t > 0:
-            x = x + betas[t].sqrt() * torch.randn(shape, generator=generator)
+            x = x + betas[t].sqrt() * torch.randn(shape, generator=generator).to(device)
     return x

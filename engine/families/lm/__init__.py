@@ -8,15 +8,18 @@ Rows of every corpus: `text`, `ids` (tokens, no EOT), `n_tokens`, plus `true_log
 (grammar corpus) or `logprob`/`finished` (sampled corpora). Tokens, not text, are what
 training reads: each generation is tokenized once, when it is written.
 
-This module imports no torch at the top: reading a study file stays light. Its function
-names (fit, evaluate, sample, ...) are the family interface, so no submodule may share
-one: importing `lm.sample` would rebind the function `sample` to the submodule.
+Where each phase runs: the fit on Ray Train workers (engine.fit, `trainer: ray`) or in
+the chain's process (`trainer: local`); evaluation where the study's GPUs are (a Ray
+task holding one, when the chain's own process has none); sampling in a Ray Data pool
+of vLLM engines or transformers decoders (`sampler`), on `sampler_gpus` each.
+
+This module imports no torch at the top: reading a study file stays light.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,123 +28,19 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.families.base import Bundle, ParamError
+from engine.families.base import Bundle, Family, ParamError
 from engine.families.lm import grammar
 from engine.families.lm.data import DataError, read_stories, split
 from engine.families.lm.tokenizer import SPECIAL_TOKENS, minimum_vocab_size
 from engine.families.lm.zoo import ZOO
-from engine.files import write_atomic, write_directory, write_json
+from engine.files import is_remote, write_atomic, write_directory, write_json
 from engine.seeds import derive_seed
-
 
 log = logging.getLogger("engine.lm")
 
 GRAMMAR = "grammar"
-
-name = "lm"
-metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2", "distinct_3",
-           "unique_stories", "mean_length", "sample_entropy")  # the first is the headline
-paper_table = True  # `collapse table` prints the seed paper's Table 2 layout
-
-
-@dataclass(frozen=True)
-class Params:
-    data: str = GRAMMAR  # "grammar", or a TinyStories .txt / Parquet / JSON(L) path or URI
-    stories: int = 2000  # grammar: how many stories to draw (train + test)
-    max_stories: int | None = None  # files: read only the first N stories
-    test_stories: int = 200  # held-out REAL test stories, fixed per study seed
-    train_stories: int | None = None  # T per generation (default: all not held out)
-    tokenizer: str | None = None  # a tokenizer directory; default: train byte-level BPE
-    vocab_size: int = 512
-    model: str = "small"  # a name in the zoo (engine/families/lm/zoo.py)
-    context: int = 256
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
-    top_p: float = 1.0  # 1.0: off
-    prompt: Literal["bos", "real_prefix"] = "bos"
-    prefix_tokens: int = 8  # real_prefix: tokens of a real training story to start from
-    max_new_tokens: int = 256
-    epochs: float = 1.0
-    token_budget: int | None = None  # train on this many tokens instead of `epochs`
-    batch_size: int = 16  # blocks per step per worker
-    lr: float = 2e-3
-    warmup: float = 0.05  # fraction of steps
-    weight_decay: float = 0.1
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
-    zero_stage: int = 0
-    trainer: Literal["ray", "local"] = "ray"  # ray: TorchTrainer workers; local: in-process
-    workers: int = 1  # trainer workers (the most, when elastic)
-    min_workers: int | None = None  # elastic: the fewest a fit may go on with after a failure
-    cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves
-    gpus_per_worker: float = 0.0
-    worker_resources: dict | None = None  # more Ray resources per worker, e.g. {"trainer": 1}
-    max_failures: int = 3  # worker-group restarts a fit may take (-1: unlimited)
-    checkpoint_every: int = 200  # steps between training checkpoints (0: none)
-    threads: int = 0  # torch threads per trainer worker / sampler actor; 0: torch default
-    sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
-    sampler_actors: int = 1
-    sampler_cpus: float = 0.5
-    sampler_gpus: float = 0.0
-    sample_batch_size: int = 64
-    log_every: int = 10
-
-
-def validate(p: Params) -> None:
-    if p.model not in ZOO:
-        raise ParamError("model", f"unknown model {p.model!r} (known: {', '.join(ZOO)})")
-    if p.temperature < 0:
-        raise ParamError("temperature", f"must be >= 0, got {p.temperature}")
-    if p.vocab_size < minimum_vocab_size():
-        raise ParamError("vocab_size", f"must be >= {minimum_vocab_size()} (256 byte tokens + "
-                                       f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
-    for name, low in (("stories", 2), ("test_stories", 1), ("context", 8), ("max_new_tokens", 1),
-                      ("batch_size", 1), ("workers", 1), ("sampler_actors", 1),
-                      ("sample_batch_size", 1), ("log_every", 1), ("prefix_tokens", 1)):
-        if getattr(p, name) < low:
-            raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
-    for name in ("max_stories", "train_stories", "token_budget"):
-        if getattr(p, name) is not None and getattr(p, name) < 1:
-            raise ParamError(name, f"must be >= 1 or null, got {getattr(p, name)}")
-    if p.epochs <= 0 or p.lr <= 0:
-        raise ParamError("epochs" if p.epochs <= 0 else "lr", "must be > 0")
-    if not 0 <= p.warmup < 1:
-        raise ParamError("warmup", f"must be in [0, 1), got {p.warmup}")
-    if not 0 < p.top_p <= 1:
-        raise ParamError("top_p", f"must be in (0, 1], got {p.top_p}")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.cpus_per_worker < 0 or p.gpus_per_worker < 0 or p.sampler_gpus < 0:
-        raise ParamError(next(k for k in ("cpus_per_worker", "gpus_per_worker", "sampler_gpus")
-                              if getattr(p, k) < 0), "must be >= 0")
-    if p.sampler_cpus <= 0:
-        raise ParamError("sampler_cpus", "must be > 0")
-    if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
-        raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
-                                        f"got {p.min_workers}")
-    if p.max_failures < -1 or p.checkpoint_every < 0:
-        raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_every",
-                         "must be >= -1" if p.max_failures < -1 else "must be >= 0")
-    if p.worker_resources is not None and not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
-            for k, v in p.worker_resources.items()):
-        raise ParamError("worker_resources", "expected a mapping of Ray resource names to "
-                                             f"amounts >= 0, got {p.worker_resources!r}")
-    if p.data == GRAMMAR:
-        if p.test_stories >= p.stories:
-            raise ParamError("test_stories", f"must be below stories = {p.stories}, "
-                                             f"got {p.test_stories}")
-    elif "://" not in p.data:
-        # Local data is checked now, before anything runs; URIs are read when the study starts.
-        try:
-            read_stories(p.data, max_stories=1)
-        except DataError as e:
-            raise ParamError("data", str(e)) from None
-    if p.tokenizer is not None and "://" not in p.tokenizer and \
-            not (Path(p.tokenizer) / "tokenizer.json").exists():
-        raise ParamError("tokenizer", f"{p.tokenizer}: no tokenizer.json in this directory")
-    if p.temperature == 0 and p.prompt == "bos":
-        warnings.warn("temperature 0 with BOS prompts makes every sampled story the same "
-                      "greedy story; use prompt: real_prefix for a meaningful greedy corpus")
+CHARS_PER_TOKEN = 4.0  # byte-level BPE on English stories, vocabularies of ~1k-32k
+TINYSTORIES_TOKENS_PER_STORY = 224  # 470M tokens / 2.1M stories (the seed paper)
 
 
 # ------------------------------------------------------------------------ real data
@@ -170,242 +69,357 @@ def _story_table(texts: list[str], ids: list[list[int]], true_logprob=None) -> p
     return pa.table(columns)
 
 
-def _prepare(p: Params, seed: int, directory: Path) -> None:
-    """Load, split, train the tokenizer on the training split only, tokenize once."""
-    from engine.families.lm.tokenizer import load_tokenizer, train_tokenizer
-
-    if p.data == GRAMMAR:
-        drawn = grammar.sample_stories(p.stories, seed)
-        texts, truth = [s.text for s in drawn], [s.logprob for s in drawn]
-    else:
-        texts, truth = read_stories(p.data, p.max_stories), None
-    train_idx, test_idx = split(len(texts), p.test_stories, seed)
-    train_texts = [texts[i] for i in train_idx]
-    test_texts = [texts[i] for i in test_idx]
-    tok_dir = directory / "tokenizer"
-    if p.tokenizer is not None:
-        tokenizer = load_tokenizer(p.tokenizer)
-    else:
-        tokenizer = train_tokenizer(train_texts, p.vocab_size)
-    if not tok_dir.exists():
-        try:
-            write_directory(tok_dir, lambda d: tokenizer.save_pretrained(d))
-        except OSError:
-            if not tok_dir.exists():  # another chain of the study won the race: fine
-                raise
-    for name, part, idx in (("train", train_texts, train_idx), ("test", test_texts, test_idx)):
-        table = _story_table(part, _tokenize(tokenizer, part),
-                             None if truth is None else [truth[i] for i in idx])
-        write_atomic(directory / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
-    write_json(directory / "ready.json", {"stories": len(texts), "train": len(train_idx),
-                                          "test": len(test_idx), "vocab": len(tokenizer)})
-
-
-def real_data(p: Params, seed: int, chunks: int, cache_dir: Path) -> LMReal:
-    from engine.families.lm.tokenizer import load_tokenizer
-
-    shaping = (seed, p.data, p.stories, p.max_stories, p.test_stories, p.tokenizer, p.vocab_size)
-    directory = Path(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
-    if not (directory / "ready.json").exists():
-        _prepare(p, seed, directory)
-    tokenizer = load_tokenizer(directory / "tokenizer")
-    train = pq.read_table(directory / "train.parquet")
-    test = pq.read_table(directory / "test.parquet")
-    T = p.train_stories or train.num_rows // chunks
-    if T < 1 or chunks * T > train.num_rows:
-        raise DataError(f"family.train_stories: {chunks} real chunk(s) of {T} stories need "
-                        f"{chunks * T} training stories; the data has {train.num_rows}")
-    return LMReal(directory=directory, tokenizer_dir=str(directory / "tokenizer"), train=train,
-                  test=test, train_chunks=[train.slice(k * T, T) for k in range(chunks)],
-                  vocab_size=len(tokenizer), eos=tokenizer.eos_token_id,
-                  pad=tokenizer.pad_token_id)
-
-
-# ----------------------------------------------------------------- model and loops
-
 @dataclass
 class LMModel:
     path: str  # an HF checkpoint directory here (weights, config, tokenizer, train_curve.json)
     # The same checkpoint where every node reaches it: a path on shared storage, or an
-    # object-store URI (sampler actors on other nodes load it from there).
+    # object-store URI (sampler actors and evaluation tasks on other nodes load it there).
     source: str
     curve: list[tuple[int, float]]
 
 
-def _precision(p: Params) -> str:
-    if p.precision != "auto":
-        return p.precision
-    return "bf16" if p.gpus_per_worker > 0 else "fp32"
+class LanguageModel(Family):
+    name = "lm"
+    metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
+               "distinct_3", "unique_stories", "mean_length", "sample_entropy")  # headline first
+    paper_table = True
+    path_fields = ("data", "tokenizer")
+    path_keywords = (GRAMMAR,)
 
+    @dataclass(frozen=True)
+    class Config:
+        data: str = GRAMMAR  # "grammar", or a TinyStories .txt / Parquet / JSON(L) path or URI
+        stories: int = 2000  # grammar: how many stories to draw (train + test)
+        max_stories: int | None = None  # files: read only the first N stories
+        test_stories: int = 200  # held-out REAL test stories, fixed per study seed
+        train_stories: int | None = None  # T per generation (default: all not held out)
+        tokenizer: str | None = None  # a tokenizer directory; default: train byte-level BPE
+        vocab_size: int = 512  # the byte-level BPE's vocabulary
+        model: str = "small"  # a name in the zoo (engine/families/lm/zoo.py)
+        context: int = 256  # tokens per training block, and the longest story sampled
+        temperature: float = 1.0  # sampling temperature (0: greedy)
+        top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
+        top_p: float = 1.0  # 1.0: off
+        prompt: Literal["bos", "real_prefix"] = "bos"  # what each sampled story starts from
+        prefix_tokens: int = 8  # real_prefix: tokens of a real training story to start from
+        max_new_tokens: int = 256  # the longest sampled story, in tokens
+        epochs: float = 1.0  # passes over the mix per generation
+        token_budget: int | None = None  # train on this many tokens instead of `epochs`
+        batch_size: int = 16  # blocks per step per worker
+        lr: float = 2e-3  # peak learning rate (AdamW, linear warmup then cosine decay)
+        warmup: float = 0.05  # fraction of steps
+        weight_decay: float = 0.1  # AdamW's decoupled weight decay
+        precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+        zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (3: weights gathered before saving)
+        trainer: Literal["ray", "local"] = "ray"  # ray: Ray Train workers; local: in-process
+        workers: int = 1  # trainer workers (the most, when elastic)
+        min_workers: int | None = None  # elastic: the fewest a fit may go on with after a failure
+        cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves
+        gpus_per_worker: float = 0.0  # GPUs per trainer worker; > 0 evaluates on a GPU too
+        worker_resources: dict | None = None  # more Ray resources per worker, e.g. {"trainer": 1}
+        max_failures: int = 3  # worker-group restarts a fit may take (-1: unlimited)
+        checkpoint_every: int = 200  # steps between training checkpoints (0: none)
+        threads: int = 0  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
+        sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
+        sampler_actors: int = 1  # sampler processes (vLLM engines or transformers decoders)
+        sampler_cpus: float = 0.5  # CPUs per sampler actor
+        sampler_gpus: float = 0.0  # GPUs per sampler actor
+        sample_batch_size: int = 64  # stories per sampling batch
+        log_every: int = 10  # a train-loss point every this many steps
 
-def train_config(p: Params, real: LMReal, seed: int):
-    from engine.families.lm.train import TrainConfig
+    def validate(self) -> None:
+        p = self.config
+        if p.model not in ZOO:
+            raise ParamError("model", f"unknown model {p.model!r} (known: {', '.join(ZOO)})")
+        if p.temperature < 0:
+            raise ParamError("temperature", f"must be >= 0, got {p.temperature}")
+        if p.vocab_size < minimum_vocab_size():
+            raise ParamError("vocab_size", f"must be >= {minimum_vocab_size()} (256 byte tokens + "
+                                           f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
+        for name, low in (("stories", 2), ("test_stories", 1), ("context", 8),
+                          ("max_new_tokens", 1), ("batch_size", 1), ("workers", 1),
+                          ("sampler_actors", 1), ("sample_batch_size", 1), ("log_every", 1),
+                          ("prefix_tokens", 1)):
+            if getattr(p, name) < low:
+                raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
+        for name in ("max_stories", "train_stories", "token_budget"):
+            if getattr(p, name) is not None and getattr(p, name) < 1:
+                raise ParamError(name, f"must be >= 1 or null, got {getattr(p, name)}")
+        if p.epochs <= 0 or p.lr <= 0:
+            raise ParamError("epochs" if p.epochs <= 0 else "lr", "must be > 0")
+        if not 0 <= p.warmup < 1:
+            raise ParamError("warmup", f"must be in [0, 1), got {p.warmup}")
+        if not 0 < p.top_p <= 1:
+            raise ParamError("top_p", f"must be in (0, 1], got {p.top_p}")
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+        if p.cpus_per_worker < 0 or p.gpus_per_worker < 0 or p.sampler_gpus < 0:
+            raise ParamError(next(k for k in ("cpus_per_worker", "gpus_per_worker", "sampler_gpus")
+                                  if getattr(p, k) < 0), "must be >= 0")
+        if p.sampler_cpus <= 0:
+            raise ParamError("sampler_cpus", "must be > 0")
+        if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
+            raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
+                                            f"got {p.min_workers}")
+        if p.max_failures < -1 or p.checkpoint_every < 0:
+            raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_every",
+                             "must be >= -1" if p.max_failures < -1 else "must be >= 0")
+        if p.worker_resources is not None and not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                for k, v in p.worker_resources.items()):
+            raise ParamError("worker_resources", "expected a mapping of Ray resource names to "
+                                                 f"amounts >= 0, got {p.worker_resources!r}")
+        if p.data == GRAMMAR:
+            if p.test_stories >= p.stories:
+                raise ParamError("test_stories", f"must be below stories = {p.stories}, "
+                                                 f"got {p.test_stories}")
+        elif not is_remote(p.data):
+            # Local data is checked now, before anything runs; URIs are read when the study starts.
+            try:
+                read_stories(p.data, max_stories=1)
+            except DataError as e:
+                raise ParamError("data", str(e)) from None
+        if p.tokenizer is not None and not is_remote(p.tokenizer) and \
+                not (Path(p.tokenizer) / "tokenizer.json").exists():
+            raise ParamError("tokenizer", f"{p.tokenizer}: no tokenizer.json in this directory")
+        if p.temperature == 0 and p.prompt == "bos":
+            warnings.warn("temperature 0 with BOS prompts makes every sampled story the same "
+                          "greedy story; use prompt: real_prefix for a meaningful greedy corpus")
 
-    return TrainConfig(model=p.model, vocab_size=real.vocab_size, context=p.context,
-                       bos=real.eos, eos=real.eos, pad=real.pad, batch_size=p.batch_size,
-                       lr=p.lr, warmup=p.warmup, weight_decay=p.weight_decay,
-                       precision=_precision(p), zero_stage=p.zero_stage, seed=seed % 2**31,
-                       log_every=p.log_every, threads=p.threads)
+    # ------------------------------------------------------------------ real data
+    def _prepare(self, seed: int, directory: Path) -> None:
+        """Load, split, train the tokenizer on the training split only, tokenize once."""
+        from engine.families.lm.tokenizer import load_tokenizer, train_tokenizer
 
+        p = self.config
+        if p.data == GRAMMAR:
+            drawn = grammar.sample_stories(p.stories, seed)
+            texts, truth = [s.text for s in drawn], [s.logprob for s in drawn]
+        else:
+            texts, truth = read_stories(p.data, p.max_stories), None
+        train_idx, test_idx = split(len(texts), p.test_stories, seed)
+        train_texts = [texts[i] for i in train_idx]
+        test_texts = [texts[i] for i in test_idx]
+        tok_dir = directory / "tokenizer"
+        if p.tokenizer is not None:
+            tokenizer = load_tokenizer(p.tokenizer)
+        else:
+            tokenizer = train_tokenizer(train_texts, p.vocab_size)
+        if not tok_dir.exists():
+            try:
+                write_directory(tok_dir, lambda d: tokenizer.save_pretrained(d))
+            except OSError:
+                if not tok_dir.exists():  # another chain of the study won the race: fine
+                    raise
+        for name, part, idx in (("train", train_texts, train_idx), ("test", test_texts, test_idx)):
+            table = _story_table(part, _tokenize(tokenizer, part),
+                                 None if truth is None else [truth[i] for i in idx])
+            write_atomic(directory / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+        write_json(directory / "ready.json", {"stories": len(texts), "train": len(train_idx),
+                                              "test": len(test_idx), "vocab": len(tokenizer)})
 
-def scaling(p: Params):
-    from engine.families.lm.train import Scaling
+    def real_data(self, seed: int, chunks: int, cache_dir: Path) -> LMReal:
+        from engine.families.lm.tokenizer import load_tokenizer
 
-    return Scaling(min_workers=p.min_workers or p.workers, max_workers=p.workers,
-                   cpus_per_worker=p.cpus_per_worker, gpus_per_worker=p.gpus_per_worker,
-                   extra_resources=dict(p.worker_resources or {}), max_failures=p.max_failures,
-                   checkpoint_every=p.checkpoint_every)
+        p = self.config
+        shaping = (seed, p.data, p.stories, p.max_stories, p.test_stories, p.tokenizer,
+                   p.vocab_size)
+        directory = Path(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
+        if not (directory / "ready.json").exists():
+            self._prepare(seed, directory)
+        tokenizer = load_tokenizer(directory / "tokenizer")
+        train = pq.read_table(directory / "train.parquet")
+        test = pq.read_table(directory / "test.parquet")
+        T = p.train_stories or train.num_rows // chunks
+        if T < 1 or chunks * T > train.num_rows:
+            raise DataError(f"family.train_stories: {chunks} real chunk(s) of {T} stories need "
+                            f"{chunks * T} training stories; the data has {train.num_rows}")
+        return LMReal(directory=directory, tokenizer_dir=str(directory / "tokenizer"),
+                      train=train, test=test,
+                      train_chunks=[train.slice(k * T, T) for k in range(chunks)],
+                      vocab_size=len(tokenizer), eos=tokenizer.eos_token_id,
+                      pad=tokenizer.pad_token_id)
 
+    # -------------------------------------------------------------- model and loops
+    def data_view(self) -> str:
+        return "dataset" if self.config.trainer == "ray" else "table"
 
-def fit(p: Params, real: LMReal, mix, seed: int, workdir) -> LMModel:
-    """Train a fresh model on the mix. `workdir` (an engine.files.Location in the run's
-    storage) outlives a killed run: Ray Train keeps its checkpoints in workdir/ray_train
-    and a rerun goes on from the latest one. The model itself lands in a local directory,
-    which the chain saves into the run."""
-    import tempfile
+    def _workers(self):
+        from engine.fit import Workers
 
-    from engine.families.lm import train
-    from engine.families.lm.tokenizer import load_tokenizer
-    from engine.files import Location
+        p = self.config
+        return Workers(max_workers=p.workers, min_workers=p.min_workers,
+                       cpus_per_worker=p.cpus_per_worker, gpus_per_worker=p.gpus_per_worker,
+                       extra_resources=dict(p.worker_resources or {}),
+                       max_failures=p.max_failures, checkpoint_every=p.checkpoint_every)
 
-    out = Path(tempfile.mkdtemp(prefix="collapse-lm-"))
-    cfg = train_config(p, real, seed)
-    if p.trainer == "local":
-        train.fit_local(mix, cfg, p.epochs, p.token_budget, out)
-    else:
-        report = train.fit_ray(mix, cfg, p.epochs, p.token_budget, out, scaling(p),
-                               storage=Location.of(workdir) / "ray_train")
-        if report["resumed_at_step"] is not None:
-            log.warning("training resumed from its checkpoint at step %d and finished with "
-                        "%d worker(s)", report["resumed_at_step"], report["world_size"])
-    load_tokenizer(real.tokenizer_dir).save_pretrained(out)
-    return LMModel(path=str(out), source=str(out), curve=[tuple(x) for x in json.loads(
-        (out / "train_curve.json").read_text())])
+    def fit(self, real: LMReal, mix, seed: int, context) -> LMModel:
+        """Train a fresh model on the mix: in this process on an in-memory table
+        (trainer: local), or on Ray Train workers streaming packed blocks from a Ray
+        Dataset of the mix (trainer: ray), whose checkpoints live in
+        `context.workdir`/ray_train so that a rerun goes on from the latest. The model
+        lands in a local directory, which the chain saves into the run."""
+        from engine.families.lm import train
+        from engine.families.lm.tokenizer import load_tokenizer
+        from engine.fit import FitJob, LoopConfig, fit_here, fit_on_workers
 
+        p = self.config
+        seed = seed % 2**31
+        build = train.ModelBuilder(p.model, real.vocab_size, p.context, real.eos, real.eos,
+                                   real.pad)
+        out = Path(tempfile.mkdtemp(prefix="collapse-lm-"))
+        settings = train.fit_settings(p)
+        if p.trainer == "local":
+            tokens = int(pa.compute.sum(mix.column("n_tokens")).as_py())
+            steps = train.total_steps(tokens, mix.num_rows, p.context, p.batch_size, p.epochs,
+                                      1, p.token_budget)
+            job = FitJob(build, train.TableBlocks(mix, p.context, real.eos, p.batch_size, seed),
+                         train.lm_loss, train.save_model,
+                         LoopConfig(steps=steps, seed=seed, **settings))
+            record = fit_here(job, out)
+        else:
+            from ray.data.aggregate import Count, Sum
 
-def _load_hf(model: LMModel):
-    from transformers import AutoModelForCausalLM
+            from engine.raydata import TASK_CPUS
 
-    return AutoModelForCausalLM.from_pretrained(model.path).eval()
+            stats = mix.aggregate(Sum("n_tokens"), Count())  # one pass for both
+            # Steps are fixed from the most workers; a group restarted with fewer after a
+            # failure takes the remaining steps with a smaller global batch.
+            steps = train.total_steps(int(stats["sum(n_tokens)"]), int(stats["count()"]),
+                                      p.context, p.batch_size, p.epochs, p.workers,
+                                      p.token_budget)
+            blocks = (mix.random_shuffle(seed=seed, num_cpus=TASK_CPUS)
+                      .map_batches(train.pack_batch,
+                                   fn_kwargs={"context": p.context, "eos": real.eos},
+                                   batch_format="pyarrow", batch_size=1024, num_cpus=TASK_CPUS))
+            job = FitJob(build, train.ShardBlocks(p.batch_size, seed), train.lm_loss,
+                         train.save_model, LoopConfig(steps=steps, seed=seed, **settings))
+            record = fit_on_workers(job, self._workers(), context.workdir / "ray_train", out,
+                                    context.callbacks, datasets={"train": blocks})
+            if record["resumed_at_step"] is not None:
+                log.warning("training resumed from its checkpoint at step %d and finished "
+                            "with %d worker(s)", record["resumed_at_step"], record["world_size"])
+        load_tokenizer(real.tokenizer_dir).save_pretrained(out)
+        return LMModel(path=str(out), source=str(out), curve=train.read_curve(out))
 
+    def evaluation_gpus(self) -> float:
+        """Evaluation runs where the study's GPUs are: the trainer workers' or, failing
+        those, the sampler actors' (one at most)."""
+        p = self.config
+        trainer = p.gpus_per_worker if p.trainer == "ray" else 0.0
+        return min(1.0, trainer or p.sampler_gpus)
 
-def evaluate(p: Params, real: LMReal, model: LMModel) -> dict[str, float]:
-    from engine.families.lm.metrics import test_metrics
+    def evaluate(self, real: LMReal, model: LMModel) -> dict[str, float]:
+        from engine.families.lm.metrics import evaluate_checkpoint
+        from engine.fit import run_on_gpu
 
-    return test_metrics(_load_hf(model), real.test, real.eos, real.pad, p.context)
+        p = self.config
+        return run_on_gpu(self.evaluation_gpus(), p.cpus_per_worker, evaluate_checkpoint,
+                          model.source, real.test, real.eos, real.pad, p.context, p.threads)
 
+    def prompts(self, real: LMReal, n: int, seed: int) -> list[list[int]]:
+        p = self.config
+        if p.prompt == "bos":
+            return [[real.eos]] * n  # vLLM needs a non-empty prompt: the EOT token is BOS
+        ids = [s for s in real.train_chunks[0].column("ids").to_pylist()
+               if len(s) >= p.prefix_tokens]
+        if not ids:
+            raise DataError(f"family.prefix_tokens: no training story has {p.prefix_tokens} tokens")
+        import numpy as np
 
-def prompts(p: Params, real: LMReal, n: int, seed: int) -> list[list[int]]:
-    if p.prompt == "bos":
-        return [[real.eos]] * n  # vLLM needs a non-empty prompt: the EOT token is BOS
-    ids = [s for s in real.train_chunks[0].column("ids").to_pylist() if len(s) >= p.prefix_tokens]
-    if not ids:
-        raise DataError(f"family.prefix_tokens: no training story has {p.prefix_tokens} tokens")
-    import numpy as np
+        order = np.random.default_rng(seed).permutation(len(ids))
+        return [[real.eos] + ids[order[i % len(ids)]][: p.prefix_tokens] for i in range(n)]
 
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return [[real.eos] + ids[order[i % len(ids)]][: p.prefix_tokens] for i in range(n)]
+    def sample(self, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
+        from engine.families.lm.sampling import SampleSettings, sample_corpus
 
+        p = self.config
+        prefix = p.prefix_tokens if p.prompt == "real_prefix" else 0
+        settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                  max_new_tokens=min(p.max_new_tokens, p.context - 1 - prefix),
+                                  eos=real.eos, batch_size=p.sample_batch_size,
+                                  threads=p.threads)
+        seeds = [derive_seed(seed, row) for row in range(n)]
+        return sample_corpus(p.sampler, model.source,
+                             self.prompts(real, n, derive_seed(seed, "prompts")), seeds,
+                             settings, p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
 
-def sample(p: Params, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
-    from engine.families.lm.sampling import SampleSettings, sample_corpus
+    def sample_stats(self, table: pa.Table) -> dict[str, float]:
+        from engine.families.lm.metrics import sample_stats
 
-    settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                              max_new_tokens=min(p.max_new_tokens, p.context - 1 - (
-                                  p.prefix_tokens if p.prompt == "real_prefix" else 0)),
-                              eos=real.eos, batch_size=p.sample_batch_size, threads=p.threads)
-    seeds = [derive_seed(seed, row) for row in range(n)]
-    return sample_corpus(p.sampler, model.source, prompts(p, real, n, derive_seed(seed, "prompts")),
-                         seeds, settings, p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
+        return sample_stats(table)
 
+    def save_model(self, model: LMModel, directory: Path) -> None:
+        for f in Path(model.path).iterdir():
+            shutil.move(str(f), directory / f.name)
+        shutil.rmtree(model.path, ignore_errors=True)
 
-CHARS_PER_TOKEN = 4.0  # byte-level BPE on English stories, vocabularies of ~1k-32k
-TINYSTORIES_TOKENS_PER_STORY = 224  # 470M tokens / 2.1M stories (the seed paper)
+    def load_model(self, directory) -> LMModel:
+        from engine.families.lm.train import read_curve
+        from engine.files import Location, local_copy
 
+        directory = Location.of(directory)
+        local = local_copy(directory)  # the run may live in an object store
+        return LMModel(path=str(local), source=directory.uri, curve=read_curve(local))
 
-def cost(p: Params):
-    """Rows and tokens a generation will have, estimated without training a tokenizer."""
-    from engine.plan import Cost
-    from engine.families.lm.zoo import parameter_count
+    def curves(self, model: LMModel) -> dict[str, list[tuple[int, float]]]:
+        return {"train_loss": model.curve}
 
-    if p.data == GRAMMAR:
-        n = p.stories
-        chars = sum(len(s.text) for s in grammar.sample_stories(200, 0)) / 200
-        tokens, how = chars / CHARS_PER_TOKEN, f"{CHARS_PER_TOKEN:g} characters per token"
-    elif "://" not in p.data:
-        stories = read_stories(p.data, p.max_stories)
-        n = len(stories)
-        tokens = sum(map(len, stories)) / n / CHARS_PER_TOKEN
-        how = f"{CHARS_PER_TOKEN:g} characters per token"
-    else:
-        if p.max_stories is None and p.train_stories is None:
-            raise DataError(f"family.data: {p.data} is not read for a dry run; set "
-                            "family.max_stories (or train_stories) to plan it")
-        n = p.max_stories or (p.train_stories + p.test_stories)
-        tokens, how = TINYSTORIES_TOKENS_PER_STORY, "TinyStories' 224 tokens per story"
-    T = p.train_stories or n - p.test_stories
-    N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
-    return Cost(rows_per_generation=T, tokens_per_row=tokens, parameters=N,
-                note=f"model {p.model}: {N / 1e6:.3g}M parameters at vocabulary {p.vocab_size}; "
-                     f"~{tokens:.0f} tokens per story ({how}); T = {T} stories per generation")
+    def cost(self):
+        """Rows and tokens a generation will have, estimated without training a tokenizer."""
+        from engine.families.lm.zoo import parameter_count
+        from engine.plan import Cost
 
+        p = self.config
+        if p.data == GRAMMAR:
+            n = p.stories
+            chars = sum(len(s.text) for s in grammar.sample_stories(200, 0)) / 200
+            tokens, how = chars / CHARS_PER_TOKEN, f"{CHARS_PER_TOKEN:g} characters per token"
+        elif not is_remote(p.data):
+            stories = read_stories(p.data, p.max_stories)
+            n = len(stories)
+            tokens = sum(map(len, stories)) / n / CHARS_PER_TOKEN
+            how = f"{CHARS_PER_TOKEN:g} characters per token"
+        else:
+            if p.max_stories is None and p.train_stories is None:
+                raise DataError(f"family.data: {p.data} is not read for a dry run; set "
+                                "family.max_stories (or train_stories) to plan it")
+            n = p.max_stories or (p.train_stories + p.test_stories)
+            tokens, how = TINYSTORIES_TOKENS_PER_STORY, "TinyStories' 224 tokens per story"
+        T = p.train_stories or n - p.test_stories
+        N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
+        return Cost(rows_per_generation=T, tokens_per_row=tokens, parameters=N,
+                    note=f"model {p.model}: {N / 1e6:.3g}M parameters at vocabulary "
+                         f"{p.vocab_size}; ~{tokens:.0f} tokens per story ({how}); "
+                         f"T = {T} stories per generation")
 
-def sample_stats(p: Params, table: pa.Table) -> dict[str, float]:
-    from engine.families.lm.metrics import sample_stats as stats
+    def model_name(self) -> str:
+        return self.config.model
 
-    return stats(table)
+    def temperature(self) -> float:
+        return self.config.temperature
 
+    # ------------------------------------------------------------------ placement
+    def chain_cpus(self) -> float:
+        p = self.config
+        trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
+        return max(trainer, p.sampler_actors * p.sampler_cpus)
 
-def save_model(model: LMModel, directory: Path) -> None:
-    for f in Path(model.path).iterdir():
-        shutil.move(str(f), directory / f.name)
-    shutil.rmtree(model.path, ignore_errors=True)
+    def chain_gpus(self) -> float:
+        p = self.config
+        trainer = p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0
+        return max(trainer, p.sampler_actors * p.sampler_gpus)
 
-
-def load_model(directory) -> LMModel:
-    from engine.files import Location, local_copy
-
-    directory = Location.of(directory)
-    local = local_copy(directory)  # the run may live in an object store
-    curve = json.loads((local / "train_curve.json").read_text())
-    return LMModel(path=str(local), source=directory.uri, curve=[tuple(x) for x in curve])
-
-
-def data_view(p: Params) -> str:
-    return "dataset" if p.trainer == "ray" else "table"
-
-
-def chain_cpus(p: Params) -> float:
-    trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
-    return max(trainer, p.sampler_actors * p.sampler_cpus)
-
-
-def chain_gpus(p: Params) -> float:
-    trainer = p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0
-    return max(trainer, p.sampler_actors * p.sampler_gpus)
-
-
-def placement(p: Params) -> list[Bundle]:
-    """One bundle per trainer worker (the fewest an elastic fit runs with) and per
-    sampler actor."""
-    extra = p.worker_resources or {}
-    worker = Bundle("trainer worker",
-                    {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker, **extra},
-                    {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker",
-                     **{k: "worker_resources" for k in extra}})
-    sampler = Bundle("sampler actor", {"CPU": p.sampler_cpus, "GPU": p.sampler_gpus},
-                     {"CPU": "sampler_cpus", "GPU": "sampler_gpus"})
-    trainers = [worker] * (p.min_workers or p.workers) if p.trainer == "ray" else []
-    return trainers + [sampler] * p.sampler_actors
-
-
-def curves(model: LMModel) -> dict[str, list[tuple[int, float]]]:
-    return {"train_loss": model.curve}
-
-
-def model_name(p: Params) -> str:
-    return p.model
-
-
-def temperature(p: Params) -> float:
-    return p.temperature
+    def placement(self) -> list[Bundle]:
+        """One bundle per trainer worker (the fewest an elastic fit runs with) and per
+        sampler actor."""
+        p = self.config
+        extra = p.worker_resources or {}
+        worker = Bundle("trainer worker",
+                        {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker, **extra},
+                        {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker",
+                         **{k: "worker_resources" for k in extra}})
+        sampler = Bundle("sampler actor", {"CPU": p.sampler_cpus, "GPU": p.sampler_gpus},
+                         {"CPU": "sampler_cpus", "GPU": "sampler_gpus"})
+        trainers = [worker] * (p.min_workers or p.workers) if p.trainer == "ray" else []
+        return trainers + [sampler] * p.sampler_actors

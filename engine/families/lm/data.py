@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from engine.files import list_source_files, open_source
 
 END_OF_TEXT = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt",)
@@ -28,57 +29,15 @@ class DataError(ValueError):
     """A data source problem, phrased for the user (names the file)."""
 
 
-def _filesystem(uri: str):
-    """(filesystem, path, kind) for a URI: pyarrow's own filesystems first (file://,
-    s3://, gs://, hdfs:// — no extra packages), fsspec for the rest (hf://, ...)."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path, "pyarrow"
-    except (pa.ArrowInvalid, ValueError):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return fs, path, "fsspec"
-
-
-def _open(uri: str):
-    if "://" not in uri:
-        return open(uri, "rb")
-    fs, path, kind = _filesystem(uri)
-    return fs.open_input_file(path) if kind == "pyarrow" else fs.open(path, "rb")
-
-
 def _list_files(source: str) -> list[str]:
     suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
-    if "://" in source:
-        import pyarrow.fs as pafs
-
-        fs, path, kind = _filesystem(source)
-        scheme = source.split("://", 1)[0]
-        if kind == "pyarrow":
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise DataError(f"{source}: no such file or directory")
-            if info.type == pafs.FileType.Directory:
-                found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                return sorted(f"{scheme}://{f.path}" for f in found if f.path.endswith(suffixes))
-            return [source]
-        if not fs.exists(path):
-            raise DataError(f"{source}: no such file or directory")
-        if fs.isdir(path):
-            return [f"{scheme}://{p}" for p in sorted(fs.find(path)) if p.endswith(suffixes)]
-        return [source]
-    p = Path(source)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in suffixes)
-        if not files:
-            raise DataError(f"{source}: no .txt, .parquet, .json or .jsonl files in this directory")
-        return files
-    if not p.exists():
-        raise DataError(f"{source}: no such file or directory")
-    return [source]
+    try:
+        files = list_source_files(source, suffixes)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+    if not files:
+        raise DataError(f"{source}: no .txt, .parquet, .json or .jsonl files in this directory")
+    return files
 
 
 def _stories_from_text(f, limit: int | None) -> list[str]:
@@ -123,7 +82,7 @@ def read_stories(source: str, max_stories: int | None = None) -> list[str]:
         if remaining == 0:
             break
         try:
-            with _open(uri) as f:
+            with open_source(uri) as f:
                 if uri.endswith(TEXT_SUFFIXES):
                     got = _stories_from_text(f, remaining)
                 elif uri.endswith(TABLE_SUFFIXES):

@@ -47,8 +47,11 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("generate() takes prompts of one length")
     n = len(prompts)
-    gens = [torch.Generator().manual_seed(int(seed) % (2**63)) for seed in seeds]
-    x = torch.tensor(prompts, dtype=torch.long)
+    device = next(model.parameters()).device
+    # One generator per row, on the model's device: a row's noise never depends on which
+    # batch it landed in, and no noise crosses from the CPU to the GPU each step.
+    gens = [torch.Generator(device=device).manual_seed(int(seed) % (2**63)) for seed in seeds]
+    x = torch.tensor(prompts, dtype=torch.long, device=device)
     out = [[] for _ in range(n)]
     logprob = np.zeros(n)
     done = np.zeros(n, dtype=bool)
@@ -60,7 +63,7 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
             logits = o.logits[:, -1, :].float()
             if s.temperature == 0:
                 token = logits.argmax(dim=-1)
-                lp = torch.zeros(n)
+                lp = torch.zeros(n, device=device)
             else:
                 logits = logits / s.temperature
                 if s.top_k:
@@ -74,15 +77,17 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
                         torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
                 logp = torch.log_softmax(logits, dim=-1)
                 gumbel = torch.stack([
-                    -torch.log(-torch.log(torch.rand(logp.shape[1], generator=g).clamp_min(1e-20)))
+                    -torch.log(-torch.log(torch.rand(logp.shape[1], generator=g, device=device)
+                                          .clamp_min(1e-20)))
                     for g in gens])
                 token = (logp + gumbel).argmax(dim=-1)
                 lp = logp.gather(1, token[:, None])[:, 0]
+            tokens, lps = token.tolist(), lp.double().tolist()  # one copy to the host per step
             for i in range(n):
                 if done[i]:
                     continue
-                t = int(token[i])
-                logprob[i] += float(lp[i])
+                t = tokens[i]
+                logprob[i] += lps[i]
                 if t == s.eos:
                     done[i] = True
                 else:
@@ -95,19 +100,23 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
 
 
 class HFSampler:
-    """Ray Data actor: loads the checkpoint once, decodes batches of requests."""
+    """Ray Data actor: loads the checkpoint once, onto the actor's GPU when it was given
+    one (sampler_gpus > 0), else the CPU; decodes batches of requests."""
 
     def __init__(self, model_dir: str, settings: dict[str, Any]):
         import torch
         from transformers import AutoModelForCausalLM
 
         from engine.files import local_copy
+        from engine.fit import current_device, use_threads
 
         model_dir = str(local_copy(model_dir))  # this node's copy if the run is in a bucket
         self.settings = SampleSettings(**settings)
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        use_threads(self.settings.threads)
+        # fp32 weights whatever the checkpoint holds: a bf16 checkpoint is upcast, so the
+        # sampling distribution is the trained model's at full precision on any device.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32).to(current_device()).eval()
         from engine.families.lm.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir)
@@ -161,7 +170,7 @@ def _requests(prompts: list[list[int]], seeds: list[int]):
 
 
 def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
-              actors: int, cpus_per_actor: float) -> pa.Table:
+              actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0) -> pa.Table:
     import ray.data
 
     requests = _requests(prompts, seeds)
@@ -169,7 +178,8 @@ def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: Sam
                                                                  "settings": asdict(s)},
                                batch_size=s.batch_size,
                                compute=ray.data.ActorPoolStrategy(size=actors),
-                               num_cpus=cpus_per_actor, batch_format="numpy")
+                               num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                               batch_format="numpy")
     return _collect(out)
 
 
@@ -217,10 +227,13 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
                 "sampling_params": {**sampling, "seed": int(row["seed"])}}
 
     def postprocess(row):
-        return {"row": row["row"], "prompt_ids": row["prompt_ids"],
-                "generated": list(row["generated_tokens"]),
+        generated = [int(t) for t in row["generated_tokens"]]
+        # Ray's processor returns no finish reason. vLLM keeps a stop token in the output
+        # it ends on (v1/core/sched/utils.py: check_stop), so a story that ended with EOT
+        # rather than at the length limit is one whose last token is EOT.
+        return {"row": row["row"], "prompt_ids": row["prompt_ids"], "generated": generated,
                 "logprob": float(sum(_token_logprobs(row))),
-                "finished": row.get("finish_reason") == "stop"}
+                "finished": bool(generated) and generated[-1] == s.eos}
 
     # The pre/post-process stages are Ray Data map tasks; at their default of 1 CPU they
     # never get scheduled on a small machine whose CPUs are held by the chain drivers and
@@ -274,6 +287,6 @@ def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds:
     if chosen == "vllm":
         table = sample_vllm(model_dir, prompts, seeds, s, actors, cpus_per_actor, gpus_per_actor)
     else:
-        table = sample_hf(model_dir, prompts, seeds, s, actors, cpus_per_actor)
+        table = sample_hf(model_dir, prompts, seeds, s, actors, cpus_per_actor, gpus_per_actor)
     table = table.drop_columns(["row"])
     return table.replace_schema_metadata({"sampler": chosen})

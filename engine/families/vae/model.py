@@ -44,6 +44,10 @@ class ConvVAE(nn.Module):
         h = self.from_latent(z).view(-1, self.widths[-1], self.side, self.side)
         return self.decoder(h)
 
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.losses(x, generator)
+
     def losses(self, x: torch.Tensor, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: reconstruction error (binary cross-entropy summed over pixels, the

@@ -1,4 +1,5 @@
-"""Image data for the image families: arrays of shape (N, C, H, W), float32 in [0, 1].
+"""Image data for the image families (vae, ae, diffusion): arrays of shape (N, C, H, W),
+float32 in [0, 1], and the seeded test/train split every array family uses.
 
 - `digits`: the 1,797 handwritten-digit scans (8×8, grey) that ship inside
   scikit-learn — real images, no download, so image studies run on a fresh machine;
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.files import open_source, split_uri
+
 DIGITS = "digits"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -29,7 +32,7 @@ def load_images(source: str, image_size: int, channels: int, max_images: int | N
     """The images of `source`, as (N, channels, image_size, image_size) in [0, 1]."""
     if source == DIGITS:
         images = _digits()
-    elif "idx3-ubyte" in Path(source.split("://")[-1]).name:
+    elif "idx3-ubyte" in Path(split_uri(source)[1]).name:
         images = _mnist_idx(source, max_images)
     else:
         images = _folder(source, image_size, channels, max_images)
@@ -47,21 +50,13 @@ def _digits() -> np.ndarray:
     return (load_digits().images / 16.0)[:, None, :, :]  # (1797, 1, 8, 8)
 
 
-def _open(source: str):
-    if "://" in source:
-        import fsspec
-
-        return fsspec.open(source, "rb").open()
-    path = Path(source)
-    if not path.exists():
-        raise ImageDataError(f"{source}: no such file")
-    return open(path, "rb")
-
-
 def _mnist_idx(source: str, max_images: int | None) -> np.ndarray:
     """MNIST's idx3 format: magic 2051, count, rows, cols (big-endian), then pixels."""
-    with _open(source) as raw:
-        data = raw.read()
+    try:
+        with open_source(source) as raw:
+            data = raw.read()
+    except FileNotFoundError:
+        raise ImageDataError(f"{source}: no such file") from None
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     if len(data) < 16:

@@ -1,0 +1,137 @@
+"""Connecting to Ray and fitting a study onto the cluster: node shapes (live nodes and
+what the autoscaler may add), the placement check before any work, and how many chains
+run at once."""
+from __future__ import annotations
+
+import logging
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+from engine.families import family_for
+from engine.spec import Study
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds, not after Ray's 30 s GCS timeout, when a HOST:PORT is closed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "local", ray:// client addresses: ray.init decides
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e}); start the "
+                              "cluster (ray start --head) or fix --address") from None
+
+
+@contextmanager
+def ray_connection(address: str | None) -> Iterator[None]:
+    """Join the Ray at `address`, or start a local one; leave Ray as we found it."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        _probe(address)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def node_shapes() -> list[dict[str, float]]:
+    """The resources of every node the cluster has or may start: live nodes, plus each
+    node type the autoscaler may add (cluster.yaml's `available_node_types`)."""
+    import ray
+    from ray._private.state import state
+
+    shapes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 — no autoscaler state (a local Ray): live nodes only
+        config = None
+    for group in getattr(config, "node_group_configs", []) or []:
+        if group.max_count != 0:
+            shapes.append({k: float(v) for k, v in group.resources.items()})
+    return shapes
+
+
+def _autoscaler_max() -> dict[str, float]:
+    """The most of each resource the autoscaler may bring up ({} without one)."""
+    from ray._private.state import state
+
+    try:
+        return dict(state.get_max_resources_from_cluster_config() or {})
+    except Exception:  # noqa: BLE001 — a local Ray has no autoscaler config
+        return {}
+
+
+def _fits(need: dict[str, float], shape: dict[str, float]) -> bool:
+    return all(amount <= shape.get(name, 0.0) + 1e-9 for name, amount in need.items() if amount)
+
+
+def _show(resources: dict[str, float]) -> str:
+    shown = {k: v for k, v in resources.items()
+             if v and (k in ("CPU", "GPU") or not k.startswith(("node:", "memory",
+                                                                "object_store_memory")))}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(shown.items())) or "nothing"
+
+
+def check_fits_cluster(study: Study) -> None:
+    """Refuse, before any work starts, a study one of whose processes no node can hold
+    (e.g. 8 GPUs per trainer worker on a cluster without GPUs): Ray would otherwise wait
+    for such a node forever, silently."""
+    from engine.spec import SpecError
+
+    shapes = node_shapes()
+    nodes = "; ".join(sorted({_show(s) for s in shapes})) or "no nodes"
+    r = study.resources
+    driver = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}
+    if not any(_fits(driver, s) for s in shapes):
+        key = "gpus_per_trial" if r.gpus_per_trial and not any(
+            _fits({"GPU": r.gpus_per_trial}, s) for s in shapes) else "cpus_per_trial"
+        raise SpecError(f"{study.source}: resources.{key}: a chain's driver asks for "
+                        f"{_show(driver)}, but no node of this cluster has that (nodes: "
+                        f"{nodes}); lower it or add such a node type to cluster.yaml")
+    for trial in study.trials():
+        for bundle in family_for(trial).placement():
+            if any(_fits(bundle.resources, s) for s in shapes):
+                continue
+            short = next((k for k, v in bundle.resources.items()
+                          if v and not any(_fits({k: v}, s) for s in shapes)), "CPU")
+            field = bundle.fields.get(short, "")
+            raise SpecError(f"{study.source}: family.{field}: a {bundle.what} asks for "
+                            f"{_show(bundle.resources)}, but no node of this cluster has that "
+                            f"(nodes: {nodes}); lower it or add such a node type to "
+                            "cluster.yaml")
+
+
+def default_concurrency(study: Study) -> int | None:
+    """How many chains may run at once when the study does not say.
+
+    A chain holds its driver's reservation (cpus_per_trial, gpus_per_trial) plus what
+    its family holds while it runs (trainer workers, sampler actors); on a cluster the
+    GPUs usually decide. When chains stream their mix from Parquet, Ray Data's file
+    listing asks for one whole CPU, so one CPU is kept free for it: without that, every
+    chain waits on a read that can never be scheduled."""
+    import ray
+
+    families = [family_for(t) for t in study.trials()]
+    r = study.resources
+    cpus_held = max(f.chain_cpus() for f in families)
+    gpus_held = max(f.chain_gpus() for f in families) + r.gpus_per_trial
+    if not cpus_held and not gpus_held:
+        return None  # in-memory families: Tune's own accounting of cpus_per_trial suffices
+    # What the cluster has, or may grow to under its autoscaler.
+    now, most = ray.cluster_resources(), _autoscaler_max()
+    total = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in ("CPU", "GPU")}
+    streams = any(f.data_view() == "dataset" for f in families)
+    limits = [max(1, int((total["CPU"] - (1 if streams else 0)) // (r.cpus_per_trial + cpus_held)))]
+    if gpus_held:
+        limits.append(max(1, int(total["GPU"] // gpus_held)))
+    return min(limits)
+
+

@@ -1,0 +1,220 @@
+"""What the neural families on fixed-size float rows share (vae, ae, diffusion): the
+table a corpus of images or point sets is stored as, how a network is fit to one
+through engine.fit (in the chain's process or on Ray Train workers), saved and loaded,
+and the diversity measures of their samples."""
+from __future__ import annotations
+
+import json
+import tempfile
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from engine.families.base import Bundle, Family
+
+Curve = list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Where an array family's fit runs; every array family's Config extends it."""
+
+    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train workers
+    workers: int = 1  # Ray Train workers (trainer: ray), each on an equal share of the mix
+    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker holds
+    gpus_per_worker: float = 0.0  # GPUs each Ray Train worker holds; > 0 evaluates on a GPU too
+    threads: int = 0  # torch CPU threads of the fit; 0: torch's default
+
+
+# ------------------------------------------------------------------------- tables
+
+def rows_table(column: str, examples: np.ndarray) -> pa.Table:
+    """One row per example: its values flattened into a fixed-size list of float32."""
+    flat = np.ascontiguousarray(examples, dtype=np.float32).reshape(len(examples), -1)
+    return pa.table({column: pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()),
+                                                               flat.shape[1])})
+
+
+def rows_from_table(table: pa.Table, column: str, shape: tuple[int, ...]) -> np.ndarray:
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, *shape).astype(np.float32)
+
+
+def image_table(images: np.ndarray) -> pa.Table:
+    return rows_table("image", images)
+
+
+def mean_pairwise_distance(rows: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of rows (a diversity measure of samples)."""
+    if len(rows) < 2:
+        return 0.0
+    sq = (rows ** 2).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0)
+    return float(np.sqrt(d2[np.triu_indices(len(rows), k=1)]).mean())
+
+
+def image_diversity(table: pa.Table, n: int) -> dict[str, float]:
+    """Diversity of a sampled image corpus, over its first `n` images."""
+    flat = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    images = flat.reshape(table.num_rows, -1)[:n].astype(np.float64)
+    if len(images) < 2:
+        return {}
+    return {"sample_distance": mean_pairwise_distance(images),
+            "pixel_variance": float(images.var(axis=0).mean())}
+
+
+def image_preview(table: pa.Table, channels: int, size: int) -> np.ndarray:
+    """The first images of a corpus, (k, H, W) grey or (k, H, W, 3) colour, for the
+    sample grids of `collapse plot`."""
+    images = rows_from_table(table.slice(0, 16), "image", (channels, size, size))
+    return images[:, 0] if channels == 1 else images.transpose(0, 2, 3, 1)
+
+
+def batched(n: int, size: int = 4096) -> list[slice]:
+    """Slices of `size` over n rows. Test sets up to `size` rows are scored in one pass,
+    so their fixed noise draws do not depend on how they were batched."""
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------- fitting
+
+@dataclass
+class NetModel:
+    """A trained network, its loss curve, and arrays fitted beside it (the autoencoder's
+    latent Gaussian)."""
+
+    net: Any
+    curve: Curve
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    record: dict | None = None  # how the fit went (engine.fit's fit.json)
+
+
+class ExampleBatches:
+    """Each worker's batches: an equal share of the examples (equal, so that workers
+    take the same number of steps: otherwise they wait for each other's gradients
+    forever), reshuffled every epoch. The examples travel once through Ray's object
+    store when a list holding their reference is given (a list keeps Ray from resolving
+    the reference before a worker asks for it)."""
+
+    def __init__(self, examples: np.ndarray | list, batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+
+    def __call__(self, rank: int, world: int):
+        import torch
+
+        from engine.fit import shuffled_batches
+
+        examples = self.examples
+        if isinstance(examples, list):
+            import ray
+
+            examples = ray.get(examples[0])
+        per_worker = len(examples) // world
+        shard = np.ascontiguousarray(examples[rank * per_worker:(rank + 1) * per_worker])
+        return shuffled_batches(torch.from_numpy(shard), self.batch_size, self.seed)
+
+
+def save_network(module: Any, curve: Curve, out: Path) -> None:
+    """Weights (on the CPU), the architecture that rebuilds them, and the loss curve."""
+    import torch
+
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, out / "net.pt")
+    (out / "model.json").write_text(json.dumps({"architecture": module.architecture,
+                                                "curve": curve}))
+
+
+class ArrayFamily(Family):
+    """A family whose model is one torch network fit with engine.fit's loop."""
+
+    @abstractmethod
+    def network(self, architecture: dict) -> Any:
+        """A fresh network of this architecture (the `architecture` attribute of the
+        networks the family builds)."""
+
+    def fit_network(self, build: Callable[[], Any], examples: np.ndarray, loss, seed: int,
+                    context) -> NetModel:
+        """A fresh `build()` trained on `examples` for `epochs`: AdamW, warmup + cosine
+        decay, in this process (trainer: local) or on Ray Train workers, each on its
+        equal share of the examples, gradients averaged by DeepSpeed."""
+        from engine.fit import FitJob, LoopConfig, Workers, fit_here, fit_on_workers
+
+        p = self.config
+        workers = p.workers if p.trainer == "ray" else 1
+        per_worker = len(examples) // workers
+        if per_worker < p.batch_size:
+            raise ValueError(f"family.batch_size: the mix holds {per_worker} examples per "
+                             f"worker, fewer than one batch of {p.batch_size}")
+        steps = max(1, int(round(p.epochs * (per_worker // p.batch_size))))
+        loop = LoopConfig(steps=steps, batch_size=p.batch_size, lr=p.lr, warmup=0.05,
+                          min_lr_ratio=0.05, weight_decay=getattr(p, "weight_decay", 0.0),
+                          seed=seed, log_every=max(1, steps // 50), threads=p.threads)
+        with tempfile.TemporaryDirectory(prefix="collapse-fit-") as d:
+            out = Path(d)
+            if p.trainer == "local":
+                fit_here(FitJob(build, ExampleBatches(examples, p.batch_size, seed), loss,
+                                save_network, loop), out)
+            else:
+                import ray
+
+                shared = [ray.put(np.ascontiguousarray(examples))]
+                job = FitJob(build, ExampleBatches(shared, p.batch_size, seed), loss,
+                             save_network, loop)
+                fit_on_workers(job, Workers(max_workers=p.workers,
+                                            cpus_per_worker=p.cpus_per_worker,
+                                            gpus_per_worker=p.gpus_per_worker),
+                               context.workdir / "ray_train", out, context.callbacks)
+            return self._read_network(out)
+
+    def _read_network(self, directory: Path) -> NetModel:
+        import torch
+
+        from engine.fit import FIT_RECORD
+
+        meta = json.loads((directory / "model.json").read_text())
+        net = self.network(meta["architecture"])
+        net.load_state_dict(torch.load(directory / "net.pt", weights_only=True))
+        arrays = {f.stem: np.load(f) for f in sorted(directory.glob("*.npy"))}
+        record = directory / FIT_RECORD
+        return NetModel(net=net.eval(), curve=[tuple(c) for c in meta["curve"]], arrays=arrays,
+                        record=json.loads(record.read_text()) if record.exists() else None)
+
+    def save_model(self, model: NetModel, directory: Path) -> None:
+        from engine.fit import FIT_RECORD
+
+        save_network(model.net, model.curve, directory)
+        for name, values in model.arrays.items():
+            np.save(directory / f"{name}.npy", values)
+        if model.record is not None:
+            (directory / FIT_RECORD).write_text(json.dumps(model.record))
+
+    def load_model(self, directory) -> NetModel:
+        from engine.files import local_copy
+
+        return self._read_network(local_copy(directory))  # the run may be in an object store
+
+    def curves(self, model: NetModel) -> dict[str, Curve]:
+        return {"train_loss": model.curve}
+
+    def evaluation_gpus(self) -> float:
+        """GPUs evaluation asks for: the trainer workers' (trainer: ray), capped at one."""
+        p = self.config
+        return min(1.0, p.gpus_per_worker) if p.trainer == "ray" else 0.0
+
+    def placement(self) -> list[Bundle]:
+        p = self.config
+        if p.trainer != "ray":
+            return []
+        return [Bundle("trainer worker", {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker},
+                       {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"})] * p.workers
+
+    def chain_cpus(self) -> float:
+        p = self.config
+        return p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
+
+    def chain_gpus(self) -> float:
+        p = self.config
+        return p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0

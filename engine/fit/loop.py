@@ -1,0 +1,212 @@
+"""The one training loop: DeepSpeed over a model factory, batches and a loss.
+
+    model = build()                       seeded: the same seed gives the same weights
+    engine = deepspeed.initialize(model)  AdamW, linear warmup then cosine decay, ZeRO
+    for step in 1..steps:
+        batch = next(batches).to(device)  the device this process runs on (fit/device.py)
+        loss(engine, batch, generator).backward(); engine.step()
+    -> the trained module, its loss curve [(step, mean loss since the last point)]
+
+Every family trains through `train`: the language models on packed token blocks, the
+image and point families on examples. Ray Train runs it on each worker
+(engine/fit/workers.py); `trainer: local`, tests and benchmarks call it directly.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from engine.fit.device import current_device, resolve_precision, use_threads
+
+Curve = list[tuple[int, float]]
+CHECKPOINT_TAG = "state"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything the loop reads besides the model, the batches and the loss."""
+
+    steps: int
+    batch_size: int  # examples per step on each worker (DeepSpeed's micro batch)
+    lr: float
+    warmup: float = 0.05  # fraction of the steps with a linear warmup
+    min_lr_ratio: float = 0.1  # the cosine decays to lr × this
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0  # max gradient norm; 0: no clipping
+    precision: str = "fp32"  # "fp32", "bf16", or "auto" (bf16 on GPUs that have it)
+    zero_stage: int = 0
+    seed: int = 0
+    log_every: int = 10  # a curve point every this many steps
+    threads: int = 0  # torch CPU threads; 0: torch's default
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def deepspeed_config(cfg: LoopConfig, precision: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        # torch_adam: DeepSpeed would otherwise JIT-compile its CPU Adam (≈50 s on 2 cores);
+        # on GPUs torch's fused AdamW is as fast as DeepSpeed's.
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas),
+                                                  "eps": 1e-8, "weight_decay": cfg.weight_decay,
+                                                  "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": cfg.steps,
+                                 "warmup_num_steps": max(1, int(cfg.warmup * cfg.steps)),
+                                 "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio,
+                                 "warmup_type": "linear"}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def ensure_process_group(device) -> None:
+    """DeepSpeed needs torch.distributed. Ray Train sets it up on its workers; a plain
+    process (trainer: local, tests, benchmarks) gets a one-member group: NCCL on a GPU,
+    gloo on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    # A file rendezvous, not MASTER_ADDR/PORT: a port picked here could be taken by the
+    # time the store binds it, and env variables leak into child processes (a stale
+    # MASTER_PORT inherited from a parent that still listens on it: EADDRINUSE).
+    store = tempfile.NamedTemporaryFile(prefix="collapse-pg-", delete=False)
+    store.close()
+    os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"] = "0", "0", "1"
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False, verbose=False,
+                               init_method=f"file://{store.name}", rank=0, world_size=1)
+
+
+Loss = Callable[[Any, Any, Any], Any]  # (engine, batch on the device, CPU generator) -> scalar
+
+
+@dataclass
+class Trained:
+    """What `train` hands back: the DeepSpeed engine (its `module` is the trained
+    network) and the loss curve. Read the weights through `full_weights` (ZeRO-3 keeps
+    each worker's part only)."""
+
+    engine: Any
+    curve: Curve
+    zero_stage: int
+    first_step: int  # the step the loop (re)started at: 0, or a restored checkpoint's
+    seconds: float  # wall time of the steps this call ran (set-up excluded)
+
+    @property
+    def module(self):
+        return self.engine.module
+
+
+@contextlib.contextmanager
+def full_weights(trained: Trained) -> Iterator[Any]:
+    """The trained module with all its weights in place. Under ZeRO-3 every worker
+    holds a slice of each parameter, and a plain state_dict() is empty: the weights are
+    gathered for the block. Collective: every worker must enter it."""
+    if trained.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(trained.module.parameters())):
+            yield trained.module
+    else:
+        yield trained.module
+
+
+def train(build: Callable[[], Any], batches: Iterable, loss: Loss, cfg: LoopConfig,
+          resume_from: str | None = None,
+          on_step: Callable[[int, Curve, Callable[[str], None]], None] | None = None,
+          ) -> Trained:
+    """Train `build()` for `cfg.steps` steps on `batches` (tensors, first axis the batch).
+
+    `loss(engine, batch, generator)`: the batch's mean loss; `engine` calls the model's
+    forward; `generator` is a CPU generator seeded from cfg.seed for any noise the loss
+    draws (VAE latents, diffusion steps), so a fit is reproducible and resumes exactly.
+    `resume_from`: a directory `save` wrote; the loop goes on from its step with its
+    weights, optimizer, schedule, curve and generator. `on_step(step, curve, save)` runs
+    after every step; `save(directory)` writes such a checkpoint (every worker must call
+    it: each writes its part)."""
+    import deepspeed
+    import torch
+
+    use_threads(cfg.threads)
+    device = current_device()
+    ensure_process_group(device)
+    torch.manual_seed(cfg.seed % 2**31)  # the initial weights come from the seed
+    model = build()
+    precision = resolve_precision(cfg.precision, device)
+    # device_rank: DeepSpeed would otherwise take the GPU numbered LOCAL_RANK, which need
+    # not be the one Ray Train assigned this worker.
+    args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model,
+                                           model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, precision))
+    engine.train()
+    generator = torch.Generator().manual_seed((cfg.seed + 1) % 2**31)
+    step, curve = 0, []
+    if resume_from is not None:
+        _, state = engine.load_checkpoint(resume_from, tag=CHECKPOINT_TAG)
+        step, curve = int(state["step"]), [tuple(x) for x in state["curve"]]
+        generator.set_state(state["generator"])
+    first_step = step
+
+    def save(directory: str) -> None:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={
+            "step": step, "curve": [list(c) for c in curve], "generator": generator.get_state()})
+
+    window: list[float] = []
+    started = time.perf_counter()
+    for batch in batches:
+        if step >= cfg.steps:
+            break
+        value = loss(engine, batch.to(engine.device, non_blocking=True), generator)
+        engine.backward(value)
+        engine.step()
+        step += 1
+        window.append(float(value.detach()))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            curve.append((step, float(np.mean(window))))
+            window = []
+        if on_step is not None:
+            on_step(step, curve, save)
+    if window:
+        curve.append((step, float(np.mean(window))))
+    if step < cfg.steps:
+        raise RuntimeError(f"the batches ran out after {step} of {cfg.steps} steps")
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)  # the steps' kernels finish before the clock stops
+    seconds = time.perf_counter() - started
+    engine.eval()
+    return Trained(engine=engine, curve=curve, zero_stage=cfg.zero_stage, first_step=first_step,
+                   seconds=seconds)
+
+
+def shuffled_batches(examples, batch_size: int, seed: int) -> Iterator:
+    """In-memory examples (a tensor, first axis = examples) in batches, reshuffled every
+    epoch from `seed`, endlessly: the loop stops at its step count."""
+    import torch
+
+    if len(examples) < batch_size:
+        raise ValueError(f"family.batch_size: the mix holds {len(examples)} examples, fewer "
+                         f"than one batch of {batch_size}")
+    order_gen = torch.Generator().manual_seed(seed % 2**31)
+    per_epoch = len(examples) // batch_size
+    while True:
+        order = torch.randperm(len(examples), generator=order_gen)
+        for start in range(0, per_epoch * batch_size, batch_size):
+            yield examples[order[start:start + batch_size]]

@@ -1,0 +1,117 @@
+"""Where every file of a run lives — the only place that spells a run's paths.
+
+    <out>/
+      study.yaml                       the resolved study of the last run
+      results.parquet, results.csv     the tidy table
+      plots/                           collapse plot
+      real/                            real data prepared once per study (LM: split, tokenizer, tokens)
+      tune/                            Ray Tune's own experiment records
+      trials/<chain>/
+        trial.json                     the chain's parameters
+        chain.log                      what the chain's driver logged
+        corpus/                        the corpus store (engine/corpus.py)
+        models/gen-NNNN/               the generation's model
+        metrics/gen-NNNN.json          marks generation NNNN done
+        previews/<corpus>.npy          a few samples of a corpus, for image families
+        scratch/gen-NNNN/              the fit in progress (Ray Train's checkpoints)
+
+`out` is a path or an object-store URI (engine/files.py); every name here is a Location.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.files import Location, node_cache
+
+
+def _gen(g: int) -> str:
+    return f"gen-{g:04d}"
+
+
+@dataclass(frozen=True)
+class ChainLayout:
+    """One chain's files."""
+
+    root: Location
+
+    @property
+    def trial_file(self) -> Location:
+        return self.root / "trial.json"
+
+    @property
+    def log_file(self) -> Location:
+        return self.root / "chain.log"
+
+    @property
+    def corpus(self) -> Location:
+        return self.root / "corpus"
+
+    @property
+    def previews(self) -> Location:
+        return self.root / "previews"
+
+    def preview(self, corpus: str) -> Location:
+        return self.previews / f"{corpus}.npy"
+
+    def model(self, g: int) -> Location:
+        return self.root / "models" / _gen(g)
+
+    def metrics(self, g: int) -> Location:
+        return self.root / "metrics" / f"{_gen(g)}.json"
+
+    def scratch(self, g: int) -> Location:
+        return self.root / "scratch" / _gen(g)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """A study's run directory."""
+
+    out: Location
+
+    @staticmethod
+    def of(out: "Location | Path | str") -> "RunLayout":
+        return RunLayout(Location.of(out))
+
+    @property
+    def study_file(self) -> Location:
+        return self.out / "study.yaml"
+
+    @property
+    def results_table(self) -> Location:
+        return self.out / "results.parquet"
+
+    @property
+    def results_csv(self) -> Location:
+        return self.out / "results.csv"
+
+    @property
+    def plots(self) -> Location:
+        return self.out / "plots"
+
+    @property
+    def tune(self) -> Location:
+        return self.out / "tune"
+
+    @property
+    def trials(self) -> Location:
+        return self.out / "trials"
+
+    def chain(self, trial_id: str) -> ChainLayout:
+        return ChainLayout(self.trials / trial_id)
+
+    def chains(self) -> list[ChainLayout]:
+        """Every chain directory the run holds, by name."""
+        return [ChainLayout(c) for c in self.trials.children()]
+
+    @property
+    def real_cache(self) -> Path:
+        """Where families keep work on real data done once per study (a tokenizer, the
+        tokenized splits): `out`/real on a filesystem every chain sees; for an
+        object-store run, a directory in this node's cache (that work is deterministic in
+        the study seed, so every node that redoes it gets the same data)."""
+        if self.out.is_local:
+            return self.out.local_path / "real"
+        return node_cache() / "real" / hashlib.sha256(self.out.uri.encode()).hexdigest()[:24]
