@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     ray_started = not ray.is_initialized()
     if ray_started:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as d:
             for name in a.families.split(","):

@@ -39,7 +39,8 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as ckpt:
         model.save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
         s = SampleSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=a.tokens,
                            eos=never, batch_size=a.batch, threads=1)
         start = time.perf_counter()

@@ -22,43 +22,79 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> "Study":
 
 
 def check_out_directory(study: "Study") -> None:
-    """Refuse, before writing anything, a study whose `out` holds a different run."""
+    """Refuse, before writing anything, a study whose `out` holds a different run: chains
+    run with other parameters, or chains and generations this study would leave out of
+    its results table (fewer strategies, seeds, grid points or generations)."""
     from engine.chain import recorded_trial_mismatch
+    from engine.layout import RunLayout
     from engine.spec import SpecError
 
-    for trial in study.trials():
+    where = f"{study.source}: out: {study.out}"
+    trials = {t.trial_id: t for t in study.trials()}
+    for trial in trials.values():
         mismatch = recorded_trial_mismatch(study.out, trial)
         if mismatch:
-            raise SpecError(f"{study.source}: out: {study.out} already holds chain "
-                            f"{trial.trial_id} run with other parameters ({mismatch}); "
-                            "choose another out (--set out=DIR) or delete that run")
+            raise SpecError(f"{where} already holds chain {trial.trial_id} run with other "
+                            f"parameters ({mismatch}); choose another out (--set out=DIR) or "
+                            "delete that run")
+    for chain in RunLayout.of(study.out).chains():
+        name = chain.root.name
+        done = 0
+        while chain.metrics(done + 1).exists():
+            done += 1
+        if not done:
+            continue
+        if name not in trials:
+            raise SpecError(f"{where} holds chain {name} ({done} generations), which this "
+                            "study does not run: results.parquet would lose its rows; run "
+                            "the study it belongs to, or choose another out (--set out=DIR)")
+        if done > trials[name].generations:
+            raise SpecError(f"{where} holds {done} generations of chain {name}, this study "
+                            f"asks for {trials[name].generations}: results.parquet would lose "
+                            f"the rest; set generations to at least {done}, or choose another "
+                            "out (--set out=DIR)")
 
 
 def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
-              address: str | None = None) -> "pd.DataFrame":
-    """Run (or resume) every chain of a study; return and save the tidy table."""
+              address: str | None = None, verbose: bool = False,
+              say=None) -> "pd.DataFrame":
+    """Run (or resume) every chain of a study; return and save the tidy table.
+
+    Everything that needs no cluster is checked before Ray starts (15-20 s): the study,
+    what `out` already holds, whether `out` can be written, whether anything is left to
+    do."""
+    import sys
+
     import yaml
 
     from engine import results
-    from engine.cluster import check_fits_cluster, ray_connection
+    from engine.chain import completed_generations
+    from engine.cluster import check_fits_cluster, check_reachable, ray_connection
     from engine.files import StorageError, check_writable, write_atomic
     from engine.layout import RunLayout
     from engine.spec import SpecError, Study
     from engine.sweep import run_sweep
 
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if not isinstance(study, Study):
         study = load_study(study, overrides)
     check_out_directory(study)
+    address = address or study.resources.address
+    check_reachable(address)
     run = RunLayout.of(study.out)  # a path or an object-store URI
-    with ray_connection(address or study.resources.address):
-        check_fits_cluster(study)
-        try:  # a missing bucket, no credentials, a read-only mount: one line, now
-            check_writable(run.out)
-        except StorageError as e:
-            raise SpecError(f"{study.source}: out: {e}") from None
-        write_atomic(run.study_file,
-                     lambda tmp: tmp.write_text(yaml.safe_dump(study.document, sort_keys=False)))
-        run_sweep(study)
+    try:  # a missing bucket, no credentials, a read-only mount: one line, now
+        check_writable(run.out)
+    except StorageError as e:
+        raise SpecError(f"{study.source}: out: {e}") from None
+    trials = study.trials()
+    if all(completed_generations(run.out, t) >= t.generations for t in trials):
+        say(f"[{study.name}] all {len(trials)} chains already complete in {run.out}")
+    else:
+        with ray_connection(address, verbose=verbose):
+            check_fits_cluster(study)
+            write_atomic(run.study_file, lambda tmp: tmp.write_text(
+                yaml.safe_dump(study.document, sort_keys=False)))
+            run_sweep(study, say=say)
     table = results.collect(study)
     results.write(table, run.out)
     return table

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,7 +43,45 @@ Reporter = Callable[[int, dict[str, float]], None]
 
 
 class ChainError(RuntimeError):
-    pass
+    """A chain stopped, said in one line: the chain, the generation, the step, the cause
+    and where its log is. `retry`: whether running the chain again may help (a lost node
+    or worker) or not (bad data, a corrupt corpus, a wrong parameter: the user acts first)."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message, retry)
+        self.message, self.retry = message, retry
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors that the same run would hit again: data, files, parameters."""
+    from engine.corpus import CorpusError
+
+    return isinstance(e, (ValueError, FileNotFoundError, CorpusError, ChainError))
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: the original error inside Ray's wrappers, its message's
+    first line, its type where the message alone would not say what went wrong."""
+    while getattr(e, "cause", None) is not None and e.cause is not e:  # RayTaskError
+        e = e.cause
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    if isinstance(e, ChainError) or (_user_error(e) and text):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@dataclass
+class _Step:
+    """Where a chain is, for the line that says where it stopped."""
+
+    generation: int = 0
+    phase: str = "preparing real data"
+
+    def __str__(self) -> str:
+        return f"generation {self.generation}, {self.phase}" if self.generation else self.phase
 
 
 def chain_layout(out: Location | Path | str, trial: Trial) -> ChainLayout:
@@ -82,13 +121,17 @@ def run_chain(trial: Trial, generations: int, out: Location | Path | str,
     Ray Train fit the chain starts (its Tune trial's TuneReportCallback)."""
     paths = chain_layout(out, trial)
     paths.root.mkdir()
+    step = _Step()
     with _chain_log(paths.log_file) as publish:
         try:
             _run_chain(trial, generations, Location.of(out), report, publish,
-                       tuple(fit_callbacks))
-        except Exception:
-            log.exception("%s: chain failed", trial.trial_id)
-            raise
+                       tuple(fit_callbacks), step)
+        except Exception as e:
+            log.exception("%s: chain failed at %s", trial.trial_id, step)
+            if isinstance(e, ChainError):
+                raise
+            raise ChainError(f"chain {trial.trial_id} stopped at {step}: {one_line(e)} "
+                             f"(details: {paths.log_file})", retry=not _user_error(e)) from e
 
 
 @contextmanager
@@ -123,7 +166,7 @@ def _chain_log(where: Location) -> Iterator[Callable[[], None]]:
 
 
 def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter | None,
-               publish: Callable[[], None], fit_callbacks: tuple) -> None:
+               publish: Callable[[], None], fit_callbacks: tuple, step: _Step) -> None:
     family = family_for(trial)
     strategy = strategies.get(trial.strategy)
     run = RunLayout(out)
@@ -149,20 +192,42 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
             store.write(strategies.real(k), table, model="real data")
     _save_preview(family, paths.preview("real"), lambda: real.train_chunks[0])
 
+    def sample_into(g: int, model: Any) -> None:
+        """Generation g's corpus, sampled from its model and stored with its statistics."""
+        table = family.sample(real, model, strategy.sample_size(g, T),
+                              derive_seed(*point, g, "sample"))
+        store.write(strategies.synthetic(g), table,
+                    model=f"generation {g} ({family.model_name()})",
+                    temperature=family.temperature(), stats=family.sample_stats(table))
+
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():
             continue
         model_dir = paths.model(g)
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        step.generation, step.phase = g, "fit"
         if directory_complete(model_dir):
             model = family.load_model(model_dir)
             log.info("%s: generation %d: model loaded from checkpoint", trial.trial_id, g)
         else:
+            step.phase = "reading the training mix"
             mix = strategy.mix(g, T)
+            for part in mix.parts:  # a corpus the user deleted to have it made again
+                if part.source.kind == "synthetic" and not store.has(part.source):
+                    k = part.source.index
+                    if not directory_complete(paths.model(k)):
+                        raise ChainError(f"{paths.corpus / part.source.name} is missing and "
+                                         f"generation {k}'s model too: delete {paths.root} "
+                                         "to run the chain again from the start")
+                    log.warning("%s: corpus %s was deleted: sampling it again from generation "
+                                "%d's model, with the same seeds", trial.trial_id,
+                                part.source.name, k)
+                    sample_into(k, family.load_model(paths.model(k)))
             seed = derive_seed(*point, g, "mix")
             data = (store.read(mix, seed) if family.data_view() == "table"
                     else store.dataset(mix, seed))
+            step.phase = "fit"
             # Scratch space of this chain and generation only, in the run's storage. It
             # survives a killed run: what a fit left there (Ray Train's checkpoints) is
             # the family's to resume from. It goes once the model is saved.
@@ -177,6 +242,7 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
             timings["fit"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        step.phase = "evaluation"
         scores = dict(family.evaluate(real, model))
         expected = family.theory(trial.strategy, g)
         if expected is not None:
@@ -184,12 +250,10 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
         timings["evaluate"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        step.phase = "sampling"
         synth = strategies.synthetic(g)
         if not store.has(synth):
-            table = family.sample(real, model, strategy.sample_size(g, T),
-                                  derive_seed(*point, g, "sample"))
-            store.write(synth, table, model=f"generation {g} ({family.model_name()})",
-                        temperature=family.temperature(), stats=family.sample_stats(table))
+            sample_into(g, model)
             timings["sample"] = time.perf_counter() - start
         scores.update(store.entry(synth).stats)
         _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))

@@ -6,6 +6,18 @@ import logging
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_CHAIN_FAILED = 1
+
+
+_stopped_by: list[int] = []  # the signal that interrupted the run
+
+
+def _interrupt(signum, frame):
+    """SIGINT or SIGTERM: stop now, as Ctrl-C does. A KeyboardInterrupt is what nothing
+    on the way catches and what Ray's blocking calls pass on (as a plain
+    KeyboardInterrupt: which signal it was is kept here)."""
+    _stopped_by.append(signum)
+    raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,7 +31,21 @@ def _run(args: argparse.Namespace) -> int:
 
         print(describe(study, gpu=args.gpu, mfu=args.mfu))
         return 0
-    table = engine.run_study(study, address=args.address)
+    import signal
+
+    # Ctrl-C or a SIGTERM (a scheduler's stop) ends the run at once, Ray with it; every
+    # finished generation is on disk, and running the same command again resumes.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    try:
+        table = engine.run_study(study, address=args.address, verbose=args.verbose)
+    except KeyboardInterrupt:
+        signum = _stopped_by[0] if _stopped_by else signal.SIGINT
+        name = signal.Signals(signum).name
+        again = " ".join(["collapse", "run", args.study, *(f"--set {s}" for s in args.set)])
+        print(f"[{study.name}] stopped by {name}; finished generations are kept in "
+              f"{study.out}: run `{again}` to resume", file=sys.stderr, flush=True)
+        return 128 + signum
     print(f"results: {RunLayout.of(study.out).results_table} ({len(table)} rows)")
     print(results.summary(table).to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
@@ -102,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
                      help="override a dotted key, e.g. --set family.d=7 (repeatable)")
     run.add_argument("--address", default=None,
                      help="Ray cluster address (default: resources.address, else local Ray)")
+    run.add_argument("--verbose", action="store_true",
+                     help="also show Ray's and Tune's own log lines")
     run.add_argument("--dry-run", action="store_true",
                      help="print the plan (rows, tokens, FLOPs, GPU-hours) and exit")
     run.add_argument("--gpu", default="H100", choices=["H100", "H200", "A100", "L40S", "A10G",
@@ -154,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.chain import ChainError
     from engine.spec import SpecError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -163,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ChainError as e:  # a chain stopped: which, where, why, and its log
+        print(e, file=sys.stderr)
+        return EXIT_CHAIN_FAILED
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(e.args[0] if e.args else e, file=sys.stderr)
         return EXIT_BAD_INPUT

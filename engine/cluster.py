@@ -4,7 +4,10 @@ run at once."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -12,8 +15,12 @@ from engine.families import family_for
 from engine.spec import Study
 
 
-def _probe(address: str) -> None:
-    """Fail in seconds, not after Ray's 30 s GCS timeout, when a HOST:PORT is closed."""
+def check_reachable(address: str | None) -> None:
+    """Fail in seconds, not after Ray's 30 s GCS timeout, when a HOST:PORT (the address
+    given, or $RAY_ADDRESS) is closed."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
         return  # "auto", "local", ray:// client addresses: ray.init decides
@@ -25,17 +32,31 @@ def _probe(address: str) -> None:
 
 
 @contextmanager
-def ray_connection(address: str | None) -> Iterator[None]:
-    """Join the Ray at `address`, or start a local one; leave Ray as we found it."""
+def ray_connection(address: str | None, verbose: bool = False) -> Iterator[None]:
+    """Join the Ray at `address` (or $RAY_ADDRESS), or start a Ray of our own on this
+    machine; leave Ray as we found it.
+
+    Without an address Ray would join any cluster already running on this machine (a
+    test's, another user's `ray start --head`) and share its resources silently, so the
+    engine asks for a new local one ("local"). Ray's own console lines (token
+    authentication, Tune's trial errors, which the engine reports in one line itself)
+    are shown only with `verbose`."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if address:
-        _probe(address)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    check_reachable(address)
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # Ray sets a SIGTERM handler of its own (kill the local Ray, exit 1); the caller's
+    # (the CLI's: stop cleanly, say how to resume) stays in place.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.CRITICAL)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:

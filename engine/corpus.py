@@ -9,6 +9,11 @@ selection is exact however Ray Data splits or reorders the files. A manifest ent
 (rows, per-file SHA-256, the model that made it, temperature) is written only after its
 files are in place, and both are written atomically: a source is in the store whole or
 not at all. The store counts rows; it never looks at what a row means.
+
+Every shard is checked against its manifest checksum before a mix reads it (once per
+shard and process): a file changed or cut short after it was written stops the chain
+with one line naming it. Deleting a corpus's directory is how a user asks for it to be
+made again (the chain samples it again from its model, with the same seeds).
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
 
 ROW = "_row"
 ROWS_PER_FILE = 1_000_000
+# (file URI, SHA-256) pairs this process has already checked: each shard is hashed once
+# per process, not once per generation that reads it.
+_VERIFIED: set[tuple[str, str]] = set()
 
 
 class CorpusError(RuntimeError):
@@ -108,7 +116,10 @@ class CorpusStore:
                 for name, e in raw.items()}
 
     def has(self, source: Source) -> bool:
-        return source.name in self.entries()
+        """Whether the store holds the corpus: its manifest entry, and its files (a
+        corpus whose directory was deleted is one the user wants made again)."""
+        entry = self.entries().get(source.name)
+        return entry is not None and (self.root / entry.files[0].path).exists()
 
     def entry(self, source: Source) -> ManifestEntry:
         try:
@@ -122,7 +133,7 @@ class CorpusStore:
               temperature: float | None = None,
               stats: dict[str, float] | None = None) -> ManifestEntry:
         entries = self.entries()
-        if source.name in entries:
+        if self.has(source):
             # Never overwrite a corpus a later generation may already have trained on.
             raise CorpusError(f"{self.manifest_path}: corpus {source.name} already exists")
         if table.num_rows == 0:
@@ -163,12 +174,32 @@ class CorpusStore:
     def _paths(self, source: Source) -> list[Location]:
         return [self.root / f.path for f in self.entry(source).files]
 
+    def _verified_paths(self, source: Source) -> list[Location]:
+        """The corpus's shard files, each checked against its manifest checksum (once
+        per process); CorpusError in one line naming the file and the fix if not."""
+        paths = []
+        for f in self.entry(source).files:
+            where = self.root / f.path
+            if (where.uri, f.sha256) not in _VERIFIED:
+                again = (f"delete {self.root / source.name} to have the chain "
+                         + ("write it again from the study's real data" if source.kind == "real"
+                            else f"sample it again from generation {source.index}'s model, "
+                                 "with the same seeds"))
+                if not where.exists():
+                    raise CorpusError(f"{where}: missing, but the manifest lists it; {again}")
+                if _sha256(where) != f.sha256:
+                    raise CorpusError(f"{where}: checksum mismatch (the file changed after it "
+                                      f"was written); {again}")
+                _VERIFIED.add((where.uri, f.sha256))
+            paths.append(where)
+        return paths
+
     # ---------------------------------------------------------------- two views
     def _common_columns(self, selections: list[Selection]) -> list[str]:
         """A mix holds the columns every part has (real and sampled corpora differ in
         their provenance columns, e.g. true_logprob vs logprob)."""
         schemas = [pq.read_schema(p.path, filesystem=p.arrow()[0])
-                   for sel in selections for p in self._paths(sel.source)[:1]]
+                   for sel in selections for p in self._verified_paths(sel.source)[:1]]
         return [n for n in schemas[0].names if n != ROW and all(n in s.names for s in schemas)]
 
     def read(self, mix: Mix, seed: int) -> pa.Table:
@@ -177,7 +208,7 @@ class CorpusStore:
         columns = self._common_columns(selections)
         tables = []
         for sel in selections:
-            table = pa.concat_tables([_read(p, columns) for p in self._paths(sel.source)])
+            table = pa.concat_tables([_read(p, columns) for p in self._verified_paths(sel.source)])
             tables.append(table.take(pa.array(sel.rows)))
         return pa.concat_tables(tables)
 
@@ -198,7 +229,7 @@ class CorpusStore:
         for sel in selections:
             # partitioning=None: chain directories are named like `replace__seed=0`,
             # which Ray Data would otherwise read as a Hive partition column.
-            paths = self._paths(sel.source)
+            paths = self._verified_paths(sel.source)
             ds = ray.data.read_parquet([p.path for p in paths], filesystem=paths[0].arrow()[0],
                                        partitioning=None, num_cpus=raydata.TASK_CPUS
                                        ).select_columns(columns + [ROW])

@@ -61,7 +61,16 @@ def load_results(directory: Location | Path | str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results table (run the study first: "
                                 "collapse run STUDY.yaml)")
-    return pd.read_parquet(io.BytesIO(path.read_bytes()))
+    try:
+        table = pd.read_parquet(io.BytesIO(path.read_bytes()))
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds for a bad file
+        raise ValueError(f"{path}: unreadable results table ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); run `collapse run` "
+                         "on its study again to rebuild it from the chains") from None
+    missing = [c for c in FIXED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: not a results table (no column {', '.join(missing)})")
+    return table
 
 
 def axis_columns(table: pd.DataFrame) -> list[str]:
@@ -72,13 +81,20 @@ def headline_metric(table: pd.DataFrame) -> str:
     return get_family(table["family"].iloc[0]).metrics[0]
 
 
+def check_metric(table: pd.DataFrame, metric: str) -> None:
+    """KeyError naming the metrics the table has, if it has no `metric`."""
+    if not (table["metric"] == metric).any():
+        known = ", ".join(sorted(table["metric"].unique()))
+        raise KeyError(f"no metric {metric!r} in the table (it has: {known})")
+
+
 def pivot(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Rows: strategy × grid axes (mean over seeds); columns: generation."""
     metric = metric or headline_metric(table)
     rows = table[(table["metric"] == metric) & table["step"].isna()]
     if rows.empty:
-        known = ", ".join(sorted(table["metric"].unique()))
-        raise KeyError(f"no metric {metric!r} in the table (it has: {known})")
+        check_metric(table, metric)
+        raise KeyError(f"metric {metric!r} is a per-step curve; plot it with collapse plot")
     index = ["strategy"] + axis_columns(table)
     return rows.pivot_table(index=index, columns="generation", values="value",
                             aggfunc="mean", sort=False)
@@ -167,6 +183,8 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for metric in metrics or []:
+        check_metric(table, metric)
     family = get_family(table["family"].iloc[0])
     metrics = metrics or [m for m in family.metrics if m in set(table["metric"])
                           and not m.endswith("_stderr")]

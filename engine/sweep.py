@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from engine.chain import ChainError, completed_generations, read_metrics, run_chain
+from engine.chain import ChainError, completed_generations, one_line, read_metrics, run_chain
 from engine.families import family_for, get_family
 from engine.layout import RunLayout
 from engine.cluster import default_concurrency
@@ -22,6 +22,11 @@ from engine.spec import Study, Trial
 # Tune's newer console output prints its configuration table whatever the verbosity;
 # the classic reporter honours verbose=0, and the engine prints its own progress.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ctrl-C stops the study at once (the CLI exits 130 and says how to resume) instead of
+# Tune's graceful stop, which returns as if the study had finished with partial results.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
+FAILED = "chain_failed"  # the result key of a chain that stopped on an error a retry repeats
 
 def _run_chain_task(trial: dict[str, Any], out: str, fit_callbacks: list) -> None:
     trial = Trial.from_dict(trial)
@@ -63,7 +68,14 @@ def _chain_trainable(config: dict[str, Any]) -> None:
             tune.report({"generation": record["generation"], **record["metrics"]})
             reported = record["generation"]
         if finished:
-            ray.get(task)  # raises the chain's error, if any
+            try:
+                ray.get(task)
+            except ChainError as e:
+                cause = getattr(e, "cause", e)  # Ray's wrapper of the chain's own error
+                if getattr(cause, "retry", True):
+                    raise  # Tune runs the chain again (resources.max_failures times)
+                # Bad data or a corrupt corpus: running it again would fail again.
+                tune.report({FAILED: str(cause)})
             return
 
 
@@ -93,7 +105,7 @@ def _progress_callback(study: Study, done: int, total: int, say: Callable[[str],
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "generation" not in result:
-                return  # a training step one of the chain's fits reported
+                return  # a fit's checkpoint, or a chain's failure (raised at the end)
             self.done += 1
             trial_id = trial.config["trial"]["trial_id"]
             shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]
@@ -118,9 +130,6 @@ def run_sweep(study: Study,
     trials = study.trials()
     total = sum(t.generations for t in trials)
     done = sum(min(completed_generations(out, t), t.generations) for t in trials)
-    if done == total:
-        say(f"[{study.name}] all {len(trials)} chains already complete in {out}")
-        return
     say(f"[{study.name}] {len(trials)} chains, {total} generations; "
         f"{done} already on disk")
 
@@ -149,9 +158,15 @@ def run_sweep(study: Study,
         ),
     )
     grid = tuner.fit()
-    failed = [(result.config["trial"]["trial_id"], result.error)
-              for result in grid if result.error is not None]
+    failed = []
+    for result in grid:
+        if (result.metrics or {}).get(FAILED):
+            failed.append(result.metrics[FAILED])
+        elif result.error is not None:
+            # A chain whose every retry failed, or a trial that never started (its
+            # config is then unknown): Tune keeps the traceback beside its results.
+            where = f" (details: {result.path}/error.txt)" if result.path else ""
+            failed.append(f"{one_line(result.error)}{where}")
     if failed:
-        trial_id, error = failed[0]
-        raise ChainError(f"{len(failed)} of {len(trials)} chains failed; first: "
-                         f"{trial_id}: {error}")
+        more = f" ({len(failed)} of {len(trials)} chains failed)" if len(failed) > 1 else ""
+        raise ChainError(failed[0] + more)

@@ -234,7 +234,7 @@ family:
   sampler_cpus: 0.5
   threads: 1
 strategies: [accumulate]
-generations: 2
+generations: 1            # the node is lost in generation 1's training
 seeds: [0]
 out: {out}
 resources: {{cpus_per_trial: 0.25}}
@@ -304,11 +304,11 @@ def test_a_study_survives_losing_a_worker_node_mid_training(tmp_path, monkeypatc
     table = pd.read_parquet(out / "results.parquet")
     per_gen = table[table.step.isna()]
     assert not per_gen.duplicated(["trial", "generation", "metric"]).any()
-    assert sorted(per_gen[per_gen.metric == "test_loss"].generation) == [1, 2]
+    assert sorted(per_gen[per_gen.metric == "test_loss"].generation) == [1]
     store = CorpusStore(chain / "corpus")
     assert store.verify() == []
     assert {k: e.rows for k, e in store.entries().items()} == {
-        "real-0001": 360, "synthetic-0001": 360, "synthetic-0002": 360}
+        "real-0001": 360, "synthetic-0001": 360}
     chain_log = (chain / "chain.log").read_text()
     assert "training resumed from its checkpoint at step" in chain_log, chain_log[-3000:]
     assert "finished with 1 worker(s)" in chain_log

@@ -207,7 +207,7 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
     prompts, seeds = [[tok.eos_token_id]] * n, list(range(1000, 1000 + n))
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         table = sampling.sample_hf(str(tmp_path / "model"), prompts, seeds, s, actors=2,
                                    cpus_per_actor=0.5)
@@ -277,7 +277,7 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
     eos = tok.eos_token_id
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         s = SampleSettings(temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=120, eos=eos,
                            batch_size=16)
