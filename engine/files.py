@@ -278,11 +278,20 @@ class Location:
 
 
 def check_writable(where: Location) -> None:
-    """Write and delete a probe file under `where`, or say in one line why not."""
+    """Write and delete a probe file under `where`, or say in one line why not. Leaves
+    nothing behind: directories the probe had to make are removed again."""
     probe = where / f"{TEMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+    made = None
+    if where.is_local:  # the outermost directory the probe will create, if any
+        missing = where.local_path.absolute()
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        made = None if missing.exists() else missing
     try:
         write_atomic(probe, lambda tmp: tmp.write_bytes(b""))
         probe.remove()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     except OSError as e:
         reason = " ".join(str(e).split())  # pyarrow's messages run over several lines
         raise StorageError(f"{where}: cannot write there ({reason}); check that it exists "
