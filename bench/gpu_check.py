@@ -67,7 +67,7 @@ def check(family_name: str, block: dict, out: Path) -> dict:
     import pyarrow.compute as pc
 
     from engine import strategies
-    from engine.chain import chain_layout, run_chain
+    from engine.chain import chain_layout, real_seed, run_chain
     from engine.corpus import CorpusStore
     from engine.families import family_for
     from engine.fit import read_record
@@ -93,7 +93,7 @@ def check(family_name: str, block: dict, out: Path) -> dict:
         from engine.families.lm.zoo import ZOO, parameter_count
 
         corpus = CorpusStore(paths.corpus).entry(strategies.synthetic(1))
-        real = family.real_data(derive_seed(trial.seed, trial.family, "real"), 1,
+        real = family.real_data(real_seed(trial), 1,
                                 RunLayout.of(study.out).real_cache)
         p = family.config
         n_params = parameter_count(ZOO[p.model], real.vocab_size, p.context)

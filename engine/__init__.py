@@ -68,9 +68,10 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     import yaml
 
     from engine import results
-    from engine.chain import completed_generations
+    from engine.chain import completed_generations, real_seed
     from engine.cluster import check_fits_cluster, check_reachable, ray_connection
     from engine.files import StorageError, check_writable, write_atomic
+    from engine.families import family_for
     from engine.layout import RunLayout
     from engine.spec import SpecError, Study
     from engine.sweep import run_sweep
@@ -92,6 +93,10 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     else:
         with ray_connection(address, verbose=verbose):
             check_fits_cluster(study)
+            # Work on real data done once per study (the LM's tokenized corpus), before
+            # any chain starts: no chain repeats it.
+            for trial in trials:
+                family_for(trial).prepare(real_seed(trial), run.real_cache)
             write_atomic(run.study_file, lambda tmp: tmp.write_text(
                 yaml.safe_dump(study.document, sort_keys=False)))
             run_sweep(study, say=say)

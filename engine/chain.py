@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import strategies
-from engine.corpus import CorpusStore
+from engine.corpus import CorpusStore, StoredRows
 from engine.families import family_for
 from engine.files import (Location, directory_complete, node_cache, write_atomic,
                           write_directory, write_json)
@@ -82,6 +82,12 @@ class _Step:
 
     def __str__(self) -> str:
         return f"generation {self.generation}, {self.phase}" if self.generation else self.phase
+
+
+def real_seed(trial: Trial) -> int:
+    """The seed of a chain's real data: the study seed and the family alone, so every
+    cell of the grid splits (and tokenizes) the same data."""
+    return derive_seed(trial.seed, trial.family, "real")
 
 
 def chain_layout(out: Location | Path | str, trial: Trial) -> ChainLayout:
@@ -184,21 +190,25 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
     store = CorpusStore(paths.corpus)
     # Real data depends on the study seed alone (and on whichever parameters the family
     # says shape it), so every cell of the grid splits and tokenizes the same data.
-    real = family.real_data(derive_seed(trial.seed, trial.family, "real"),
+    real = family.real_data(real_seed(trial),
                             strategy.real_chunks(generations), run.real_cache)
     T = real.train_chunks[0].num_rows
-    for k, table in enumerate(real.train_chunks, start=1):
-        if not store.has(strategies.real(k)):
-            store.write(strategies.real(k), table, model="real data")
+    for k, chunk in enumerate(real.train_chunks, start=1):
+        if store.has(strategies.real(k)):
+            continue
+        if isinstance(chunk, StoredRows):  # rows of the study's prepared data: linked
+            store.link(strategies.real(k), chunk)
+        else:
+            store.write(strategies.real(k), chunk, model="real data")
     _save_preview(family, paths.preview("real"), lambda: real.train_chunks[0])
 
     def sample_into(g: int, model: Any) -> None:
         """Generation g's corpus, sampled from its model and stored with its statistics."""
-        table = family.sample(real, model, strategy.sample_size(g, T),
-                              derive_seed(*point, g, "sample"))
-        store.write(strategies.synthetic(g), table,
-                    model=f"generation {g} ({family.model_name()})",
-                    temperature=family.temperature(), stats=family.sample_stats(table))
+        n, seed = strategy.sample_size(g, T), derive_seed(*point, g, "sample")
+        store.write_streamed(strategies.synthetic(g),
+                             lambda d: family.sample_to(real, model, n, seed, d),
+                             model=f"generation {g} ({family.model_name()})",
+                             temperature=family.temperature())
 
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():

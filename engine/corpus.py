@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 — pa.compute
 import pyarrow.parquet as pq
 
-from engine.files import Location, write_atomic, write_json
+from engine.files import TEMP_PREFIX, Location, write_atomic, write_json
 from engine.strategies import Mix, Source
 
 if TYPE_CHECKING:
@@ -47,9 +50,11 @@ class CorpusError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardFile:
-    path: str  # relative to the store's root
+    path: str  # relative to the root of the store that holds it
     rows: int
     sha256: str
+    first_row: int = 0  # the smallest and largest `_row` in the file
+    last_row: int = -1
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,11 @@ class ManifestEntry:
     written: float  # unix time
     stats: dict[str, float] = field(default_factory=dict)  # the family's sample statistics
     metadata: dict[str, str] = field(default_factory=dict)  # the table's schema metadata
+    # A linked source: its rows are the rows offset..offset+rows-1 (by `_row`) of
+    # files kept in another store, `base` (the study's prepared real data): every chain
+    # reads them there instead of holding a copy.
+    base: str | None = None
+    offset: int = 0
 
 
 def _sha256(where: Location) -> str:
@@ -89,12 +99,47 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
                    write_statistics=False)
 
 
+def _shard(where: Location, rel: str) -> ShardFile:
+    """A written shard's manifest record: rows, checksum, the range of its `_row`s."""
+    fs, path = where.arrow()
+    rows = pq.read_table(path, columns=[ROW], partitioning=None, filesystem=fs).column(ROW)
+    if len(rows) == 0:
+        return ShardFile(rel, 0, _sha256(where), 0, -1)
+    return ShardFile(rel, len(rows), _sha256(where), int(pa.compute.min(rows).as_py()),
+                     int(pa.compute.max(rows).as_py()))
+
+
+def write_table_into(table: pa.Table, directory: Location) -> None:
+    """A table's rows as corpus shards in `directory`, numbered by `_row` in table order
+    (what CorpusStore.write_streamed takes in; each file written whole or not at all)."""
+    table = table.append_column(ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    for i, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
+        part = table.slice(start, ROWS_PER_FILE)
+        write_atomic(directory / f"part-{i:05d}.parquet", lambda tmp: _write_parquet(part, tmp))
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which rows of each source a mix takes: row indices, repeats allowed, sorted."""
 
     source: Source
     rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """Rows offset..offset+rows-1 of a source in another store: what a family's real
+    data hands the chain instead of a table when its rows live on storage (the LM's
+    prepared training split), so that no process holds them."""
+
+    store: str  # the store's root (a path or URI)
+    source: Source
+    offset: int
+    rows: int
+
+    @property
+    def num_rows(self) -> int:  # as a pyarrow Table has
+        return self.rows
 
 
 class CorpusStore:
@@ -119,7 +164,8 @@ class CorpusStore:
         """Whether the store holds the corpus: its manifest entry, and its files (a
         corpus whose directory was deleted is one the user wants made again)."""
         entry = self.entries().get(source.name)
-        return entry is not None and (self.root / entry.files[0].path).exists()
+        return entry is not None and (not entry.files or
+                                      self._location(entry, entry.files[0]).exists())
 
     def entry(self, source: Source) -> ManifestEntry:
         try:
@@ -128,30 +174,87 @@ class CorpusStore:
             raise CorpusError(f"{self.manifest_path}: no corpus {source.name} "
                               "(it has not been written yet)") from None
 
+    def _location(self, entry: ManifestEntry, f: ShardFile) -> Location:
+        return (Location.of(entry.base) if entry.base else self.root) / f.path
+
+    def _add(self, entry: ManifestEntry) -> ManifestEntry:
+        entries = self.entries()
+        entries[entry.source] = entry
+        write_json(self.manifest_path, {k: asdict(v) for k, v in entries.items()})
+        return entry
+
+    def _refuse_existing(self, source: Source) -> None:
+        if self.has(source):
+            # Never overwrite a corpus a later generation may already have trained on.
+            raise CorpusError(f"{self.manifest_path}: corpus {source.name} already exists")
+
     # --------------------------------------------------------------------- write
     def write(self, source: Source, table: pa.Table, *, model: str,
               temperature: float | None = None,
               stats: dict[str, float] | None = None) -> ManifestEntry:
-        entries = self.entries()
-        if self.has(source):
-            # Never overwrite a corpus a later generation may already have trained on.
-            raise CorpusError(f"{self.manifest_path}: corpus {source.name} already exists")
-        if table.num_rows == 0:
-            raise CorpusError(f"refusing to store an empty corpus as {source.name}")
-        table = table.append_column(ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-        files = []
-        for i, start in enumerate(range(0, table.num_rows, ROWS_PER_FILE)):
-            part = table.slice(start, ROWS_PER_FILE)
-            rel = f"{source.name}/part-{i:05d}.parquet"
-            write_atomic(self.root / rel, lambda tmp: _write_parquet(part, tmp))
-            files.append(ShardFile(rel, part.num_rows, _sha256(self.root / rel)))
+        """Store an in-memory table as the corpus `source` (small corpora: the exact
+        families' labels, images)."""
         metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        entry = ManifestEntry(source.name, source.kind, source.index, table.num_rows,
-                              tuple(files), model, temperature, time.time(), dict(stats or {}),
-                              metadata)
-        entries[source.name] = entry
-        write_json(self.manifest_path, {k: asdict(v) for k, v in entries.items()})
-        return entry
+        return self.write_streamed(
+            source, lambda d: (write_table_into(table, d), (dict(stats or {}), metadata))[1],
+            model=model, temperature=temperature)
+
+    def write_streamed(self, source: Source,
+                       fill: Callable[[Location], tuple[dict[str, float], dict[str, str]]],
+                       *, model: str, temperature: float | None = None) -> ManifestEntry:
+        """Store a corpus that `fill(directory)` writes as Parquet files straight into
+        `directory` (each row with its `_row`, e.g. from Ray Data's writer), without the
+        corpus passing through this process. `fill` returns the corpus's statistics and
+        metadata. The files are checksummed and the manifest entry written after they
+        are all in place: until then the corpus is not in the store, and a corpus cut
+        short by a kill is written again from scratch."""
+        self._refuse_existing(source)
+        final = self.root / source.name
+        final.remove()  # what a killed attempt left
+        for stale in self.root.children():
+            if stale.name.startswith(TEMP_PREFIX) and stale.name.endswith(f"-{source.name}"):
+                stale.remove()
+        # A filesystem: fill a temp directory and rename it into place; an object store
+        # has no rename, and files without a manifest entry do not count.
+        target = (self.root / f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{source.name}"
+                  if final.is_local else final)
+        target.mkdir()
+        try:
+            stats, metadata = fill(target)
+            if final.is_local:
+                os.replace(target.local_path, final.local_path)
+        finally:
+            if final.is_local:
+                target.remove()
+        names = sorted(f.name for f in final.children() if f.name.endswith(".parquet"))
+        files = tuple(_shard(final / n, f"{source.name}/{n}") for n in names)
+        rows = sum(f.rows for f in files)
+        if rows == 0:
+            raise CorpusError(f"refusing to store an empty corpus as {source.name}")
+        covered = sorted((f.first_row, f.last_row) for f in files if f.rows)
+        if covered[0][0] != 0 or covered[-1][1] != rows - 1:
+            raise CorpusError(f"{final}: its `{ROW}` values do not number its {rows} rows "
+                              "0..n-1")
+        return self._add(ManifestEntry(source.name, source.kind, source.index, rows, files,
+                                       model, temperature, time.time(), dict(stats),
+                                       dict(metadata)))
+
+    def link(self, source: Source, rows: StoredRows, *, model: str = "real data"
+             ) -> ManifestEntry:
+        """Make `source` rows.offset.. of a source in another store, read in place."""
+        self._refuse_existing(source)
+        other = CorpusStore(rows.store)
+        entry = other.entry(rows.source)
+        if rows.offset + rows.rows > entry.rows:
+            raise CorpusError(f"{other.manifest_path}: {rows.source.name} has {entry.rows} "
+                              f"rows, not {rows.offset + rows.rows}")
+        last = rows.offset + rows.rows - 1
+        files = tuple(f for f in entry.files
+                      if f.rows and f.first_row <= last and f.last_row >= rows.offset)
+        base = (Location.of(entry.base) if entry.base else other.root).uri
+        return self._add(ManifestEntry(source.name, source.kind, source.index, rows.rows,
+                                       files, model, None, time.time(), {}, dict(entry.metadata),
+                                       base=base, offset=entry.offset + rows.offset))
 
     # ---------------------------------------------------------------- selection
     def select(self, mix: Mix, seed: int) -> list[Selection]:
@@ -171,20 +274,23 @@ class CorpusStore:
         return [Selection(p.source, drawn[(drawn >= lo) & (drawn < hi)] - lo)
                 for p, lo, hi in zip(mix.parts, offsets[:-1], offsets[1:])]
 
-    def _paths(self, source: Source) -> list[Location]:
-        return [self.root / f.path for f in self.entry(source).files]
-
     def _verified_paths(self, source: Source) -> list[Location]:
         """The corpus's shard files, each checked against its manifest checksum (once
         per process); CorpusError in one line naming the file and the fix if not."""
+        entry = self.entry(source)
         paths = []
-        for f in self.entry(source).files:
-            where = self.root / f.path
+        for f in entry.files:
+            where = self._location(entry, f)
             if (where.uri, f.sha256) not in _VERIFIED:
-                again = (f"delete {self.root / source.name} to have the chain "
-                         + ("write it again from the study's real data" if source.kind == "real"
-                            else f"sample it again from generation {source.index}'s model, "
-                                 "with the same seeds"))
+                if entry.base:
+                    again = (f"delete {Location.of(entry.base)} (the study's prepared real "
+                             "data) to have it prepared again")
+                else:
+                    again = (f"delete {self.root / source.name} to have the chain "
+                             + ("write it again from the study's real data"
+                                if source.kind == "real" else
+                                f"sample it again from generation {source.index}'s model, "
+                                "with the same seeds"))
                 if not where.exists():
                     raise CorpusError(f"{where}: missing, but the manifest lists it; {again}")
                 if _sha256(where) != f.sha256:
@@ -206,15 +312,54 @@ class CorpusStore:
         """The mix in memory, for families that fit on a whole table."""
         selections = self.select(mix, seed)
         columns = self._common_columns(selections)
-        tables = []
-        for sel in selections:
-            table = pa.concat_tables([_read(p, columns) for p in self._verified_paths(sel.source)])
-            tables.append(table.take(pa.array(sel.rows)))
-        return pa.concat_tables(tables)
+        return pa.concat_tables([self._rows(sel.source, columns).take(pa.array(sel.rows))
+                                 for sel in selections])
+
+    def _rows(self, source: Source, columns: list[str]) -> pa.Table:
+        """One corpus in memory, its rows in the order of their `_row` (shards written
+        by parallel writers hold them in any order; a linked source's files hold other
+        rows too)."""
+        entry = self.entry(source)
+        table = pa.concat_tables([_read(p, columns + [ROW])
+                                  for p in self._verified_paths(source)])
+        local = table.column(ROW).to_numpy() - entry.offset
+        keep = (local >= 0) & (local < entry.rows)
+        if not keep.all():
+            table, local = table.filter(pa.array(keep)), local[keep]
+        if len(local) != entry.rows:
+            raise CorpusError(f"{self.manifest_path}: {source.name} should hold {entry.rows} "
+                              f"rows, its files hold {len(local)}")
+        position = np.empty(entry.rows, dtype=np.int64)
+        position[local] = np.arange(entry.rows)
+        return table.take(pa.array(position)).drop_columns([ROW])
+
+    def table(self, source: Source, columns: list[str] | None = None) -> pa.Table:
+        """One whole corpus in memory, in row order: for small ones only (a test split)."""
+        if columns is None:
+            entry = self.entry(source)
+            first = self._location(entry, entry.files[0])
+            columns = [n for n in pq.read_schema(first.path, filesystem=first.arrow()[0]).names
+                       if n != ROW]
+        return self._rows(source, columns)
+
+    def scan(self, source: Source, columns: list[str]):
+        """A corpus file by file, each table with its `_row` (the row's index in the
+        corpus): for reading a part of a large corpus without holding all of it."""
+        entry = self.entry(source)
+        for where in self._verified_paths(source):
+            table = _read(where, columns + [ROW])
+            local = pa.compute.subtract(table.column(ROW), entry.offset)
+            yield table.set_column(table.schema.get_field_index(ROW), ROW, local)
 
     def head(self, source: Source, n: int) -> pa.Table:
         """The first n rows of one stored corpus (or fewer, if it holds fewer)."""
-        return _read(self._paths(source)[0]).slice(0, n)
+        entry = self.entry(source)
+        first = min(entry.files, key=lambda f: f.first_row)
+        table = _read(self._location(entry, first))
+        rows = table.column(ROW).to_numpy() - entry.offset
+        order = np.argsort(rows, kind="stable")
+        order = order[(rows[order] >= 0) & (rows[order] < entry.rows)][:n]
+        return table.take(pa.array(order)).drop_columns([ROW])
 
     def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
         """The same rows as read(), as a Ray Dataset streamed from the shards."""
@@ -230,12 +375,14 @@ class CorpusStore:
             # partitioning=None: chain directories are named like `replace__seed=0`,
             # which Ray Data would otherwise read as a Hive partition column.
             paths = self._verified_paths(sel.source)
+            entry = self.entry(sel.source)
             ds = ray.data.read_parquet([p.path for p in paths], filesystem=paths[0].arrow()[0],
                                        partitioning=None, num_cpus=raydata.TASK_CPUS
                                        ).select_columns(columns + [ROW])
-            counts = np.bincount(sel.rows, minlength=self.entry(sel.source).rows)
-            if not (counts == 1).all():
-                ds = ds.map_batches(_KeepRows(counts), batch_format="pyarrow",
+            counts = np.bincount(sel.rows, minlength=entry.rows)
+            stored = sum(f.rows for f in entry.files)
+            if not (counts == 1).all() or stored != entry.rows:
+                ds = ds.map_batches(_KeepRows(counts, entry.offset), batch_format="pyarrow",
                                     num_cpus=raydata.TASK_CPUS)
             parts.append(ds)
         mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -248,7 +395,7 @@ class CorpusStore:
         problems = []
         for entry in self.entries().values():
             for f in entry.files:
-                path = self.root / f.path
+                path = self._location(entry, f)
                 if not path.exists():
                     problems.append(f"{path}: missing")
                 elif _sha256(path) != f.sha256:
@@ -266,11 +413,15 @@ def _read(where: Location, columns: list[str] | None = None) -> pa.Table:
 
 
 class _KeepRows:
-    """Ray Data batch function: keep each row `counts[_row]` times."""
+    """Ray Data batch function: keep each row `counts[_row - offset]` times (rows outside
+    the source, in a linked source's shared files, none)."""
 
-    def __init__(self, counts: np.ndarray):
-        self.counts = counts
+    def __init__(self, counts: np.ndarray, offset: int = 0):
+        self.counts, self.offset = counts, offset
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        repeat = self.counts[batch.column(ROW).to_numpy()]
+        local = batch.column(ROW).to_numpy() - self.offset
+        inside = (local >= 0) & (local < len(self.counts))
+        repeat = np.zeros(len(local), dtype=np.int64)
+        repeat[inside] = self.counts[local[inside]]
         return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), repeat)))

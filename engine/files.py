@@ -86,6 +86,15 @@ def open_source(source: str):
     return fs.open_input_file(inner) if kind == "pyarrow" else fs.open(inner, "rb")
 
 
+def source_size(source: str) -> int:
+    """The size in bytes of a data file given as a path or any URI."""
+    scheme, path = split_uri(source)
+    if not scheme:
+        return os.path.getsize(path)
+    fs, inner, kind = _source_filesystem(source)
+    return fs.get_file_info(inner).size if kind == "pyarrow" else fs.size(inner)
+
+
 def list_source_files(source: str, suffixes: tuple[str, ...]) -> list[str]:
     """The files of a data source: itself if a file, else the files under it ending in
     one of `suffixes`, sorted. FileNotFoundError names the source if it does not exist."""

@@ -19,11 +19,10 @@
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.files import Location, node_cache
+from engine.files import Location
 
 
 def _gen(g: int) -> str:
@@ -107,11 +106,7 @@ class RunLayout:
         return [ChainLayout(c) for c in self.trials.children()]
 
     @property
-    def real_cache(self) -> Path:
-        """Where families keep work on real data done once per study (a tokenizer, the
-        tokenized splits): `out`/real on a filesystem every chain sees; for an
-        object-store run, a directory in this node's cache (that work is deterministic in
-        the study seed, so every node that redoes it gets the same data)."""
-        if self.out.is_local:
-            return self.out.local_path / "real"
-        return node_cache() / "real" / hashlib.sha256(self.out.uri.encode()).hexdigest()[:24]
+    def real_cache(self) -> Location:
+        """Where families keep real data prepared once per study (a tokenizer, the
+        tokenized splits), in the run's storage, where every chain on any node reads it."""
+        return self.out / "real"

@@ -63,13 +63,14 @@ def test_batches_that_run_out_are_an_error_not_a_shorter_fit():
         train(_Noisy, _batches(4), _loss, cfg)
 
 
-def test_zero_3_gathers_the_weights_before_saving(tmp_path):
+def test_zero_3_gathers_the_weights_before_saving(tmp_path, ray_local):
     """ZeRO-3 partitions every parameter across workers (one worker here holds a
     0-element placeholder per parameter, and a plain save_pretrained writes those); the
     fit gathers them before saving, so the saved model is the trained one: the same as
     stage 0 trains, evaluated to the same test loss."""
     from safetensors.torch import load_file
 
+    from engine.corpus import CorpusStore
     from engine.families import get_family
     from engine.files import Location
     from engine.fit import FitContext
@@ -82,7 +83,9 @@ def test_zero_3_gathers_the_weights_before_saving(tmp_path):
             "zero_stage": stage})
         family.validate()
         real = family.real_data(0, 1, tmp_path / "real")
-        model = family.fit(real, real.train_chunks[0], 0,
+        chunk = real.train_chunks[0]  # the whole training split: one chunk
+        mix = CorpusStore(chunk.store).table(chunk.source, ["text", "ids", "n_tokens"])
+        model = family.fit(real, mix, 0,
                            FitContext(Location(str(tmp_path / f"w{stage}"))))
         weights = load_file(f"{model.path}/model.safetensors")
         assert weights and all(t.numel() > 0 for t in weights.values())

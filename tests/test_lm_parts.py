@@ -149,7 +149,7 @@ def test_lower_temperature_gives_lower_entropy_samples(trained_tiny):
     for t in (0.5, 1.0, 1.5):
         prompts = [[tok.eos_token_id]] * 64
         rows = generate(model, prompts, list(range(64)), settings(tok, t))
-        table = _rows({"row": np.arange(64)}, prompts, rows, tok)
+        table = _rows(np.arange(64), prompts, rows, tok)
         entropy[t] = sample_stats(table)["sample_entropy"]
     assert entropy[0.5] < entropy[1.0] < entropy[1.5], entropy
 
@@ -192,13 +192,13 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
             import os
             import uuid
 
-            first = int(batch["row"][0])
+            first = int(batch["_row"][0])
             self.calls += 1
             if self.calls == 2 and not (done / "died").exists():
                 (done / "died").write_text(str(first))
                 os._exit(1)
             table = super().__call__(batch)
-            (done / f"{first}-{len(batch['row'])}-{uuid.uuid4().hex[:6]}").write_text("")
+            (done / f"{first}-{len(batch['_row'])}-{uuid.uuid4().hex[:6]}").write_text("")
             return table
 
     monkeypatch.setattr(sampling, "HFSampler", DyingSampler)
@@ -221,7 +221,7 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
                       if f.name != "died")
     covered = [row for first, size in finished for row in range(first, first + size)]
     assert covered == list(range(n)), finished
-    assert table.column("row").to_pylist() == list(range(n))
+    assert table.column("_row").to_pylist() == list(range(n))
     reference = sampling.generate(model, prompts, seeds, s)
     assert table.column("ids").to_pylist() == [r["ids"] for r in reference]
 

@@ -83,12 +83,13 @@ class Family(ABC):
 
     # ------------------------------------------------------------- must give
     @abstractmethod
-    def real_data(self, seed: int, chunks: int, cache_dir: Path) -> Any:
-        """The chain's real data, fixed by the study seed. Must expose
-        `train_chunks: list[pa.Table]`, `chunks` tables of T rows each — T, the rows of
-        one generation, is the unit every strategy counts in. The rest (held-out test
-        data, fixed features, the true model) is the family's own business. `cache_dir`
-        is shared by every chain of the study, for work done once (a tokenizer)."""
+    def real_data(self, seed: int, chunks: int, cache_dir: "Location") -> Any:
+        """The chain's real data, fixed by the study seed. Must expose `train_chunks`,
+        `chunks` items of T rows each — T, the rows of one generation, is the unit every
+        strategy counts in: pyarrow Tables, or engine.corpus.StoredRows (rows a corpus on
+        storage holds, which the chain links instead of copying). The rest (held-out
+        test data, fixed features, the true model) is the family's own business.
+        `cache_dir`, in the run's storage, is shared by every chain of the study."""
 
     @abstractmethod
     def fit(self, real: Any, mix: Any, seed: int, context: "FitContext") -> Any:
@@ -103,6 +104,19 @@ class Family(ABC):
 
     @abstractmethod
     def sample(self, real: Any, model: Any, n: int, seed: int) -> pa.Table: ...
+
+    def sample_to(self, real: Any, model: Any, n: int, seed: int, directory: "Location"
+                  ) -> tuple[dict[str, float], dict[str, str]]:
+        """Write the corpus that sample() makes into `directory` as corpus shards (rows
+        numbered by `_row`); return its statistics and metadata. Families whose corpora
+        are large (the language models) write straight from where samples are made; the
+        rest write the table sample() returns."""
+        from engine.corpus import write_table_into
+
+        table = self.sample(real, model, n, seed)
+        write_table_into(table, directory)
+        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        return self.sample_stats(table), metadata
 
     @abstractmethod
     def save_model(self, model: Any, directory: Path) -> None:
@@ -122,6 +136,10 @@ class Family(ABC):
     def model_name(self) -> str: ...
 
     # ------------------------------------------------- optional, with defaults
+    def prepare(self, seed: int, cache_dir: "Location") -> None:
+        """Work on real data done once per study before any chain starts (the LM family
+        tokenizes its corpus with Ray Data into `cache_dir`); real_data() then reads it."""
+
     def validate(self) -> None:
         """Cross-field checks on one concrete grid point; raise ParamError."""
 

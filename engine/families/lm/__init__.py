@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.families.base import Bundle, Family, ParamError
 from engine.families.lm import grammar
-from engine.families.lm.data import DataError, read_stories, split
+from engine.corpus import StoredRows
+from engine.families.lm.data import DataError, read_stories
 from engine.families.lm.tokenizer import SPECIAL_TOKENS, minimum_vocab_size
 from engine.families.lm.zoo import ZOO
-from engine.files import is_remote, write_atomic, write_directory, write_json
+from engine.files import Location, is_remote
 from engine.seeds import derive_seed
 
 log = logging.getLogger("engine.lm")
@@ -47,26 +47,13 @@ TINYSTORIES_TOKENS_PER_STORY = 224  # 470M tokens / 2.1M stories (the seed paper
 
 @dataclass
 class LMReal:
-    directory: Path  # study-level cache: tokenizer/, train.parquet, test.parquet
-    tokenizer_dir: str
-    train: pa.Table
-    test: pa.Table
-    train_chunks: list[pa.Table]
+    directory: "Location"  # the study's prepared real data (engine/families/lm/prepare.py)
+    tokenizer_dir: str  # a local copy of its tokenizer
+    test: pa.Table  # the held-out REAL test stories (small: `test_stories` of them)
+    train_chunks: list[StoredRows]  # row ranges of the prepared training split
     vocab_size: int
     eos: int
     pad: int
-
-
-def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def _story_table(texts: list[str], ids: list[list[int]], true_logprob=None) -> pa.Table:
-    columns = {"text": pa.array(texts, pa.string()), "ids": pa.array(ids, pa.list_(pa.int32())),
-               "n_tokens": pa.array([len(i) for i in ids], pa.int64())}
-    if true_logprob is not None:
-        columns["true_logprob"] = pa.array(true_logprob, pa.float64())
-    return pa.table(columns)
 
 
 @dataclass
@@ -187,56 +174,38 @@ class LanguageModel(Family):
                           "greedy story; use prompt: real_prefix for a meaningful greedy corpus")
 
     # ------------------------------------------------------------------ real data
-    def _prepare(self, seed: int, directory: Path) -> None:
-        """Load, split, train the tokenizer on the training split only, tokenize once."""
-        from engine.families.lm.tokenizer import load_tokenizer, train_tokenizer
-
-        p = self.config
-        if p.data == GRAMMAR:
-            drawn = grammar.sample_stories(p.stories, seed)
-            texts, truth = [s.text for s in drawn], [s.logprob for s in drawn]
-        else:
-            texts, truth = read_stories(p.data, p.max_stories), None
-        train_idx, test_idx = split(len(texts), p.test_stories, seed)
-        train_texts = [texts[i] for i in train_idx]
-        test_texts = [texts[i] for i in test_idx]
-        tok_dir = directory / "tokenizer"
-        if p.tokenizer is not None:
-            tokenizer = load_tokenizer(p.tokenizer)
-        else:
-            tokenizer = train_tokenizer(train_texts, p.vocab_size)
-        if not tok_dir.exists():
-            try:
-                write_directory(tok_dir, lambda d: tokenizer.save_pretrained(d))
-            except OSError:
-                if not tok_dir.exists():  # another chain of the study won the race: fine
-                    raise
-        for name, part, idx in (("train", train_texts, train_idx), ("test", test_texts, test_idx)):
-            table = _story_table(part, _tokenize(tokenizer, part),
-                                 None if truth is None else [truth[i] for i in idx])
-            write_atomic(directory / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
-        write_json(directory / "ready.json", {"stories": len(texts), "train": len(train_idx),
-                                              "test": len(test_idx), "vocab": len(tokenizer)})
-
-    def real_data(self, seed: int, chunks: int, cache_dir: Path) -> LMReal:
-        from engine.families.lm.tokenizer import load_tokenizer
-
+    def _real_directory(self, seed: int, cache_dir: "Location") -> "Location":
+        """One prepared directory per distinct real data: every grid point that reads
+        the same stories, split and tokenizer shares it."""
         p = self.config
         shaping = (seed, p.data, p.stories, p.max_stories, p.test_stories, p.tokenizer,
                    p.vocab_size)
-        directory = Path(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
-        if not (directory / "ready.json").exists():
-            self._prepare(seed, directory)
-        tokenizer = load_tokenizer(directory / "tokenizer")
-        train = pq.read_table(directory / "train.parquet")
-        test = pq.read_table(directory / "test.parquet")
-        T = p.train_stories or train.num_rows // chunks
-        if T < 1 or chunks * T > train.num_rows:
+        return Location.of(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
+
+    def prepare(self, seed: int, cache_dir: "Location") -> None:
+        from engine.families.lm.prepare import prepare
+
+        prepare(self.config, seed, self._real_directory(seed, cache_dir))
+
+    def real_data(self, seed: int, chunks: int, cache_dir: "Location") -> LMReal:
+        from engine.families.lm.prepare import TEST, TRAIN, prepare
+        from engine.families.lm.tokenizer import load_tokenizer
+        from engine.files import local_copy
+
+        p = self.config
+        # `collapse run` prepares before any chain starts; a chain run on its own
+        # (tests, benchmarks) prepares here
+        prepared = prepare(p, seed, self._real_directory(seed, cache_dir))
+        tokenizer_dir = local_copy(prepared.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        T = p.train_stories or prepared.train // chunks
+        if T < 1 or chunks * T > prepared.train:
             raise DataError(f"family.train_stories: {chunks} real chunk(s) of {T} stories need "
-                            f"{chunks * T} training stories; the data has {train.num_rows}")
-        return LMReal(directory=directory, tokenizer_dir=str(directory / "tokenizer"),
-                      train=train, test=test,
-                      train_chunks=[train.slice(k * T, T) for k in range(chunks)],
+                            f"{chunks * T} training stories; the data has {prepared.train}")
+        store = prepared.store.root.uri
+        return LMReal(directory=prepared.directory, tokenizer_dir=str(tokenizer_dir),
+                      test=prepared.store.table(TEST),
+                      train_chunks=[StoredRows(store, TRAIN, k * T, T) for k in range(chunks)],
                       vocab_size=len(tokenizer), eos=tokenizer.eos_token_id,
                       pad=tokenizer.pad_token_id)
 
@@ -280,22 +249,20 @@ class LanguageModel(Family):
         else:
             from ray.data.aggregate import Count, Sum
 
-            from engine.raydata import TASK_CPUS
-
             stats = mix.aggregate(Sum("n_tokens"), Count())  # one pass for both
             # Steps are fixed from the most workers; a group restarted with fewer after a
             # failure takes the remaining steps with a smaller global batch.
             steps = train.total_steps(int(stats["sum(n_tokens)"]), int(stats["count()"]),
                                       p.context, p.batch_size, p.epochs, p.workers,
                                       p.token_budget)
-            blocks = (mix.random_shuffle(seed=seed, num_cpus=TASK_CPUS)
-                      .map_batches(train.pack_batch,
-                                   fn_kwargs={"context": p.context, "eos": real.eos},
-                                   batch_format="pyarrow", batch_size=1024, num_cpus=TASK_CPUS))
-            job = FitJob(build, train.ShardBlocks(p.batch_size, seed), train.lm_loss,
-                         train.save_model, LoopConfig(steps=steps, seed=seed, **settings))
+            # No global shuffle: a seeded block order, then each worker's shuffle window
+            # (engine/families/lm/train.py).
+            stories = mix.select_columns(["ids"]).randomize_block_order(seed=seed)
+            job = FitJob(build, train.ShardBlocks(p.context, real.eos, p.batch_size, seed),
+                         train.lm_loss, train.save_model,
+                         LoopConfig(steps=steps, seed=seed, **settings))
             record = fit_on_workers(job, self._workers(), context.workdir / "ray_train", out,
-                                    context.callbacks, datasets={"train": blocks})
+                                    context.callbacks, datasets={"train": stories})
             if record["resumed_at_step"] is not None:
                 log.warning("training resumed from its checkpoint at step %d and finished "
                             "with %d worker(s)", record["resumed_at_step"], record["world_size"])
@@ -317,21 +284,27 @@ class LanguageModel(Family):
         return run_on_gpu(self.evaluation_gpus(), p.cpus_per_worker, evaluate_checkpoint,
                           model.source, real.test, real.eos, real.pad, p.context, p.threads)
 
-    def prompts(self, real: LMReal, n: int, seed: int) -> list[list[int]]:
-        p = self.config
-        if p.prompt == "bos":
-            return [[real.eos]] * n  # vLLM needs a non-empty prompt: the EOT token is BOS
-        ids = [s for s in real.train_chunks[0].column("ids").to_pylist()
-               if len(s) >= p.prefix_tokens]
-        if not ids:
-            raise DataError(f"family.prefix_tokens: no training story has {p.prefix_tokens} tokens")
-        import numpy as np
+    @staticmethod
+    def _prefixes(chunk: StoredRows, length: int) -> list[list[int]]:
+        """The first `length` tokens of each story of the chunk that has that many, in
+        row order, read file by file (only the prefixes are kept)."""
+        import pyarrow.compute as pc
 
-        order = np.random.default_rng(seed).permutation(len(ids))
-        return [[real.eos] + ids[order[i % len(ids)]][: p.prefix_tokens] for i in range(n)]
+        from engine.corpus import CorpusStore
 
-    def sample(self, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
-        from engine.families.lm.sampling import SampleSettings, sample_corpus
+        found: list[tuple[int, list[int]]] = []
+        for part in CorpusStore(chunk.store).scan(chunk.source, ["ids"]):
+            rows = part.column("_row").to_numpy() - chunk.offset
+            ids = part.column("ids")
+            keep = (rows >= 0) & (rows < chunk.rows) & \
+                (pc.list_value_length(ids).to_numpy(zero_copy_only=False) >= length)
+            prefixes = pc.list_slice(ids.filter(pa.array(keep)), 0, length).to_pylist()
+            found.extend(zip(rows[keep].tolist(), prefixes))
+        return [ids for _, ids in sorted(found)]
+
+    def _sampled(self, real: LMReal, model: LMModel, n: int, seed: int):
+        """(the corpus as a lazy Ray Dataset, the backend)."""
+        from engine.families.lm.sampling import Requests, SampleSettings, request_rows, sampled
 
         p = self.config
         prefix = p.prefix_tokens if p.prompt == "real_prefix" else 0
@@ -339,15 +312,46 @@ class LanguageModel(Family):
                                   max_new_tokens=min(p.max_new_tokens, p.context - 1 - prefix),
                                   eos=real.eos, batch_size=p.sample_batch_size,
                                   threads=p.threads)
-        seeds = [derive_seed(seed, row) for row in range(n)]
-        return sample_corpus(p.sampler, model.source,
-                             self.prompts(real, n, derive_seed(seed, "prompts")), seeds,
-                             settings, p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
+        if p.prompt == "bos":
+            requests = Requests(n, seed, real.eos)
+        else:
+            import numpy as np
 
-    def sample_stats(self, table: pa.Table) -> dict[str, float]:
-        from engine.families.lm.metrics import sample_stats
+            prefixes = self._prefixes(real.train_chunks[0], p.prefix_tokens)
+            if not prefixes:
+                raise DataError(f"family.prefix_tokens: no training story has "
+                                f"{p.prefix_tokens} tokens")
+            order = np.random.default_rng(derive_seed(seed, "prompts")).permutation(len(prefixes))
+            requests = Requests(n, seed, real.eos, np.asarray(prefixes, dtype=np.int32), order)
+        return sampled(p.sampler, model.source, request_rows(requests), 1 + prefix, settings,
+                       p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
 
-        return sample_stats(table)
+    def sample(self, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
+        """The corpus in memory, in row order (benchmarks, tests; chains use sample_to)."""
+        from engine.families.lm.sampling import collect
+
+        ds, backend = self._sampled(real, model, n, seed)
+        return collect(ds).drop_columns(["_row"]).replace_schema_metadata({"sampler": backend})
+
+    def sample_to(self, real: LMReal, model: LMModel, n: int, seed: int, directory
+                  ) -> tuple[dict[str, float], dict[str, str]]:
+        """The corpus written straight from the sampler actors into the store's
+        `directory` (Ray Data's Parquet writer); its statistics computed batch by batch
+        from the written shards and merged (engine/families/lm/metrics.py)."""
+        import ray.data
+
+        from engine.families.lm.metrics import corpus_stats
+        from engine.raydata import TASK_CPUS
+
+        ds, backend = self._sampled(real, model, n, seed)
+        log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
+                    self.config.sampler_actors, "" if self.config.sampler_actors == 1 else "s")
+        fs, path = directory.arrow()
+        light = {"num_cpus": TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
+        ds.write_parquet(path, filesystem=fs, num_rows_per_file=200_000, ray_remote_args=light)
+        written = ray.data.read_parquet(path, filesystem=fs, partitioning=None,
+                                        ray_remote_args=light)
+        return corpus_stats(written), {"sampler": backend}
 
     def save_model(self, model: LMModel, directory: Path) -> None:
         for f in Path(model.path).iterdir():

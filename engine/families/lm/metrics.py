@@ -84,20 +84,114 @@ def evaluate_checkpoint(model_source: str, test: pa.Table, eos: int, pad: int, c
                         batch_tokens=65536 if device.type == "cuda" else 8192)
 
 
-def distinct_ngrams(ids: list[list[int]], n: int) -> float:
-    """Distinct n-grams over all n-grams of the corpus (Li et al.'s distinct-n)."""
-    grams = [tuple(s[i:i + n]) for s in ids for i in range(len(s) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+# ------------------------------------------------------------ sample statistics
+#
+# A sampled corpus's statistics are computed batch by batch where its rows are (Ray
+# Data tasks over its shards) and merged: sums exactly; distinct n-grams and distinct
+# stories by 64-bit hashes kept in a KMV sketch (the SKETCH smallest distinct hashes).
+# While a corpus has at most SKETCH distinct n-grams (or stories) the sketch holds them
+# all and the count is exact; beyond, it estimates the count as (SKETCH - 1) / h, h the
+# SKETCH-th smallest hash scaled to [0, 1): a relative standard error of about
+# 1/sqrt(SKETCH) = 0.4% (Bar-Yossef et al. 2002; Beyer et al. 2007), with 64-bit hashes
+# colliding with probability ~n²/2⁶⁵ (nil here). No process holds the corpus's n-grams.
+
+SKETCH = 1 << 16
+NGRAMS = (1, 2, 3)
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each uint64."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _smallest(hashes: np.ndarray) -> np.ndarray:
+    unique = np.unique(hashes)
+    return unique[:SKETCH]
+
+
+def partial_stats(table: pa.Table) -> dict:
+    """One batch of a sampled corpus (columns ids, n_tokens, logprob, finished): its
+    sums and sketches."""
+    lengths = table.column("n_tokens").to_numpy().astype(np.int64)
+    flat = table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    tokens = flat.astype(np.uint64)
+    story = np.repeat(np.arange(len(lengths)), lengths)
+    position = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out = {"rows": len(lengths), "tokens": int(lengths.sum()),
+           "logprob": float(np.sum(table.column("logprob").to_numpy())),
+           "finished": int(np.sum(table.column("finished").to_numpy()))}
+    with np.errstate(over="ignore"):
+        for n in NGRAMS:
+            if len(tokens) < n:
+                out[f"grams_{n}"], out[f"sketch_{n}"] = 0, np.zeros(0, np.uint64)
+                continue
+            starts = np.arange(len(tokens) - n + 1)
+            whole = story[starts] == story[starts + n - 1]  # inside one story
+            h = np.full(len(starts), np.uint64(n))
+            for k in range(n):
+                h = _mix(h ^ tokens[starts + k])
+            out[f"grams_{n}"] = int(whole.sum())
+            out[f"sketch_{n}"] = _smallest(h[whole])
+        # a story's hash: of its tokens at their positions, and its length
+        term = _mix(tokens ^ _mix(position.astype(np.uint64) + np.uint64(1)))
+        sums = np.zeros(len(lengths), dtype=np.uint64)
+        np.add.at(sums, story, term)
+        out["sketch_stories"] = _smallest(_mix(sums ^ _mix(lengths.astype(np.uint64))))
+    return out
+
+
+def merge_stats(partials) -> dict[str, float]:
+    """The corpus's statistics from its batches' partial_stats."""
+    total = {"rows": 0, "tokens": 0, "logprob": 0.0, "finished": 0,
+             **{f"grams_{n}": 0 for n in NGRAMS}}
+    sketches: dict[str, np.ndarray] = {}
+    for part in partials:
+        for key in total:
+            total[key] += part[key]
+        for key in [f"sketch_{n}" for n in NGRAMS] + ["sketch_stories"]:
+            merged = np.concatenate([sketches.get(key, np.zeros(0, np.uint64)),
+                                     np.asarray(part[key], dtype=np.uint64)])
+            sketches[key] = _smallest(merged)
+    stats = {f"distinct_{n}": (_distinct(sketches[f"sketch_{n}"]) / total[f"grams_{n}"]
+                               if total[f"grams_{n}"] else 0.0) for n in NGRAMS}
+    stats["unique_stories"] = _distinct(sketches["sketch_stories"]) / max(1, total["rows"])
+    stats["mean_length"] = total["tokens"] / max(1, total["rows"])
+    # The sampling distribution's entropy rate, estimated by the samples' own
+    # log-probabilities (0 for greedy decoding); each story's EOT counts when it ended.
+    stats["sample_entropy"] = -total["logprob"] / max(1, total["tokens"] + total["finished"])
+    return stats
+
+
+def _distinct(sketch: np.ndarray) -> float:
+    if len(sketch) < SKETCH:
+        return float(len(sketch))  # every distinct hash is kept: exact
+    return (SKETCH - 1) / ((float(sketch[-1]) + 1) / 2.0**64)
 
 
 def sample_stats(table: pa.Table) -> dict[str, float]:
-    ids = table.column("ids").to_pylist()
-    lengths = table.column("n_tokens").to_numpy()
-    stats = {f"distinct_{n}": distinct_ngrams(ids, n) for n in (1, 2, 3)}
-    stats["unique_stories"] = len({tuple(s) for s in ids}) / max(1, len(ids))
-    stats["mean_length"] = float(lengths.mean())
-    # The sampling distribution's entropy rate, estimated by the samples' own
-    # log-probabilities (0 for greedy decoding).
-    stats["sample_entropy"] = float(-table.column("logprob").to_numpy().sum()
-                                    / max(1, (lengths + table.column("finished").to_numpy()).sum()))
-    return stats
+    """The statistics of a sampled corpus in memory (one batch)."""
+    return merge_stats([partial_stats(table)])
+
+
+def corpus_stats(dataset) -> dict[str, float]:
+    """The statistics of a sampled corpus on storage (a Ray Dataset of its shards):
+    partial statistics per batch where the data is, merged here as they arrive."""
+    from engine import raydata
+
+    parts = dataset.select_columns(["ids", "n_tokens", "logprob", "finished"]).map_batches(
+        _partial_row, batch_format="pyarrow", batch_size=8192, num_cpus=raydata.TASK_CPUS)
+    return merge_stats(_unpacked(row) for row in parts.iter_rows())
+
+
+def _partial_row(batch: pa.Table) -> dict:
+    part = partial_stats(batch)
+    return {k: [v] for k, v in part.items()}
+
+
+def _unpacked(row: dict) -> dict:
+    return {k: (np.asarray(v, dtype=np.uint64) if k.startswith("sketch_") else v)
+            for k, v in row.items()}

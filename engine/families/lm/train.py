@@ -4,7 +4,14 @@ factory and how the trained model is saved. The loop itself is engine/fit/loop.p
 Stories are concatenated as [EOT] s1 [EOT] s2 ... and cut into blocks of `context`
 tokens; every block is one training row. In this process (`trainer: local`) the blocks
 come from the mix in memory (`TableBlocks`); on Ray Train workers each worker streams
-its shard of a Ray Dataset of blocks (`ShardBlocks`).
+its shard of the mix's stories and packs them itself (`ShardBlocks`).
+
+The mix is never shuffled globally (an all-to-all pass over the whole corpus, every
+generation): the order of its Ray Data blocks is randomized (seeded) and each worker
+shuffles the stories it streams in a window of SHUFFLE_STORIES (seeded, a new order
+every epoch). Stories within a stored corpus are already in random order (i.i.d.
+samples; the real split's stories in source order), so the window mixes corpora and
+neighbours; what it cannot do is put the corpus's first and last stories in one batch.
 """
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-BLOCK = "input_ids"
 TRAIN_CURVE = "train_curve.json"
+SHUFFLE_STORIES = 10_000  # each worker's shuffle window, in stories
 
 
 def pack_blocks(ids: Iterable[Iterable[int]], context: int, eos: int) -> np.ndarray:
@@ -34,18 +41,13 @@ def pack_blocks(ids: Iterable[Iterable[int]], context: int, eos: int) -> np.ndar
     return stream[: n * context].reshape(n, context)
 
 
-def pack_batch(batch: pa.Table, context: int, eos: int) -> pa.Table:
-    """Ray Data batch function: a batch of stories -> a batch of packed blocks."""
-    blocks = pack_blocks(batch.column("ids").to_pylist(), context, eos)
-    flat = pa.array(blocks.ravel())
-    return pa.table({BLOCK: pa.FixedSizeListArray.from_arrays(flat, context)})
-
-
 def total_steps(tokens: int, stories: int, context: int, batch_size: int, epochs: float,
                 workers: int, token_budget: int | None) -> int:
+    """Steps that take `epochs` passes over the mix (or `token_budget` tokens): whole
+    batches of whole blocks only, so one epoch never spills into a second."""
     blocks = (tokens + stories + 1) // context
     budget_blocks = blocks * epochs if token_budget is None else token_budget / context
-    return max(1, math.ceil(budget_blocks / (batch_size * workers)))
+    return max(1, math.floor(budget_blocks / (batch_size * workers)))
 
 
 def lm_loss(engine, x, generator):
@@ -101,24 +103,36 @@ class TableBlocks:
 
 
 class ShardBlocks:
-    """On a Ray Train worker: its shard of the dataset of blocks ("train"), batch after
-    batch, epoch after epoch, with a seeded local shuffle."""
+    """On a Ray Train worker: its shard of the mix's stories ("train"), shuffled in a
+    seeded window, packed into one continuous stream of blocks (no tokens dropped
+    between batches), batch after batch, epoch after epoch."""
 
-    def __init__(self, batch_size: int, seed: int):
-        self.batch_size, self.seed = batch_size, seed
+    def __init__(self, context: int, eos: int, batch_size: int, seed: int):
+        self.context, self.eos, self.batch_size, self.seed = context, eos, batch_size, seed
 
     def __call__(self, rank: int, world: int) -> Iterator:
         import ray.train
         import torch
 
         shard = ray.train.get_dataset_shard("train")
+        per_batch = self.batch_size * self.context
         epoch = 0
         while True:
-            for batch in shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True,
-                                                  dtypes=torch.int64,
-                                                  local_shuffle_buffer_size=8 * self.batch_size,
-                                                  local_shuffle_seed=self.seed + epoch + rank):
-                yield batch[BLOCK]
+            pending = np.zeros(0, dtype=np.int64)
+            for stories in shard.iter_batches(batch_size=1024, batch_format="pyarrow",
+                                              local_shuffle_buffer_size=SHUFFLE_STORIES,
+                                              local_shuffle_seed=self.seed + 7919 * epoch + rank):
+                ids = stories.column("ids")
+                lengths = ids.combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+                tokens = ids.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                # [EOT] before every story: a stream [EOT] s1 [EOT] s2 ...
+                starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                stream = np.insert(tokens.astype(np.int64), starts, self.eos)
+                pending = np.concatenate([pending, stream])
+                while len(pending) >= per_batch:
+                    yield torch.from_numpy(pending[:per_batch].reshape(self.batch_size,
+                                                                       self.context).copy())
+                    pending = pending[per_batch:]
             epoch += 1
 
 
