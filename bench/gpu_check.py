@@ -47,7 +47,7 @@ def family_blocks(quick: bool, gpu: bool) -> dict[str, dict]:
               "model": "gpt2-9m", "context": 256, "max_new_tokens": 255, "batch_size": 32,
               "epochs": 1, "sample_batch_size": 256}
     lm.update(trainer, sampler="hf", sampler_actors=1, sampler_cpus=1.0 if gpu else 0.5,
-              sampler_gpus=1.0 if gpu else 0.0, checkpoint_every=0, log_every=5)
+              sampler_gpus=1.0 if gpu else 0.0, checkpoint_minutes=0, log_every=5)
     images = {"data": "digits", "test_images": 297, "epochs": 1 if quick else 20,
               "batch_size": 32 if quick else 64, **trainer}
     diffusion = {"data": "digits", "test_examples": 297, "epochs": 1 if quick else 20,
@@ -76,7 +76,8 @@ def check(family_name: str, block: dict, out: Path) -> dict:
     from engine.spec import Trial, validate
 
     study = validate({"name": "gpu_check", "family": {"name": family_name, **block},
-                      "strategies": ["replace"], "generations": 1, "seeds": [0],
+                      "strategies": ["replace"], "generations": 1, "sample_last": True,
+                      "seeds": [0],
                       "out": str(out)}, source="bench/gpu_check.py")
     trial = study.trials()[0]
     started = time.perf_counter()

@@ -96,7 +96,9 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
             # Work on real data done once per study (the LM's tokenized corpus), before
             # any chain starts: no chain repeats it.
             for trial in trials:
-                family_for(trial).prepare(real_seed(trial), run.real_cache)
+                prepared = family_for(trial).prepare(real_seed(trial), run.real_cache)
+                if prepared:
+                    say(f"[{study.name}] {prepared}")
             write_atomic(run.study_file, lambda tmp: tmp.write_text(
                 yaml.safe_dump(study.document, sort_keys=False)))
             run_sweep(study, say=say)

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator
 from engine import strategies
 from engine.corpus import CorpusStore, StoredRows
 from engine.families import family_for
-from engine.files import (Location, directory_complete, node_cache, write_atomic,
-                          write_directory, write_json)
+from engine.files import (Location, copy_directory, directory_complete, made_once,
+                          node_cache, write_atomic, write_directory, write_json)
 from engine.fit import FitContext
 from engine.layout import ChainLayout, RunLayout
 from engine.seeds import derive_seed
@@ -187,6 +187,9 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
 
     # The grid point without the strategy: shared by every strategy (see module doc).
     point = (trial.seed, trial.family, sorted(trial.params.items()))
+    # What a fit reads: the point without what only sampling reads (a temperature), so
+    # that every chain of one model trains the same generation 1.
+    fit_point = (trial.seed, trial.family, sorted(family.fit_params().items()))
     store = CorpusStore(paths.corpus)
     # Real data depends on the study seed alone (and on whichever parameters the family
     # says shape it), so every cell of the grid splits and tokenizes the same data.
@@ -203,12 +206,53 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
     _save_preview(family, paths.preview("real"), lambda: real.train_chunks[0])
 
     def sample_into(g: int, model: Any) -> None:
-        """Generation g's corpus, sampled from its model and stored with its statistics."""
+        """Generation g's corpus, sampled from its model and stored with its statistics.
+        Generation 1's is sampled once for every chain of the study that samples the
+        same model with the same seeds and as many rows, and linked into each store."""
         n, seed = strategy.sample_size(g, T), derive_seed(*point, g, "sample")
-        store.write_streamed(strategies.synthetic(g),
-                             lambda d: family.sample_to(real, model, n, seed, d),
-                             model=f"generation {g} ({family.model_name()})",
-                             temperature=family.temperature())
+        synth = strategies.synthetic(g)
+
+        def sample(into: CorpusStore) -> None:
+            into.write_streamed(synth, lambda d: family.sample_to(real, model, n, seed, d),
+                                model=f"generation {g} ({family.model_name()})",
+                                temperature=family.temperature())
+
+        if g != 1 or not out.is_local:  # an object store has no lock to share it by
+            sample(store)
+            return
+        shared = CorpusStore(run.shared_corpus(f"{derive_seed(*point, T, n, seed):016x}"))
+        if not made_once(lambda: shared.has(synth), lambda: sample(shared),
+                         shared.root / "LOCK"):
+            log.info("%s: generation 1: its corpus was sampled by another chain (%s)",
+                     trial.trial_id, shared.root)
+        store.link(synth, StoredRows(shared.root.uri, synth, 0, n))
+
+    def fit(g: int, data: Any) -> None:
+        """Generation g's model into models/gen-g. Generation 1 trains on the real data
+        alone: it is fit once for every chain whose fit reads the same, and copied."""
+        def train(into: Location) -> None:
+            # Scratch space of this chain and generation only, in the run's storage. It
+            # survives a killed run: what a fit left there (Ray Train's checkpoints) is
+            # the family's to resume from. It goes once the model is saved.
+            step.phase = "reading the training mix"
+            mix = data()
+            step.phase = "fit"
+            workdir = paths.scratch(g)
+            workdir.mkdir()
+            trained = family.fit(real, mix, derive_seed(*fit_point, g, "fit"),
+                                 FitContext(workdir=workdir, callbacks=fit_callbacks))
+            write_directory(into, lambda d: family.save_model(trained, d))
+            workdir.remove()
+
+        if g != 1 or not out.is_local:  # an object store has no lock to share it by
+            train(paths.model(g))
+            return
+        shared = run.shared_model(f"{derive_seed(*fit_point, T, 'generation 1'):016x}")
+        if not made_once(lambda: directory_complete(shared), lambda: train(shared),
+                         shared.parent / f"{shared.name}.lock"):
+            log.info("%s: generation 1: its model was fit by another chain (%s)",
+                     trial.trial_id, shared)
+        copy_directory(shared, paths.model(g))
 
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():
@@ -223,30 +267,23 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
         else:
             step.phase = "reading the training mix"
             mix = strategy.mix(g, T)
-            for part in mix.parts:  # a corpus the user deleted to have it made again
+            # A corpus the user deleted to have it made again, or the last generation's,
+            # not sampled then (sample_last), now that the study was extended.
+            for part in mix.parts:
                 if part.source.kind == "synthetic" and not store.has(part.source):
                     k = part.source.index
                     if not directory_complete(paths.model(k)):
                         raise ChainError(f"{paths.corpus / part.source.name} is missing and "
                                          f"generation {k}'s model too: delete {paths.root} "
                                          "to run the chain again from the start")
-                    log.warning("%s: corpus %s was deleted: sampling it again from generation "
-                                "%d's model, with the same seeds", trial.trial_id,
-                                part.source.name, k)
+                    log.info("%s: sampling corpus %s from generation %d's model (deleted, or "
+                             "not sampled when generation %d was the last)", trial.trial_id,
+                             part.source.name, k, k)
                     sample_into(k, family.load_model(paths.model(k)))
+                    _add_sample_stats(paths.metrics(k), store.entry(part.source).stats)
             seed = derive_seed(*point, g, "mix")
-            data = (store.read(mix, seed) if family.data_view() == "table"
-                    else store.dataset(mix, seed))
-            step.phase = "fit"
-            # Scratch space of this chain and generation only, in the run's storage. It
-            # survives a killed run: what a fit left there (Ray Train's checkpoints) is
-            # the family's to resume from. It goes once the model is saved.
-            workdir = paths.scratch(g)
-            workdir.mkdir()
-            trained = family.fit(real, data, derive_seed(*point, g, "fit"),
-                                 FitContext(workdir=workdir, callbacks=fit_callbacks))
-            write_directory(model_dir, lambda d: family.save_model(trained, d))
-            workdir.remove()
+            fit(g, lambda: store.read(mix, seed) if family.data_view() == "table"
+                else store.dataset(mix, seed))
             # Go on from the checkpoint, as a resumed run would: both see the same model.
             model = family.load_model(model_dir)
             timings["fit"] = time.perf_counter() - start
@@ -262,11 +299,14 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
         start = time.perf_counter()
         step.phase = "sampling"
         synth = strategies.synthetic(g)
-        if not store.has(synth):
-            sample_into(g, model)
-            timings["sample"] = time.perf_counter() - start
-        scores.update(store.entry(synth).stats)
-        _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))
+        # The last generation's corpus would train nothing: sampled only when the study
+        # asks (sample_last); a study extended later samples it then (see above).
+        if g < generations or trial.sample_last:
+            if not store.has(synth):
+                sample_into(g, model)
+                timings["sample"] = time.perf_counter() - start
+            scores.update(store.entry(synth).stats)
+            _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))
 
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
@@ -278,6 +318,19 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
         publish()
         if report is not None:
             report(g, scores)
+
+
+def _add_sample_stats(metrics_file: Location, stats: dict[str, float]) -> None:
+    """A generation recorded without its corpus's statistics (it was the last, and not
+    sampled) gets them once its corpus is sampled: the table then equals the one a
+    study run this long from the start gives."""
+    if not metrics_file.exists():
+        return
+    record = json.loads(metrics_file.read_text())
+    if all(k in record["metrics"] for k in stats):
+        return
+    record["metrics"].update(stats)
+    write_json(metrics_file, record)
 
 
 def _save_preview(family, path: Location, rows: Callable[[], Any]) -> None:

@@ -29,7 +29,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from engine.plan import describe
 
-        print(describe(study, gpu=args.gpu, mfu=args.mfu))
+        print(describe(study, gpu=args.gpu, mfu=args.mfu, decode=args.decode_tps,
+                       startup=args.startup_seconds))
         return 0
     import signal
 
@@ -135,6 +136,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", default="H100", choices=["H100", "H200", "A100", "L40S", "A10G",
                                                        "L4", "B200"],
                      help="GPU for the dry run's GPU-hours (default H100)")
+    run.add_argument("--decode-tps", type=float, default=None,
+                     help="sampling tokens/s per GPU for the dry run (default: an assumed "
+                          "figure by model size; bench/gpu_check.py measures it)")
+    run.add_argument("--startup-seconds", type=float, default=60.0,
+                     help="fixed seconds per generation for the dry run (default 60)")
     run.add_argument("--mfu", type=float, default=0.4,
                      help="model FLOPs utilisation for the dry run (default 0.4)")
     run.set_defaults(func=_run)

@@ -117,6 +117,18 @@ def check_fits_cluster(study: Study) -> None:
         raise SpecError(f"{study.source}: resources.{key}: a chain's driver asks for "
                         f"{_show(driver)}, but no node of this cluster has that (nodes: "
                         f"{nodes}); lower it or add such a node type to cluster.yaml")
+    from engine.sweep import chain_memory
+
+    need = max(chain_memory(study, t) for t in study.trials())
+    # node types the autoscaler may add often state no memory: those are not held against
+    known = [s["memory"] for s in shapes if s.get("memory")]
+    if known and len(known) == len(shapes) and need > max(known):
+        whose = "resources.memory_per_trial" if r.memory_per_trial is not None else \
+            f"the {study.family} family's estimate (set resources.memory_per_trial)"
+        raise SpecError(f"{study.source}: resources.memory_per_trial: a chain's driver needs "
+                        f"{need / 2**30:.1f} GiB of memory ({whose}), but the largest node "
+                        f"offers {max(known) / 2**30:.1f} GiB; lower it or add a node type "
+                        "with more memory to cluster.yaml")
     for trial in study.trials():
         for bundle in family_for(trial).placement():
             if any(_fits(bundle.resources, s) for s in shapes):

@@ -252,9 +252,12 @@ class CorpusStore:
         files = tuple(f for f in entry.files
                       if f.rows and f.first_row <= last and f.last_row >= rows.offset)
         base = (Location.of(entry.base) if entry.base else other.root).uri
-        return self._add(ManifestEntry(source.name, source.kind, source.index, rows.rows,
-                                       files, model, None, time.time(), {}, dict(entry.metadata),
-                                       base=base, offset=entry.offset + rows.offset))
+        whole = rows.offset == 0 and rows.rows == entry.rows  # the same corpus, shared
+        return self._add(ManifestEntry(
+            source.name, source.kind, source.index, rows.rows, files,
+            entry.model if whole else model, entry.temperature if whole else None,
+            time.time(), dict(entry.stats) if whole else {}, dict(entry.metadata),
+            base=base, offset=entry.offset + rows.offset))
 
     # ---------------------------------------------------------------- selection
     def select(self, mix: Mix, seed: int) -> list[Selection]:

@@ -377,6 +377,72 @@ def directory_complete(where: Location | Path | str) -> bool:
     return (where / COMPLETE).is_file()
 
 
+def made_once(done: Callable[[], bool], make: Callable[[], None], lock: Location,
+              stale_after: float = 120.0, poll: float = 1.0) -> bool:
+    """Make something once among processes that may want it at the same time (chains of
+    a study on one shared filesystem): the first to create `lock` makes it, the others
+    wait until `done()`. The maker touches the lock while it works; a lock untouched for
+    `stale_after` seconds (its maker was killed) is taken over. Returns whether this
+    process made it. Filesystems only: an object store has no atomic create."""
+    import threading
+    import time
+
+    path = lock.local_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        if done():
+            return False
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            try:
+                if time.time() - path.stat().st_mtime > stale_after:
+                    path.unlink()  # its maker is gone
+                    continue
+            except FileNotFoundError:
+                continue
+            time.sleep(poll)
+            continue
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(stale_after / 4):
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    return
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            if done():
+                return False
+            make()
+            return True
+        finally:
+            stop.set()
+            beat.join()
+            path.unlink(missing_ok=True)
+
+
+def copy_directory(source: Location, final: Location) -> None:
+    """`final` made a complete copy of the complete directory `source` (hard links on
+    one filesystem: no bytes copied)."""
+    here = local_copy(source)
+
+    def fill(d: Path) -> None:
+        for f in sorted(here.rglob("*")):
+            if f.is_file() and f.name != COMPLETE:
+                target = d / f.relative_to(here)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, target)
+                except OSError:
+                    shutil.copy2(f, target)
+
+    write_directory(final, fill)
+
+
 def node_cache() -> Path:
     """This node's cache of object-store copies (COLLAPSE_CACHE, or the temp dir)."""
     return Path(os.environ.get("COLLAPSE_CACHE") or Path(tempfile.gettempdir()) / "collapse-cache")

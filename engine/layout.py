@@ -5,6 +5,8 @@
       results.parquet, results.csv     the tidy table
       plots/                           collapse plot
       real/                            real data prepared once per study (LM: split, tokenizer, tokens)
+      shared/models/<key>/             a generation-1 model fit once for every chain that reads the same
+      shared/corpora/<key>/            a generation-1 corpus sampled once for every chain that samples it
       tune/                            Ray Tune's own experiment records
       trials/<chain>/
         trial.json                     the chain's parameters
@@ -104,6 +106,16 @@ class RunLayout:
     def chains(self) -> list[ChainLayout]:
         """Every chain directory the run holds, by name."""
         return [ChainLayout(c) for c in self.trials.children()]
+
+    def shared_model(self, key: str) -> Location:
+        """A generation-1 model every chain whose fit reads the same (grid point without
+        the strategy and the sampling parameters) shares."""
+        return self.out / "shared" / "models" / key
+
+    def shared_corpus(self, key: str) -> Location:
+        """The store of a generation-1 corpus every chain that samples the same model
+        with the same seeds and as many rows shares."""
+        return self.out / "shared" / "corpora" / key
 
     @property
     def real_cache(self) -> Location:

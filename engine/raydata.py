@@ -18,4 +18,6 @@ def quiet() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logger = logging.getLogger("ray.data")
+    if logger.getEffectiveLevel() < logging.WARNING:  # quieter already (collapse run): keep
+        logger.setLevel(logging.WARNING)

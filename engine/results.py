@@ -34,15 +34,17 @@ def collect(study: Study) -> pd.DataFrame:
                  "model": family.model_name(), "strategy": trial.strategy,
                  "temperature": float("nan") if temperature is None else temperature,
                  "seed": trial.seed}
+        axes = {k: v for k, v in trial.axes.items() if k not in FIXED_COLUMNS}
         for record in read_metrics(study.out, trial, trial.generations):
             g = record["generation"]
             for metric, value in record["metrics"].items():
                 rows.append({**fixed, "generation": g, "metric": metric, "value": float(value),
-                             "step": pd.NA, **trial.axes})
+                             "step": pd.NA, **axes})
             for metric, curve in record.get("curves", {}).items():
                 rows.extend({**fixed, "generation": g, "metric": metric, "value": float(v),
-                             "step": int(step), **trial.axes} for step, v in curve)
-    columns = FIXED_COLUMNS + list(study.axes)
+                             "step": int(step), **axes} for step, v in curve)
+    # An axis that is a fixed column already (the LM's model, temperature) is that column.
+    columns = FIXED_COLUMNS + [a for a in study.axes if a not in FIXED_COLUMNS]
     table = pd.DataFrame(rows, columns=columns)
     table["step"] = table["step"].astype("Int64")
     return table
@@ -74,7 +76,10 @@ def load_results(directory: Location | Path | str) -> pd.DataFrame:
 
 
 def axis_columns(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c not in FIXED_COLUMNS]
+    """The columns a study varies besides strategy and seed: its grid axes, the model and
+    temperature columns among them when they take more than one value."""
+    varied = [c for c in ("model", "temperature") if table[c].nunique(dropna=True) > 1]
+    return varied + [c for c in table.columns if c not in FIXED_COLUMNS]
 
 
 def headline_metric(table: pd.DataFrame) -> str:

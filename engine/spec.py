@@ -31,7 +31,7 @@ from engine import strategies as strategy_registry
 from engine.families import FAMILIES, ParamError, get_family
 
 TOP_LEVEL_KEYS = ("name", "description", "family", "strategies", "generations", "seeds",
-                  "out", "resources")
+                  "out", "resources", "sample_last")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -45,7 +45,29 @@ class Resources:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int | None = None  # default: what the cluster's CPUs/GPUs hold
     max_failures: int = 2  # restarts of a chain whose driver died; it resumes from disk
-    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    address: str | None = None  # Ray address; None starts a local Ray of its own
+    # Memory a chain's driver process needs, e.g. "4GiB" (default: the family's
+    # estimate): Ray places a chain only where that much is free.
+    memory_per_trial: str | int | None = None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory_per_trial is None else parse_bytes(self.memory_per_trial)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(value: str | int) -> int:
+    """4GiB, 512MiB, 2.5GB or a number of bytes -> bytes. ValueError if not one of those."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected an amount of memory such as 4GiB, 512MiB or a number of "
+                         f"bytes, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,7 @@ class Trial:
     params: dict[str, Any]  # concrete family parameters (no lists)
     axes: dict[str, Any]  # this trial's value on each grid axis
     generations: int = 1  # how long this chain runs
+    sample_last: bool = False  # whether the last generation samples a corpus too
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +106,9 @@ class Study:
     source: str = "<study>"
     document: dict[str, Any] = field(default_factory=dict, compare=False)  # resolved YAML
     axis_keys: tuple[str, ...] | None = None  # None: every list-valued parameter
+    # The last generation's corpus trains nothing in this study; it is sampled only when
+    # asked (its diversity metrics, or a study to be extended later).
+    sample_last: bool = False
 
     @property
     def axes(self) -> dict[str, list[Any]]:
@@ -110,6 +136,7 @@ class Study:
                         params=params,
                         axes=point,
                         generations=self.generations[strategy],
+                        sample_last=self.sample_last,
                     ))
         return out
 
@@ -267,11 +294,15 @@ def validate(document: dict[str, Any], source: str = "<study>",
     out = _run_out(check, out)
 
     resources = _validate_resources(check, document.get("resources") or {})
+    sample_last = document.get("sample_last", False)
+    if not isinstance(sample_last, bool):
+        check.fail("sample_last", f"expected true or false, got {sample_last!r}")
 
     study = Study(
         name=name, family=family_name, family_params=family_params,
         strategies=tuple(strategies), generations=generations, seeds=tuple(seeds), out=out,
         resources=resources, description=description, source=source, document=document,
+        sample_last=sample_last,
         axis_keys=axis_keys,
     )
     _validate_grid(check, study)
@@ -399,6 +430,12 @@ def _validate_resources(check: _Checker, resources: Any) -> Resources:
     if r.max_concurrent_trials is not None and r.max_concurrent_trials < 1:
         check.fail("resources.max_concurrent_trials",
                    f"must be >= 1 or null, got {r.max_concurrent_trials}")
+    if r.memory_per_trial is not None:
+        try:
+            if r.memory_bytes <= 0:
+                raise ValueError(f"must be > 0, got {r.memory_per_trial!r}")
+        except ValueError as e:
+            check.fail("resources.memory_per_trial", str(e))
     return r
 
 

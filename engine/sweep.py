@@ -28,6 +28,12 @@ os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 FAILED = "chain_failed"  # the result key of a chain that stopped on an error a retry repeats
 
+def chain_memory(study: Study, trial: Trial) -> int:
+    """Bytes a chain's driver needs: the study's resources.memory_per_trial, else its
+    family's estimate."""
+    return study.resources.memory_bytes or family_for(trial).chain_memory()
+
+
 def _run_chain_task(trial: dict[str, Any], out: str, fit_callbacks: list) -> None:
     trial = Trial.from_dict(trial)
     run_chain(trial, trial.generations, out, fit_callbacks=tuple(fit_callbacks))
@@ -57,7 +63,8 @@ def _chain_trainable(config: dict[str, Any]) -> None:
     # Each look is a few requests per generation; an object store is asked less often.
     every = 0.5 if out.is_local else 5.0
     task = ray.remote(_run_chain_task).options(
-        num_cpus=0, max_retries=0,
+        # Memory: Ray places the chain only on a node with that much free.
+        num_cpus=0, max_retries=0, memory=config["memory"],
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     ).remote(config["trial"], config["out"], _fit_callbacks(trial))
     reported = completed_generations(out, trial)
@@ -140,6 +147,7 @@ def run_sweep(study: Study,
         param_space={
             "trial": tune.grid_search([t.to_dict() for t in trials]),
             "out": out.uri,
+            "memory": max(chain_memory(study, t) for t in trials),
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=concurrent,

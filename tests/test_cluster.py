@@ -228,7 +228,7 @@ family:
   min_workers: 1          # elastic: go on with one worker when a node is lost
   cpus_per_worker: 0.5
   worker_resources: {{trainer: 1}}   # one trainer worker per worker node
-  checkpoint_every: 10
+  checkpoint_minutes: 0.0001   # every CHECK_STEPS (5) steps
   max_failures: 3
   sampler: hf
   sampler_cpus: 0.5
@@ -308,10 +308,36 @@ def test_a_study_survives_losing_a_worker_node_mid_training(tmp_path, monkeypatc
     store = CorpusStore(chain / "corpus")
     assert store.verify() == []
     assert {k: e.rows for k, e in store.entries().items()} == {
-        "real-0001": 360, "synthetic-0001": 360}
+        "real-0001": 360}  # the last generation samples nothing (sample_last: false)
     chain_log = (chain / "chain.log").read_text()
     assert "training resumed from its checkpoint at step" in chain_log, chain_log[-3000:]
     assert "finished with 1 worker(s)" in chain_log
     record = json.loads((chain / "models" / "gen-0001" / "fit.json").read_text())
-    assert record["world_size"] == 1 and record["resumed_at_step"] % 10 == 0
+    assert record["world_size"] == 1 and record["resumed_at_step"] % 5 == 0
     assert 0 < record["resumed_at_step"] < record["steps"]
+
+
+def test_chains_declare_their_memory_and_a_study_no_node_can_hold_is_refused(tmp_path):
+    from engine.families import family_for
+    from engine.spec import load_study
+
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "s.yaml", LINEAR.format(out=out)
+                        + "resources: {memory_per_trial: 4TiB}\n")
+    r = collapse("run", study, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{study}: resources.memory_per_trial: a chain's driver needs "
+                           "4096.0 GiB of memory (resources.memory_per_trial), but the "
+                           "largest node offers"), last
+    assert not out.exists()
+    bad = write_study(tmp_path / "b.yaml", LINEAR.format(out=out)
+                      + "resources: {memory_per_trial: lots}\n")
+    r = collapse("run", bad)
+    assert r.returncode == 2 and "resources.memory_per_trial: expected an amount of memory" \
+        in r.stderr
+    # a family's own estimate: the LM's grows with its model
+    small, big = (family_for(load_study(REPO / "studies" / "tinystories_paper.yaml",
+                                        [f"family.model={m}"]).trials()[0]).chain_memory()
+                  for m in ("gpt2-9m", "llama2-126m"))
+    assert (1 << 30) < small < big

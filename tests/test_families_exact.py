@@ -9,11 +9,14 @@ from engine.spec import load_study
 from conftest import write_study
 
 
-def run_in_process(tmp_path, family: str, strategies, generations: int):
-    """Every chain of a small study through run_chain (the code Tune runs), no Ray."""
+def run_in_process(tmp_path, family: str, strategies, generations: int, sample_last=True):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    """Every chain of a small study through run_chain (the code Tune runs), no Ray; by
+    default every generation samples, the last too (its diversity metrics)."""
     f = write_study(tmp_path / "s.yaml",
                     f"name: exact\nfamily: {family}\nstrategies: {strategies}\n"
-                    f"generations: {generations}\nseeds: [0]\nout: {tmp_path / 'out'}\n")
+                    f"generations: {generations}\nseeds: [0]\nout: {tmp_path / 'out'}\n"
+                    f"sample_last: {str(sample_last).lower()}\n")
     study = load_study(f)
     for trial in study.trials():
         run_chain(trial, trial.generations, study.out)

@@ -124,3 +124,31 @@ def test_image_fit_on_ray_train_workers(tmp_path, ray_local):
     # two workers over 300 images, batches of 32: 4 steps an epoch each, 16 in all
     steps = table[(table.metric == "train_loss") & (table.generation == 1)].step
     assert steps.max() == 16
+
+
+def test_the_last_generation_samples_only_when_asked_and_an_extension_fills_it_in(tmp_path):
+    """sample_last: false (the default) stores no corpus for the last generation, whose
+    samples would train nothing; extending the study samples it then, and the table
+    equals that of a study run this long from the start."""
+    from engine import results
+    from engine.chain import run_chain
+    from engine.spec import load_study
+
+    family = TINY % "vae"
+    short = run_in_process(tmp_path / "a", family, "[replace]", 2, sample_last=False)
+    per_gen = short[short.step.isna()]
+    assert sorted(per_gen[per_gen.metric == "sample_distance"].generation) == [1]
+    chain = tmp_path / "a" / "out" / "trials" / "replace__seed=0"
+    assert not (chain / "corpus" / "synthetic-0002").exists()
+
+    study = load_study(tmp_path / "a" / "s.yaml", ["generations=3"])
+    run_chain(study.trials()[0], 3, study.out)
+    extended = results.collect(study)
+    reference = run_in_process(tmp_path / "b", family, "[replace]", 3, sample_last=False)
+    key = ["generation", "metric", "step"]
+    a = extended.drop(columns="study").sort_values(key).reset_index(drop=True)
+    b = reference.drop(columns="study").sort_values(key).reset_index(drop=True)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(a, b)
+    assert sorted(a[(a.metric == "sample_distance")].generation) == [1, 2]

@@ -26,6 +26,7 @@ family:
   sampler: hf
 strategies: [replace, accumulate]
 generations: {{accumulate: 2, default: 1}}   # 3 fits: Ray Train's start-up is ~25 s each here
+sample_last: true          # every generation samples, the last too
 seeds: [0]
 out: {out}
 resources: {{cpus_per_trial: 0.25}}
@@ -133,12 +134,66 @@ def test_kill_9_mid_training_and_mid_sampling_then_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert store.verify() == []
     entries = store.entries()
-    assert {k: e.rows for k, e in entries.items()} == {
-        "real-0001": 400, "synthetic-0001": 400, "synthetic-0002": 400}
+    # the last generation samples nothing (sample_last: false)
+    assert {k: e.rows for k, e in entries.items()} == {"real-0001": 400, "synthetic-0001": 400}
     # every stored story appears once, in row order: none lost, none duplicated
-    for name in ("synthetic-0001", "synthetic-0002"):
+    for name in ("synthetic-0001",):
         rows = pd.concat(pd.read_parquet((store.root / f.path).path) for f in entries[name].files)
         assert rows["_row"].tolist() == list(range(400))
     table = pd.read_parquet(out / "results.parquet")
     assert sorted(table[table.metric == "test_loss"].generation) == [1, 2]
     assert not list((chain / "scratch").glob("*/*"))  # no fit left half-done
+
+
+SHARED = """\
+name: lmshare
+family:
+  name: lm
+  stories: 300
+  test_stories: 60
+  vocab_size: 300
+  model: tiny
+  context: 64
+  max_new_tokens: 30
+  batch_size: 8
+  epochs: 1
+  sample_batch_size: 120
+  temperature: [0.5, 1.0]
+  trainer: local
+  sampler: hf
+  sampler_cpus: 0.5
+  threads: 1
+strategies: [replace, accumulate]
+generations: 2
+seeds: [0]
+out: {out}
+resources: {{cpus_per_trial: 0.5}}
+"""
+
+
+@pytest.mark.slow
+def test_generation_1_is_fit_once_per_model_and_sampled_once_per_temperature(tmp_path):
+    """Four chains (two strategies × two temperatures) of one model: generation 1 reads
+    neither the strategy nor, for its fit, the temperature, so it is fit once and its
+    corpus sampled once per temperature; every chain gets the same generation 1."""
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "lm.yaml", SHARED.format(out=out))
+    r = collapse("run", study)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((out / "shared" / "models").iterdir())) == 1
+    assert len(list((out / "shared" / "corpora").iterdir())) == 2
+    chains = sorted((out / "trials").iterdir())
+    logs = [(c / "chain.log").read_text() for c in chains]
+    assert sum("its model was fit by another chain" in log for log in logs) == 3
+    assert sum("its corpus was sampled by another chain" in log for log in logs) == 2
+    weights = {(c / "models" / "gen-0001" / "model.safetensors").read_bytes() for c in chains}
+    assert len(weights) == 1
+    table = pd.read_parquet(out / "results.parquet")
+    first = table[(table.metric == "test_loss") & (table.generation == 1)]
+    assert first.value.nunique() == 1 and len(first) == 4
+    distinct = table[(table.metric == "distinct_2") & (table.generation == 1)]
+    assert distinct.groupby("temperature").value.nunique().tolist() == [1, 1]
+    assert distinct.value.nunique() == 2  # the temperatures sample differently
+    for c in chains:  # each chain's store holds the shared corpus, verified
+        store = CorpusStore(c / "corpus")
+        assert store.verify() == [] and store.entry(S.synthetic(1)).rows == 240

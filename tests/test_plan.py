@@ -14,8 +14,12 @@ def test_rows_follow_the_strategies(tmp_path):
     assert rows.loc[("accumulate", 3), "train_rows"] == 60
     assert rows.loc[("replace", 6), "train_rows"] == 20
     assert rows.loc[("replace_multiple", 3), "train_rows"] == 60
-    assert rows.loc[("replace_multiple", 3), "sample_rows"] == 80
+    assert rows.loc[("replace_multiple", 2), "sample_rows"] == 60
+    # the last generation samples nothing unless the study asks (sample_last)
+    assert rows.loc[("replace_multiple", 3), "sample_rows"] == 0
     assert len(rows) == 6 + 3 + 3
+    last = generation_rows(load_study(f, ["sample_last=true"])).set_index(["strategy", "generation"])
+    assert last.loc[("replace_multiple", 3), "sample_rows"] == 80
 
 
 def test_paper_grid_dry_run_works_offline_and_writes_nothing(tmp_path):
@@ -23,10 +27,15 @@ def test_paper_grid_dry_run_works_offline_and_writes_nothing(tmp_path):
                  "--set", f"out={tmp_path / 'out'}", "--gpu", "A100", "--mfu", "0.5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("tinystories_paper: 24 chains (3 strategies × 8 grid points × 1 seeds)")
-    assert "GPU-hours on A100 at 50% MFU" in r.stdout
+    assert "GPU-hours on A100: training" in r.stdout and "at 50% MFU" in r.stdout
     lines = [line.split() for line in r.stdout.splitlines()]
-    gens = [line[0] for line in lines if line and line[0].isdigit() and len(line) == 7]
+    gens = [line[0] for line in lines if line and line[0].isdigit() and len(line) == 6]
     assert gens == [str(g) for g in range(1, 11)]  # replace runs to generation 10
+    # generation 1 of a model is fit once for every strategy and temperature: 4 models,
+    # 24 chains, so 4 fits of T stories
+    assert lines[[i for i, l in enumerate(lines) if l[:1] == ["1"]][0]][1] == "8.44M"
+    assert "shared: generation 1 is fit once per model" in r.stdout
+    assert "sampling" in r.stdout and "--decode-tps" in r.stdout
     assert not (tmp_path / "out").exists()
 
 

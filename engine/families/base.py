@@ -136,9 +136,17 @@ class Family(ABC):
     def model_name(self) -> str: ...
 
     # ------------------------------------------------- optional, with defaults
-    def prepare(self, seed: int, cache_dir: "Location") -> None:
+    def prepare(self, seed: int, cache_dir: "Location") -> str | None:
         """Work on real data done once per study before any chain starts (the LM family
-        tokenizes its corpus with Ray Data into `cache_dir`); real_data() then reads it."""
+        tokenizes its corpus with Ray Data into `cache_dir`); real_data() then reads it.
+        Returns a line saying what it prepared, or None when there was nothing to do."""
+        return None
+
+    def fit_params(self) -> dict[str, Any]:
+        """The parameters a fit reads: chains whose grid points agree on them (and on
+        the data) train the same generation-1 model, which is then fit once and shared.
+        Families leave out what only sampling or placement reads."""
+        return dataclasses.asdict(self.config)
 
     def validate(self) -> None:
         """Cross-field checks on one concrete grid point; raise ParamError."""
@@ -171,6 +179,11 @@ class Family(ABC):
         """The processes a chain starts besides its driver (trainer workers, sampler
         actors); a study is refused before it starts if one fits on no node."""
         return []
+
+    def chain_memory(self) -> int:
+        """Bytes a chain's driver process needs at most (its real data, its models, the
+        mixes it reads in memory): the default of resources.memory_per_trial."""
+        return 1 << 30
 
     def chain_cpus(self) -> float:
         """CPUs a running chain holds at most beyond its driver (trainer workers or

@@ -8,7 +8,7 @@ resumed at).
 
 On Ray Train (`fit_on_workers`): a TorchTrainer (Train V2 API) whose workers each run
 `engine.fit.loop.train`; gloo on CPUs, NCCL on GPUs; elastic between min and max
-workers; every `checkpoint_every` steps all workers write a DeepSpeed checkpoint that
+workers; every `checkpoint_seconds` of training all workers write a DeepSpeed checkpoint that
 Ray Train keeps in the run's storage, so a worker or node lost mid-fit costs the steps
 since the last checkpoint, and a chain whose driver died goes on from it when it runs
 again. The trained model comes back as the fit's last checkpoint, reported by rank 0,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from engine.files import Location
 
 FIT_RECORD = "fit.json"  # steps, workers at the end, the step a restored fit resumed at
+CHECK_STEPS = 5  # how often workers agree whether a checkpoint is due
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class Workers:
     gpus_per_worker: float = 0.0
     extra_resources: dict = field(default_factory=dict)  # more Ray resources per worker
     max_failures: int = 3  # worker-group restarts a fit may take (-1: unlimited)
-    checkpoint_every: int = 0  # steps between checkpoints (0: none)
+    # Training time between checkpoints (0: none). Time, not steps: a checkpoint of a
+    # 126M-parameter model with its optimizer is ~1.8 GB, which every 200 small steps
+    # would cost more than it saves; every few minutes bounds the work a failure loses.
+    checkpoint_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,20 +101,35 @@ def _save(job: FitJob, trained: Trained, out: Path) -> None:
 
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the same fresh model (same seed) on every worker, its own
-    batches; checkpoints every `checkpoint_every` steps; rank 0 reports the model."""
+    batches; checkpoints every `checkpoint_seconds`; rank 0 reports the model."""
     import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from engine.fit.device import current_device
 
     job: FitJob = config["job"]
-    every = config["checkpoint_every"]
+    every = config["checkpoint_seconds"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     steps = job.loop.steps
 
+    last = [time.monotonic()]
+
     def checkpoint(step: int, curve: Curve, save: Callable[[str], None]) -> None:
-        """Every `every` steps, a checkpoint with the latest train loss (which the
+        """Every `every` seconds, a checkpoint with the latest train loss (which the
         chain's Tune trial shows). Only then: a report is collective, and Ray Train takes
-        one report per worker every 2 s, so reporting every few steps holds training back."""
-        if every and step % every == 0 and step < steps:
+        one report per worker every 2 s, so reporting every few steps holds training back.
+        Whether one is due is agreed every CHECK_STEPS steps (the slowest worker's clock
+        decides): workers whose clocks disagreed would wait for each other forever."""
+        if not every or step % CHECK_STEPS or step >= steps:
+            return
+        due = torch.tensor([float(time.monotonic() - last[0] >= every)],
+                           device=current_device())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(due, op=dist.ReduceOp.MAX)
+        if due.item():
+            last[0] = time.monotonic()
             with tempfile.TemporaryDirectory() as d:
                 save(d)
                 ray.train.report(_metrics(step, curve),
@@ -175,7 +195,7 @@ def fit_on_workers(job: FitJob, workers: Workers, storage: "Location", out: Path
              else (fewest, workers.max_workers))
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"job": job, "checkpoint_every": workers.checkpoint_every},
+        train_loop_config={"job": job, "checkpoint_seconds": workers.checkpoint_seconds},
         torch_config=TorchConfig(backend="nccl" if workers.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=count, use_gpu=bool(workers.gpus_per_worker),
                                      resources_per_worker=resources),

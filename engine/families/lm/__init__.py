@@ -105,7 +105,7 @@ class LanguageModel(Family):
         gpus_per_worker: float = 0.0  # GPUs per trainer worker; > 0 evaluates on a GPU too
         worker_resources: dict | None = None  # more Ray resources per worker, e.g. {"trainer": 1}
         max_failures: int = 3  # worker-group restarts a fit may take (-1: unlimited)
-        checkpoint_every: int = 200  # steps between training checkpoints (0: none)
+        checkpoint_minutes: float = 10.0  # training time between checkpoints (0: none)
         threads: int = 0  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
         sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
         sampler_actors: int = 1  # sampler processes (vLLM engines or transformers decoders)
@@ -148,8 +148,8 @@ class LanguageModel(Family):
         if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
             raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
                                             f"got {p.min_workers}")
-        if p.max_failures < -1 or p.checkpoint_every < 0:
-            raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_every",
+        if p.max_failures < -1 or p.checkpoint_minutes < 0:
+            raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_minutes",
                              "must be >= -1" if p.max_failures < -1 else "must be >= 0")
         if p.worker_resources is not None and not all(
                 isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
@@ -182,10 +182,15 @@ class LanguageModel(Family):
                    p.vocab_size)
         return Location.of(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
 
-    def prepare(self, seed: int, cache_dir: "Location") -> None:
-        from engine.families.lm.prepare import prepare
+    def prepare(self, seed: int, cache_dir: "Location") -> str | None:
+        from engine.families.lm.prepare import prepare, read_prepared
 
-        prepare(self.config, seed, self._real_directory(seed, cache_dir))
+        directory = self._real_directory(seed, cache_dir)
+        if read_prepared(directory) is not None:
+            return None
+        p = prepare(self.config, seed, directory)
+        return (f"real data: {p.stories} stories prepared ({p.train} train, {p.test} test), "
+                f"vocabulary {p.vocab}, in {directory}")
 
     def real_data(self, seed: int, chunks: int, cache_dir: "Location") -> LMReal:
         from engine.families.lm.prepare import TEST, TRAIN, prepare
@@ -213,6 +218,18 @@ class LanguageModel(Family):
     def data_view(self) -> str:
         return "dataset" if self.config.trainer == "ray" else "table"
 
+    # What only sampling reads, or only where a fit runs: left out of fit_params, so that
+    # the grid points of one model at several temperatures share its generation 1.
+    NOT_FIT = ("temperature", "top_k", "top_p", "prompt", "prefix_tokens", "max_new_tokens",
+               "sampler", "sampler_actors", "sampler_cpus", "sampler_gpus",
+               "sample_batch_size", "threads", "cpus_per_worker", "worker_resources",
+               "max_failures", "checkpoint_minutes", "min_workers")
+
+    def fit_params(self) -> dict:
+        import dataclasses
+
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.NOT_FIT}
+
     def _workers(self):
         from engine.fit import Workers
 
@@ -220,7 +237,8 @@ class LanguageModel(Family):
         return Workers(max_workers=p.workers, min_workers=p.min_workers,
                        cpus_per_worker=p.cpus_per_worker, gpus_per_worker=p.gpus_per_worker,
                        extra_resources=dict(p.worker_resources or {}),
-                       max_failures=p.max_failures, checkpoint_every=p.checkpoint_every)
+                       max_failures=p.max_failures,
+                       checkpoint_seconds=60 * p.checkpoint_minutes)
 
     def fit(self, real: LMReal, mix, seed: int, context) -> LMModel:
         """Train a fresh model on the mix: in this process on an in-memory table
@@ -393,6 +411,7 @@ class LanguageModel(Family):
         T = p.train_stories or n - p.test_stories
         N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
         return Cost(rows_per_generation=T, tokens_per_row=tokens, parameters=N,
+                    test_rows=p.test_stories,
                     note=f"model {p.model}: {N / 1e6:.3g}M parameters at vocabulary "
                          f"{p.vocab_size}; ~{tokens:.0f} tokens per story ({how}); "
                          f"T = {T} stories per generation")
@@ -404,6 +423,16 @@ class LanguageModel(Family):
         return self.config.temperature
 
     # ------------------------------------------------------------------ placement
+    def chain_memory(self) -> int:
+        """The driver holds the test split, a model for CPU evaluation (weights, a load
+        copy, activations: ~16 bytes a parameter) and, with trainer: local, the mix as
+        Python lists (budget 2 GiB more); corpora stream past it."""
+        from engine.families.lm.zoo import parameter_count
+
+        p = self.config
+        model = 16 * parameter_count(ZOO[p.model], p.vocab_size, p.context)
+        return (1 << 30) + model + ((2 << 30) if p.trainer == "local" else 0)
+
     def chain_cpus(self) -> float:
         p = self.config
         trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0

@@ -100,37 +100,31 @@ def _tokenizer(uri: str):
     return _TOKENIZERS[uri]
 
 
-class _Rows:
-    """One piece's stories of one split, tokenized: Parquet rows with their `_row`,
-    the story's index within the split (train: source order; test: source order)."""
-
-    def __init__(self, split: str, test_index: np.ndarray, tokenizer: str):
-        self.split, self.test_index, self.tokenizer = split, test_index, tokenizer
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        tables = []
-        for spec, first, n in zip(batch["spec"], batch["first"], batch["n"]):
-            texts, truth = _stories_of(spec, int(first), int(n))
-            index = int(first) + np.arange(len(texts))
-            in_test = np.isin(index, self.test_index)
-            keep = in_test if self.split == "test" else ~in_test
-            # a story's index within its split: test stories before it, or train ones
-            before = np.searchsorted(self.test_index, index)
-            row = before if self.split == "test" else index - before
-            picked = [t for t, k in zip(texts, keep) if k]
-            ids = (self._tokenize(picked) if picked else [])
-            columns = {"text": pa.array(picked, pa.string()),
-                       "ids": pa.array(ids, pa.list_(pa.int32())),
-                       "n_tokens": pa.array([len(i) for i in ids], pa.int64())}
-            if truth is not None:
-                columns["true_logprob"] = pa.array([t for t, k in zip(truth, keep) if k],
-                                                   pa.float64())
-            columns[ROW] = pa.array(row[keep].astype(np.int64))
-            tables.append(pa.table(columns))
-        return pa.concat_tables(tables)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return _tokenizer(self.tokenizer)(texts, add_special_tokens=False)["input_ids"]
+def _rows(batch: dict[str, np.ndarray], split: str, test_index: np.ndarray,
+          tokenizer: str) -> pa.Table:
+    """Ray Data batch function: pieces' stories of one split, tokenized — Parquet rows
+    with their `_row`, the story's index within its split (both splits in source order)."""
+    tables = []
+    for spec, first, n in zip(batch["spec"], batch["first"], batch["n"]):
+        texts, truth = _stories_of(spec, int(first), int(n))
+        index = int(first) + np.arange(len(texts))
+        in_test = np.isin(index, test_index)
+        keep = in_test if split == "test" else ~in_test
+        # a story's index within its split: test stories before it, or train ones
+        before = np.searchsorted(test_index, index)
+        row = before if split == "test" else index - before
+        picked = [t for t, k in zip(texts, keep) if k]
+        ids = (_tokenizer(tokenizer)(picked, add_special_tokens=False)["input_ids"]
+               if picked else [])
+        columns = {"text": pa.array(picked, pa.string()),
+                   "ids": pa.array(ids, pa.list_(pa.int32())),
+                   "n_tokens": pa.array([len(i) for i in ids], pa.int64())}
+        if truth is not None:
+            columns["true_logprob"] = pa.array([t for t, k in zip(truth, keep) if k],
+                                               pa.float64())
+        columns[ROW] = pa.array(row[keep].astype(np.int64))
+        tables.append(pa.table(columns))
+    return pa.concat_tables(tables)
 
 
 def prepare(p: Any, seed: int, directory: Location) -> Prepared:
@@ -178,12 +172,11 @@ def prepare(p: Any, seed: int, directory: Location) -> Prepared:
     for split, source in (("test", TEST), ("train", TRAIN)):
         if store.has(source):
             continue
+        # Tasks, each a piece: every worker process loads the tokenizer once (_tokenizer).
         ds = ray.data.from_items(work).map_batches(
-            _Rows, fn_constructor_kwargs={"split": split, "test_index": test_index,
-                                          "tokenizer": tokenizer.uri},
-            batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-            num_cpus=raydata.TASK_CPUS)
+            _rows, fn_kwargs={"split": split, "test_index": test_index,
+                              "tokenizer": tokenizer.uri},
+            batch_size=1, batch_format="numpy", num_cpus=raydata.TASK_CPUS)
 
         def fill(target: Location, ds=ds) -> tuple[dict, dict]:
             fs, path = target.arrow()
@@ -196,8 +189,8 @@ def prepare(p: Any, seed: int, directory: Location) -> Prepared:
                         test=p.test_stories, vocab=vocab)
     write_json(directory / READY, {"stories": prepared.stories, "train": prepared.train,
                                    "test": prepared.test, "vocab": prepared.vocab})
-    log.warning("real data: %d stories prepared (%d train, %d test), vocabulary %d",
-                n, prepared.train, prepared.test, vocab)
+    log.info("real data: %d stories prepared (%d train, %d test), vocabulary %d",
+             n, prepared.train, prepared.test, vocab)
     return prepared
 
 
