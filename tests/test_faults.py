@@ -240,3 +240,34 @@ def test_study_paths_are_relative_to_the_study_file_not_the_current_directory(tm
     study = load_study(REPO / "studies" / "tinystories_sample.yaml",
                        [f"family.data={os.path.relpath(REPO / 'tests/data/tinystories', Path.cwd())}"])
     assert not os.path.isabs(study.family_params["data"])
+
+
+def test_work_done_once_is_taken_over_at_once_from_a_killed_maker(tmp_path):
+    """A chain killed while it fits or samples the shared generation 1 leaves its lock;
+    the resumed run sees that its maker is dead and makes it without waiting for the
+    lock to go stale. A live maker is waited for."""
+    from engine.files import Location, made_once
+
+    lock = Location.of(tmp_path / "LOCK")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "LOCK").write_text(
+        f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}, "started": 0}}')
+    made = []
+    start = time.time()
+    assert made_once(lambda: bool(made), lambda: made.append(1), lock, stale_after=60)
+    assert made == [1] and time.time() - start < 10 and not (tmp_path / "LOCK").exists()
+
+    # a live maker (this process) holds it: wait for it, do not make it twice
+    import json
+    import threading
+
+    import psutil
+    (tmp_path / "LOCK").write_text(json.dumps(
+        {"host": os.uname().nodename, "pid": os.getpid(),
+         "started": psutil.Process().create_time()}))
+    done = threading.Timer(2.0, lambda: made.append(2))
+    done.start()
+    assert not made_once(lambda: len(made) == 2, lambda: made.append(3), lock,
+                         stale_after=60, poll=0.1)
+    assert made == [1, 2]
