@@ -13,6 +13,7 @@ peak of the GPU it finds, evaluation and sampling tokens/s.
     python bench/gpu_check.py            # GPU sizes
     python bench/gpu_check.py --quick    # tiny sizes: the CPU path the test suite runs
     python bench/gpu_check.py --json OUT.json   # also write the figures
+    python bench/gpu_check.py --families lm --no-vllm   # a part of it
 
 Timings are single runs of a miniature study: they show that each phase runs on the
 device and roughly how fast, not a tuned benchmark.
@@ -62,7 +63,7 @@ def bf16_peak(name: str) -> float | None:
     return next((peak for gpu, peak in GPU_PEAK_BF16.items() if gpu in name), None)
 
 
-def check(family_name: str, block: dict, out: Path) -> dict:
+def check(family_name: str, block: dict, out: Path, vllm: bool = True) -> dict:
     """One generation through run_chain; the figures the chain and the fit recorded."""
     import pyarrow.compute as pc
 
@@ -106,7 +107,7 @@ def check(family_name: str, block: dict, out: Path) -> dict:
                        train_tokens_per_s=train_tokens / fit["loop_seconds"],
                        eval_tokens_per_s=test_tokens / recorded["seconds"]["evaluate"],
                        sample_tokens_per_s={"hf": sample_tokens / recorded["seconds"]["sample"]})
-        if importlib.util.find_spec("vllm") is not None:
+        if vllm and importlib.util.find_spec("vllm") is not None:
             model = family.load_model(paths.model(1))
             vllm = family_for(Trial.from_dict({**trial.to_dict(),
                                                "params": {**trial.params, "sampler": "vllm"}}))
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU, test suite)")
     ap.add_argument("--families", default="lm,vae,diffusion")
+    ap.add_argument("--no-vllm", action="store_true",
+                    help="skip the vLLM sampling pass (the test suite proves vLLM elsewhere)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args(argv)
 
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as d:
             for name in a.families.split(","):
-                r = check(name, blocks[name], Path(d) / name)
+                r = check(name, blocks[name], Path(d) / name, vllm=not a.no_vllm)
                 results.append(r)
                 print(report(r, device if gpu else None), flush=True)
     finally:

@@ -35,14 +35,20 @@ def _table(out):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 3-generation study, and a reference run of the same study to 4."""
+def finished_run(tmp_path_factory):
+    """A finished 3-generation study, and a reference run of the same study to 4; the
+    first run's completed process."""
     tmp = tmp_path_factory.mktemp("faults")
-    study, out, r = _run(tmp)
-    assert r.returncode == 0, r.stderr
+    study, out, first = _run(tmp)
+    assert first.returncode == 0, first.stderr
     _, ref, r = _run(tmp, "ref", 4, tmp / "ref")
     assert r.returncode == 0, r.stderr
-    return study, out, ref
+    return (study, out, ref), first
+
+
+@pytest.fixture(scope="module")
+def finished(finished_run):
+    return finished_run[0]
 
 
 @pytest.mark.slow
@@ -220,9 +226,8 @@ def test_without_an_address_collapse_runs_on_a_ray_of_its_own(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_shows_the_engines_lines_only(tmp_path):
-    _, _, r = _run(tmp_path, generations=2)
-    assert r.returncode == 0, r.stderr
+def test_run_shows_the_engines_lines_only(finished_run):
+    r = finished_run[1]
     lines = r.stderr.strip().splitlines()
     assert lines and all(line.startswith("[faults] ") for line in lines), r.stderr
 
