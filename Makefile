@@ -34,4 +34,3 @@ bench: install
 	$(BIN)/python bench/linear_speed.py
 	$(BIN)/python bench/lm_fit_speed.py
 	$(BIN)/python bench/lm_sample_speed.py
-	$(BIN)/python bench/gpu_check.py

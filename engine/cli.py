@@ -114,6 +114,30 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(args: argparse.Namespace) -> int:
+    from engine.families import FAMILIES, get_family
+    from engine.families.base import describe_params, summary
+
+    if args.family is None:
+        width = max(map(len, FAMILIES))
+        for name in FAMILIES:
+            print(f"{name:<{width}}  {summary(get_family(name))}")
+        print("\n`collapse params FAMILY` lists a family's parameters (the study file's "
+              "`family:` block).")
+        return 0
+    family = get_family(args.family)  # KeyError: one line naming the known families
+    params = describe_params(family)
+    print(f"{args.family}: {summary(family)}\n")
+    name_w = max(len("parameter"), *(len(p.name) for p in params))
+    type_w = max(len("type"), *(len(p.type) for p in params))
+    default_w = min(24, max(len("default"), *(len(repr(p.default)) for p in params)))
+    print(f"{'parameter':<{name_w}}  {'type':<{type_w}}  {'default':<{default_w}}  meaning")
+    for p in params:
+        print(f"{p.name:<{name_w}}  {p.type:<{type_w}}  {repr(p.default):<{default_w}}  "
+              f"{p.meaning}")
+    return 0
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="the head's job server, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
@@ -157,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", default=None, help="only this metric")
     plot.add_argument("--out", default=None, help="directory for PNGs (default: DIR/plots)")
     plot.set_defaults(func=_plot)
+
+    params = sub.add_parser("params", help="list the families, or one family's parameters "
+                                           "with their type, default and meaning")
+    params.add_argument("family", nargs="?", default=None, help="e.g. lm")
+    params.set_defaults(func=_params)
 
     submit = sub.add_parser("submit", help="run a study as a Ray Job on a cluster")
     submit.add_argument("study", help="study YAML file inside the working directory")

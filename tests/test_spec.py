@@ -132,3 +132,28 @@ def test_generations_per_strategy(study_file):
         load_study(study_file, ["generations={reaplce: 10, default: 4}"])
     with pytest.raises(SpecError, match="no count for accumulate"):
         load_study(study_file, ["generations={replace: 10}"])
+
+
+def test_params_lists_every_family_parameter_with_its_meaning():
+    """`collapse params FAMILY` reads the family's Config: every field, its default and
+    the comment beside it; an unknown family is one line, exit 2."""
+    import dataclasses
+
+    from engine.families import FAMILIES, get_family
+
+    r = collapse("params")
+    assert r.returncode == 0 and all(f"\n{n} " in "\n" + r.stdout for n in FAMILIES), r.stdout
+    for name in ("lm", "ae"):  # ae: fields of the Config it inherits too
+        r = collapse("params", name)
+        assert r.returncode == 0, r.stderr
+        rows = {line.split()[0]: line for line in r.stdout.splitlines()[3:]}
+        fields = dataclasses.fields(get_family(name).Config)
+        assert set(rows) == {f.name for f in fields}
+        for f in fields:
+            assert rows[f.name].split()[1:] and repr(f.default) in rows[f.name], rows[f.name]
+    lm = {line.split()[0]: line for line in collapse("params", "lm").stdout.splitlines()[3:]}
+    assert lm["temperature"].endswith("sampling temperature (0: greedy)")
+    assert "'auto'" in lm["sampler"] and "auto: vllm when installed, else hf" in lm["sampler"]
+    r = collapse("params", "lmm")
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "unknown family 'lmm' (known: " + ", ".join(FAMILIES) + ")"

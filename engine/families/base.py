@@ -50,6 +50,61 @@ class Bundle:
     fields: dict[str, str]  # Ray resource name -> family parameter
 
 
+@dataclass(frozen=True)
+class Param:
+    """One family parameter as `collapse params` lists it."""
+
+    name: str
+    type: str
+    default: Any
+    meaning: str  # the comment beside the field in the family's Config
+
+
+def _field_comments(config: type) -> dict[str, str]:
+    """The comment written beside each field of a Config dataclass (and of the
+    dataclasses it extends): the one place a parameter's meaning is written."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(config.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        last = None  # a comment-only line right after a field goes on with its comment
+        for line in inspect.getsource(klass).splitlines():
+            field = re.match(r"\s+(\w+)\s*:[^#]*#\s?(.*)$", line)
+            more = re.match(r"\s+#\s?(.*)$", line)
+            if field:
+                last = field.group(1)
+                comments[last] = field.group(2).strip()
+            elif more and last:
+                comments[last] += " " + more.group(1).strip()
+            else:
+                last = None
+    return comments
+
+
+def summary(family: "type[Family]") -> str:
+    """A family in one line: its class's docstring, else its module's, first paragraph."""
+    import sys
+
+    doc = family.__dict__.get("__doc__") or sys.modules[family.__module__].__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def describe_params(family: "type[Family]") -> list[Param]:
+    """Every parameter of a family: name, type, default and meaning."""
+    comments = _field_comments(family.Config)
+    out = []
+    for f in dataclasses.fields(family.Config):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else None)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append(Param(f.name, kind, default, comments.get(f.name, "")))
+    return out
+
+
 class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]  # a frozen dataclass: the study file's family parameters
