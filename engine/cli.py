@@ -56,7 +56,19 @@ def _table(args: argparse.Namespace) -> int:
     from engine import results
 
     table = results.load_results(args.dir)
-    view = results.pivot(table, args.metric) if args.pivot else results.summary(table, args.metric)
+    seeds = results.seed_count(table)
+    if args.diff:
+        view = results.paired_difference(table, *args.diff, metric=args.metric)
+        print(f"{args.diff[0]} minus {args.diff[1]}, seed by seed: mean ± half-width of the "
+              f"95% Student-t interval over {seeds} seed(s)")
+    elif seeds > 1 and (args.pivot or not results.has_paper_table(table, args.metric)):
+        view = results.pivot_with_intervals(table, args.metric)
+        print(f"mean ± half-width of the 95% Student-t interval over {seeds} seeds")
+    else:
+        view = results.pivot(table, args.metric) if args.pivot else \
+            results.summary(table, args.metric)
+        if seeds > 1:
+            print(f"mean over {seeds} seeds (--pivot shows the 95% intervals)")
     print(view.to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 
@@ -174,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--metric", default=None, help="metric (default: the family's headline)")
     table.add_argument("--pivot", action="store_true",
                        help="strategy × axes by generation, even where the family has a paper layout")
+    table.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None,
+                       help="strategy A minus strategy B, paired seed by seed, with its 95%% "
+                            "interval, e.g. --diff replace accumulate")
     table.set_defaults(func=_table)
 
     plot = sub.add_parser("plot", help="write PNG plots of a study's results")

@@ -105,6 +105,70 @@ def pivot(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
                             aggfunc="mean", sort=False)
 
 
+# ------------------------------------------------------------- seeds and intervals
+# Over seeds, a cell is shown as mean ± the half-width of a 95% Student-t interval for
+# the mean: t(0.975, n-1) · s / √n, s the sample standard deviation of the n seeds'
+# values. Seeds are independent chains, so this is the usual interval for a mean of n
+# independent draws; with 2-3 seeds it is wide (t = 12.7 and 4.3), as it should be.
+CONFIDENCE = 0.95
+
+
+def half_width(values: pd.Series) -> float:
+    """Half-width of the 95% Student-t interval for the mean of `values` (NaN for one)."""
+    from scipy import stats
+
+    n = values.count()
+    if n < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * values.std(ddof=1) / n ** 0.5)
+
+
+def seed_count(table: pd.DataFrame) -> int:
+    return int(table["seed"].nunique())
+
+
+def _with_intervals(rows: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    """Rows: `index`; columns: generation; cells "mean ± half-width" over seeds."""
+    cells = rows.groupby(index + ["generation"], sort=False, dropna=False)["value"] \
+        .agg(["mean", half_width])
+    text = [f"{m:.4g}" if pd.isna(h) else f"{m:.4g} ± {h:.2g}"
+            for m, h in zip(cells["mean"], cells["half_width"])]
+    out = pd.Series(text, index=cells.index).unstack("generation")
+    out = out.reindex(columns=sorted(out.columns))
+    return out.fillna("n/a")
+
+
+def pivot_with_intervals(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """The pivot with each cell mean ± half-width of its 95% interval over seeds."""
+    metric = metric or headline_metric(table)
+    pivot(table, metric)  # the errors for a missing or per-step metric
+    rows = table[(table["metric"] == metric) & table["step"].isna()]
+    return _with_intervals(rows, ["strategy"] + axis_columns(table))
+
+
+def paired_difference(table: pd.DataFrame, a: str, b: str,
+                      metric: str | None = None) -> pd.DataFrame:
+    """Strategy a minus strategy b, seed by seed (the two share the seed's real data and
+    every random draw), then mean ± half-width over seeds: far tighter than the two
+    strategies' own intervals, whose seed-to-seed spread the difference cancels."""
+    metric = metric or headline_metric(table)
+    pivot(table, metric)
+    for s in (a, b):
+        if s not in set(table["strategy"]):
+            raise KeyError(f"no strategy {s!r} in the table (it has: "
+                           f"{', '.join(dict.fromkeys(table['strategy']))})")
+    rows = table[(table["metric"] == metric) & table["step"].isna()]
+    axes = axis_columns(table)
+    keys = axes + ["seed", "generation"]
+    by = rows[rows["strategy"].isin([a, b])].pivot_table(
+        index=keys, columns="strategy", values="value", aggfunc="mean", dropna=False)
+    diff = (by[a] - by[b]).dropna().rename("value").reset_index()
+    if diff.empty:
+        raise KeyError(f"{a} and {b} share no (grid point, seed, generation) in the table")
+    diff["difference"] = f"{a} - {b}"
+    return _with_intervals(diff, ["difference"] + axes)
+
+
 # The seed paper's Table 2: test loss at t=1, and at later generations with its change.
 PAPER_CELLS = [("t=4 accumulate", "accumulate", 4), ("t=4 replace", "replace", 4),
                ("t=10 replace", "replace", 10), ("t=4 replace-multiple", "replace_multiple", 4)]
@@ -129,11 +193,15 @@ def paper_table(table: pd.DataFrame, metric: str = "test_loss") -> pd.DataFrame:
     return pd.DataFrame(out).set_index(keys)
 
 
+def has_paper_table(table: pd.DataFrame, metric: str | None = None) -> bool:
+    family = get_family(table["family"].iloc[0])
+    return family.paper_table and metric in (None, family.metrics[0])
+
+
 def summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """What `collapse table` prints: the family's paper layout if it has one, else the pivot."""
-    family = get_family(table["family"].iloc[0])
-    if getattr(family, "paper_table", False) and metric in (None, family.metrics[0]):
-        return paper_table(table, family.metrics[0])
+    if has_paper_table(table, metric):
+        return paper_table(table, get_family(table["family"].iloc[0]).metrics[0])
     return pivot(table, metric)
 
 
@@ -209,9 +277,14 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
                 key = key if isinstance(key, tuple) else (key,)
                 label = ", ".join(f"{c}={v}" for c, v in zip(axes_cols, key)) or strategy
                 color = f"C{i % 10}"
-                mean = group[(group["metric"] == metric) & group["step"].isna()] \
-                    .groupby("generation")["value"].mean()
+                by_generation = group[(group["metric"] == metric) & group["step"].isna()] \
+                    .groupby("generation")["value"]
+                mean = by_generation.mean()
                 panel.plot(mean.index, mean.values, marker="o", ms=3, color=color, label=label)
+                if seed_count(group) > 1:  # the band: the 95% interval over seeds
+                    hw = by_generation.agg(half_width)
+                    panel.fill_between(mean.index, mean - hw, mean + hw, color=color,
+                                       alpha=0.2, lw=0)
                 if metric == family.theory_for:
                     th = group[group["metric"] == "theory"].groupby("generation")["value"].mean()
                     if not th.empty:
@@ -228,6 +301,8 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
         title = f"{table['study'].iloc[0]}: {metric}"
         if metric == family.theory_for:
             title += "  (dashed: closed form)"
+        if seed_count(table) > 1:
+            title += f"\nmean of {seed_count(table)} seeds; band: 95% t-interval"
         fig.suptitle(title)
         fig.tight_layout()
         path = out_dir / f"{metric}.png"

@@ -51,7 +51,7 @@ def test_collapse_table_pivots_strategy_and_axes_by_generation(finished):
     out, _ = finished
     r = collapse("table", out, "--metric", "w2_squared")
     assert r.returncode == 0, r.stderr
-    header = r.stdout.splitlines()[0]
+    header = r.stdout.splitlines()[1]  # after the line saying what the ± is
     assert header.split()[-3:] == ["1", "2", "3"]
     assert sum(line.startswith(("replace", "accumulate")) for line in r.stdout.splitlines()) == 2
     r = collapse("table", out, "--metric", "nope")
@@ -70,3 +70,34 @@ def test_collapse_plot_writes_a_png_per_metric(finished):
 def test_table_of_a_directory_without_results(tmp_path):
     r = collapse("table", tmp_path)
     assert r.returncode == 2 and "no results table" in r.stderr
+
+
+def test_seeds_give_intervals_and_a_paired_difference(finished):
+    """Two seeds: each cell is mean ± the half-width of the 95% t-interval (t(0.975, 1) =
+    12.706); --diff pairs the strategies seed by seed."""
+    out, _ = finished
+    table = engine.load_results(out)
+    cell = table[(table.metric == "w2_squared") & (table.strategy == "replace")
+                 & (table.d == 1) & (table.generation == 3)].sort_values("seed").value
+    assert len(cell) == 2
+    hw = 12.7062047 * cell.std(ddof=1) / np.sqrt(2)
+    view = results.pivot_with_intervals(table, "w2_squared")
+    assert view.loc[("replace", "gaussian-1d", 1), 3] == f"{cell.mean():.4g} ± {hw:.2g}"
+    r = collapse("table", out, "--metric", "w2_squared")
+    assert r.stdout.splitlines()[0] == \
+        "mean ± half-width of the 95% Student-t interval over 2 seeds"
+    assert f"{cell.mean():.4g} ± {hw:.2g}" in r.stdout
+
+    other = table[(table.metric == "w2_squared") & (table.strategy == "accumulate")
+                  & (table.d == 1) & (table.generation == 3)].sort_values("seed").value
+    d = cell.to_numpy() - other.to_numpy()
+    expected = f"{d.mean():.4g} ± {12.7062047 * d.std(ddof=1) / np.sqrt(2):.2g}"
+    diff = results.paired_difference(table, "replace", "accumulate", "w2_squared")
+    assert diff.loc[("replace - accumulate", "gaussian-1d", 1), 3] == expected
+    # generation 1 is the same model for both (common random numbers): no difference
+    assert diff.loc[("replace - accumulate", "gaussian-1d", 1), 1] == "0 ± 0"
+    r = collapse("table", out, "--metric", "w2_squared", "--diff", "replace", "accumulate")
+    assert r.returncode == 0 and expected in r.stdout, r.stderr
+    r = collapse("table", out, "--diff", "replace", "acumulate")
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "no strategy 'acumulate' in the table (it has: replace, accumulate)"
