@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test test-heavy bench
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The multi-minute end-to-end runs the default suite leaves out (CI runs them too).
+test-heavy: install
+	$(BIN)/python -m pytest -q -m heavy
 
 bench: install
 	$(BIN)/python bench/linear_speed.py

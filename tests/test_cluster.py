@@ -257,6 +257,7 @@ def _processes_of(node) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_study_survives_losing_a_worker_node_mid_training(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 

@@ -13,6 +13,7 @@ from conftest import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_gpu_check_runs_on_this_machine(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--quick",

@@ -138,6 +138,7 @@ def test_a_bucket_that_does_not_exist_is_refused_in_one_line(s3, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_language_model_study_trains_and_samples_through_a_bucket(s3, tmp_path):
     """Ray Data streams the mix from the bucket, Ray Train keeps its checkpoints there
     and hands the model back through it, the sampler actors load the model from it."""
