@@ -67,7 +67,9 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
 
     import yaml
 
-    from engine import results
+    import tempfile
+
+    from engine import results, tracking
     from engine.chain import completed_generations, real_seed
     from engine.cluster import check_fits_cluster, check_reachable, ray_connection
     from engine.files import StorageError, check_writable, write_atomic
@@ -87,7 +89,9 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
         check_writable(run.out)
     except StorageError as e:
         raise SpecError(f"{study.source}: out: {e}") from None
+    tracking.check(study)
     trials = study.trials()
+    trackers: list = []
     if all(completed_generations(run.out, t) >= t.generations for t in trials):
         say(f"[{study.name}] all {len(trials)} chains already complete in {run.out}")
     else:
@@ -101,9 +105,16 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
                     say(f"[{study.name}] {prepared}")
             write_atomic(run.study_file, lambda tmp: tmp.write_text(
                 yaml.safe_dump(study.document, sort_keys=False)))
-            run_sweep(study, say=say)
+            trackers = tracking.callbacks(study)
+            run_sweep(study, say=say, trackers=trackers)
     table = results.collect(study)
     results.write(table, run.out)
+    if trackers:
+        with tempfile.TemporaryDirectory(prefix="collapse-artifacts-") as d:
+            files = [Path(d) / "study.yaml", Path(d) / "results.parquet"]
+            files[0].write_bytes(run.study_file.read_bytes())
+            files[1].write_bytes(run.results_table.read_bytes())
+            tracking.attach_results(study, trackers, files)
     return table
 
 

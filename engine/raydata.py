@@ -21,3 +21,9 @@ def quiet() -> None:
     logger = logging.getLogger("ray.data")
     if logger.getEffectiveLevel() < logging.WARNING:  # quieter already (collapse run): keep
         logger.setLevel(logging.WARNING)
+
+# Rows per Parquet file when Ray Data writes a corpus. The writer gathers this many
+# rows in one task before it writes, so it bounds that task's memory: 20,000 stories
+# of ~250 tokens are ~40 MB of token ids (200,000 made the largest process grow with
+# the corpus: bench/scale_memory.py), and a paper-size corpus is ~100 files.
+ROWS_PER_FILE = 20_000

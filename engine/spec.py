@@ -31,7 +31,7 @@ from engine import strategies as strategy_registry
 from engine.families import FAMILIES, ParamError, get_family
 
 TOP_LEVEL_KEYS = ("name", "description", "family", "strategies", "generations", "seeds",
-                  "out", "resources", "sample_last")
+                  "out", "resources", "sample_last", "tracking")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -53,6 +53,14 @@ class Resources:
     @property
     def memory_bytes(self) -> int | None:
         return None if self.memory_per_trial is None else parse_bytes(self.memory_per_trial)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where the study's runs are tracked (engine/tracking.py); nothing by default."""
+
+    mlflow: str | None = None  # an MLflow tracking URI: file:///abs/mlruns, http://host:5000, databricks
+    wandb: str | None = None  # a Weights & Biases project (WANDB_MODE=offline honoured)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
@@ -109,6 +117,7 @@ class Study:
     # The last generation's corpus trains nothing in this study; it is sampled only when
     # asked (its diversity metrics, or a study to be extended later).
     sample_last: bool = False
+    tracking: Tracking = field(default_factory=Tracking)
 
     @property
     def axes(self) -> dict[str, list[Any]]:
@@ -294,6 +303,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
     out = _run_out(check, out)
 
     resources = _validate_resources(check, document.get("resources") or {})
+    tracking = _validate_tracking(check, document.get("tracking") or {})
     sample_last = document.get("sample_last", False)
     if not isinstance(sample_last, bool):
         check.fail("sample_last", f"expected true or false, got {sample_last!r}")
@@ -302,7 +312,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
         name=name, family=family_name, family_params=family_params,
         strategies=tuple(strategies), generations=generations, seeds=tuple(seeds), out=out,
         resources=resources, description=description, source=source, document=document,
-        sample_last=sample_last,
+        sample_last=sample_last, tracking=tracking,
         axis_keys=axis_keys,
     )
     _validate_grid(check, study)
@@ -437,6 +447,29 @@ def _validate_resources(check: _Checker, resources: Any) -> Resources:
         except ValueError as e:
             check.fail("resources.memory_per_trial", str(e))
     return r
+
+
+def _validate_tracking(check: _Checker, tracking: Any) -> Tracking:
+    from engine import tracking as trackers
+
+    if not isinstance(tracking, dict):
+        check.fail("tracking", f"expected a mapping such as {{mlflow: file:///abs/mlruns}}, "
+                               f"got {tracking!r}")
+    hints = typing.get_type_hints(Tracking)
+    values = {}
+    for key, value in tracking.items():
+        if key not in hints:
+            check.fail(f"tracking.{key}", f"unknown tracker (known: {', '.join(hints)}; "
+                                          "TensorBoard files are always written)")
+        values[key] = check.typed(f"tracking.{key}", value, hints[key])
+        if values[key] is not None:
+            if not str(values[key]).strip():
+                check.fail(f"tracking.{key}", "expected a non-empty value")
+            module = trackers.missing_package(key)
+            if module:
+                check.fail(f"tracking.{key}", f"needs the {module} package, which is not "
+                                              f"installed: {trackers.EXTRA}")
+    return Tracking(**values)
 
 
 def _validate_grid(check: _Checker, study: Study) -> None:

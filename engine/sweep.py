@@ -125,8 +125,10 @@ def _progress_callback(study: Study, done: int, total: int, say: Callable[[str],
 
 
 def run_sweep(study: Study,
-              say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> None:
-    """Run every chain of the study not yet finished. Needs a Ray connection."""
+              say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+              trackers: list = ()) -> None:
+    """Run every chain of the study not yet finished, logging to `trackers` (Tune
+    callbacks, engine/tracking.py). Needs a Ray connection."""
     from ray import tune
 
     from engine.files import Location
@@ -162,7 +164,7 @@ def run_sweep(study: Study,
             # its own directory: finished generations are kept, a fit goes on from its
             # last training checkpoint.
             failure_config=tune.FailureConfig(max_failures=r.max_failures),
-            callbacks=[_progress_callback(study, done, total, say)],
+            callbacks=[_progress_callback(study, done, total, say), *trackers],
         ),
     )
     grid = tuner.fit()

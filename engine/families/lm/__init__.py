@@ -359,14 +359,15 @@ class LanguageModel(Family):
         import ray.data
 
         from engine.families.lm.metrics import corpus_stats
-        from engine.raydata import TASK_CPUS
+        from engine.raydata import ROWS_PER_FILE, TASK_CPUS
 
         ds, backend = self._sampled(real, model, n, seed)
         log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
                     self.config.sampler_actors, "" if self.config.sampler_actors == 1 else "s")
         fs, path = directory.arrow()
         light = {"num_cpus": TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
-        ds.write_parquet(path, filesystem=fs, num_rows_per_file=200_000, ray_remote_args=light)
+        ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
+                         ray_remote_args=light)
         written = ray.data.read_parquet(path, filesystem=fs, partitioning=None,
                                         ray_remote_args=light)
         return corpus_stats(written), {"sampler": backend}

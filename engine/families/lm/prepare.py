@@ -180,7 +180,7 @@ def prepare(p: Any, seed: int, directory: Location) -> Prepared:
 
         def fill(target: Location, ds=ds) -> tuple[dict, dict]:
             fs, path = target.arrow()
-            ds.write_parquet(path, filesystem=fs, num_rows_per_file=200_000,
+            ds.write_parquet(path, filesystem=fs, num_rows_per_file=raydata.ROWS_PER_FILE,
                              ray_remote_args={"num_cpus": raydata.TASK_CPUS})
             return {}, {}
 
