@@ -366,8 +366,6 @@ class CorpusStore:
 
     def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
         """The same rows as read(), as a Ray Dataset streamed from the shards."""
-        import ray.data
-
         from engine import raydata
 
         raydata.quiet()
@@ -379,17 +377,16 @@ class CorpusStore:
             # which Ray Data would otherwise read as a Hive partition column.
             paths = self._verified_paths(sel.source)
             entry = self.entry(sel.source)
-            ds = ray.data.read_parquet([p.path for p in paths], filesystem=paths[0].arrow()[0],
-                                       partitioning=None, num_cpus=raydata.TASK_CPUS
-                                       ).select_columns(columns + [ROW])
+            ds = raydata.read_parquet_files([p.path for p in paths], paths[0].arrow()[0],
+                                            columns + [ROW])
             counts = np.bincount(sel.rows, minlength=entry.rows)
             stored = sum(f.rows for f in entry.files)
             if not (counts == 1).all() or stored != entry.rows:
                 ds = ds.map_batches(_KeepRows(counts, entry.offset), batch_format="pyarrow",
-                                    num_cpus=raydata.TASK_CPUS)
+                                    num_cpus=raydata.CHAIN_TASK_CPUS)
             parts.append(ds)
         mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        return mixed.drop_columns([ROW])
+        return mixed.drop_columns([ROW], num_cpus=raydata.CHAIN_TASK_CPUS)
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> list[str]:

@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-# CPUs each Ray Data task asks for. Its tasks here (read shards, select rows, shuffle,
-# pack token blocks) are light next to training, and at the default of 1 CPU they
-# cannot be scheduled on a small machine whose CPUs are held by chain drivers and
-# fractional trainer workers: the run then hangs without an error.
+# CPUs each Ray Data task of a study's preparation asks for (reading the real source,
+# tokenizing, writing its shards; before any chain starts). At the default of 1 CPU they
+# cannot be scheduled on a small machine whose CPUs are held by other work: the run
+# then hangs without an error.
 TASK_CPUS = 0.25
+
+# CPUs of the Ray Data tasks and helper actors a chain starts and then waits on (the
+# training mix's reads, the request rows, vLLM's pre/post-processing stages, writing a
+# sampled corpus, its statistics): none of their own. They spend the CPU the chain's
+# trial holds, whose driver sits idle meanwhile, as the chain's own task does
+# (engine/sweep.py). Asking for more hangs a machine whose CPUs the chains, trainer
+# workers and sampler actors hold: two quickstart chains sampling on 2 cores, each
+# wanting 0.25 CPU for its writer with none free, waited forever.
+CHAIN_TASK_CPUS = 0
 
 
 def quiet() -> None:
@@ -27,3 +37,46 @@ def quiet() -> None:
 # of ~250 tokens are ~40 MB of token ids (200,000 made the largest process grow with
 # the corpus: bench/scale_memory.py), and a paper-size corpus is ~100 files.
 ROWS_PER_FILE = 20_000
+
+
+class _ReadFile:
+    """Ray Data batch function: one Parquet file's table, for a row naming the file."""
+
+    def __init__(self, filesystem: Any, columns: list[str] | None):
+        self.filesystem, self.columns = filesystem, columns
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # partitioning=None: chain directories are named like `replace__seed=0`, which
+        # pyarrow would otherwise read as a Hive partition.
+        return pa.concat_tables([
+            pq.read_table(path, columns=self.columns, partitioning=None,
+                          filesystem=self.filesystem)
+            for path in batch.column("path").to_pylist()])
+
+
+def read_parquet_files(paths: list[str], filesystem: Any, columns: list[str] | None = None,
+                       num_cpus: float = CHAIN_TASK_CPUS):
+    """A lazy Dataset of these Parquet files, a block per file, read by map tasks of
+    `num_cpus` CPUs. Not ray.data.read_parquet: Ray 2.60 lists the files first in a
+    ListFiles task that asks for a whole CPU and ignores ray_remote_args, so where the
+    chains, trainer workers and sampler actors hold all but a fraction of the CPUs (the
+    quickstart on 2 cores: 1.2 held by chains) it never runs and the read hangs."""
+    import ray.data
+
+    rows = [{"path": p} for p in paths]
+    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map_batches(
+        _ReadFile(filesystem, columns), batch_size=1, batch_format="pyarrow",
+        num_cpus=num_cpus)
+
+
+def parquet_files_in(directory_path: str, filesystem: Any) -> list[str]:
+    """The Parquet files directly in a directory, in name order."""
+    from pyarrow import fs as pafs
+
+    filesystem = filesystem or pafs.LocalFileSystem()  # Location.arrow(): None for local
+    infos = filesystem.get_file_info(pafs.FileSelector(directory_path))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                  and i.path.endswith(".parquet"))

@@ -65,6 +65,14 @@ class LMModel:
     curve: list[tuple[int, float]]
 
 
+def _token_count(batch: pa.Table) -> pa.Table:
+    """Ray Data batch function: a batch's token and row counts, as one row."""
+    import pyarrow.compute as pc
+
+    tokens = pc.sum(batch.column("n_tokens")).as_py() or 0
+    return pa.table({"tokens": [int(tokens)], "rows": [batch.num_rows]})
+
+
 class LanguageModel(Family):
     name = "lm"
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
@@ -265,17 +273,24 @@ class LanguageModel(Family):
                          LoopConfig(steps=steps, seed=seed, **settings))
             record = fit_here(job, out)
         else:
-            from ray.data.aggregate import Count, Sum
+            from engine.raydata import CHAIN_TASK_CPUS
 
-            stats = mix.aggregate(Sum("n_tokens"), Count())  # one pass for both
+            # One pass for both sums, per block where the data is (not Dataset.aggregate:
+            # its shuffle tasks ask for a whole CPU, which a busy small machine lacks).
+            sums = mix.select_columns(["n_tokens"], num_cpus=CHAIN_TASK_CPUS).map_batches(
+                _token_count, batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
+            tokens = stories_in_mix = 0
+            for row in sums.iter_rows():
+                tokens, stories_in_mix = tokens + row["tokens"], stories_in_mix + row["rows"]
             # Steps are fixed from the most workers; a group restarted with fewer after a
             # failure takes the remaining steps with a smaller global batch.
-            steps = train.total_steps(int(stats["sum(n_tokens)"]), int(stats["count()"]),
+            steps = train.total_steps(int(tokens), int(stories_in_mix),
                                       p.context, p.batch_size, p.epochs, p.workers,
                                       p.token_budget)
             # No global shuffle: a seeded block order, then each worker's shuffle window
             # (engine/families/lm/train.py).
-            stories = mix.select_columns(["ids"]).randomize_block_order(seed=seed)
+            stories = mix.select_columns(["ids"], num_cpus=CHAIN_TASK_CPUS) \
+                .randomize_block_order(seed=seed)
             job = FitJob(build, train.ShardBlocks(p.context, real.eos, p.batch_size, seed),
                          train.lm_loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
@@ -356,20 +371,19 @@ class LanguageModel(Family):
         """The corpus written straight from the sampler actors into the store's
         `directory` (Ray Data's Parquet writer); its statistics computed batch by batch
         from the written shards and merged (engine/families/lm/metrics.py)."""
-        import ray.data
-
         from engine.families.lm.metrics import corpus_stats
-        from engine.raydata import ROWS_PER_FILE, TASK_CPUS
+        from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
+                                    read_parquet_files)
 
         ds, backend = self._sampled(real, model, n, seed)
         log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
                     self.config.sampler_actors, "" if self.config.sampler_actors == 1 else "s")
         fs, path = directory.arrow()
-        light = {"num_cpus": TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
+        light = {"num_cpus": CHAIN_TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
         ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
                          ray_remote_args=light)
-        written = ray.data.read_parquet(path, filesystem=fs, partitioning=None,
-                                        ray_remote_args=light)
+        written = read_parquet_files(parquet_files_in(path, fs), fs,
+                                     ["ids", "n_tokens", "logprob", "finished"])
         return corpus_stats(written), {"sampler": backend}
 
     def save_model(self, model: LMModel, directory: Path) -> None:

@@ -182,8 +182,9 @@ def corpus_stats(dataset) -> dict[str, float]:
     partial statistics per batch where the data is, merged here as they arrive."""
     from engine import raydata
 
-    parts = dataset.select_columns(["ids", "n_tokens", "logprob", "finished"]).map_batches(
-        _partial_row, batch_format="pyarrow", batch_size=8192, num_cpus=raydata.TASK_CPUS)
+    parts = dataset.select_columns(["ids", "n_tokens", "logprob", "finished"],
+                                   num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
+        _partial_row, batch_format="pyarrow", batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS)
     return merge_stats(_unpacked(row) for row in parts.iter_rows())
 
 

@@ -215,7 +215,7 @@ def request_rows(requests: Requests):
              for a in range(0, requests.n, REQUESTS_PER_SPAN)]
     return ray.data.from_items(spans).map_batches(
         _MakeRequests, fn_constructor_args=(requests,), batch_size=1, batch_format="numpy",
-        num_cpus=raydata.TASK_CPUS, compute=ray.data.ActorPoolStrategy(size=1))
+        num_cpus=raydata.CHAIN_TASK_CPUS, compute=ray.data.ActorPoolStrategy(size=1))
 
 
 def _listed_requests(prompts: list[list[int]], seeds: list[int]):
@@ -315,8 +315,9 @@ def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actor
 
     # The pre/post-process stages are Ray Data map tasks; at their default of 1 CPU they
     # never get scheduled on a small machine whose CPUs are held by the chain drivers and
-    # the engine's own bundle, and sampling hangs after the engine has started.
-    light = {"num_cpus": raydata.TASK_CPUS}
+    # the engine's own bundle, and sampling hangs after the engine has started
+    # (engine/raydata.py: CHAIN_TASK_CPUS).
+    light = {"num_cpus": raydata.CHAIN_TASK_CPUS}
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs=light, postprocess_map_kwargs=light)
     import ray.data
@@ -324,7 +325,7 @@ def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actor
     return processor(requests).map_batches(_Decode, fn_constructor_args=(model_dir, s.eos),
                                            batch_format="pyarrow", batch_size=1024,
                                            compute=ray.data.ActorPoolStrategy(size=1),
-                                           num_cpus=raydata.TASK_CPUS)
+                                           num_cpus=raydata.CHAIN_TASK_CPUS)
 
 
 def _token_logprobs(row) -> list[float]:
