@@ -98,6 +98,14 @@ def _fit_callbacks(trial: Trial) -> list:
     return [TuneReportCallback()] if starts_ray_processes else []
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _progress_callback(study: Study, done: int, total: int, say: Callable[[str], None]):
     from ray import tune
 
@@ -117,8 +125,13 @@ def _progress_callback(study: Study, done: int, total: int, say: Callable[[str],
             trial_id = trial.config["trial"]["trial_id"]
             shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]
             headline = "  ".join(f"{m}={result[m]:.4g}" for m in shown)
+            elapsed = time.time() - self.start
+            # A plain estimate from this run's pace: generations differ in cost (an
+            # accumulating chain's later ones train on more), so it is a guide.
+            left = elapsed / (self.done - done) * (total - self.done)
+            eta = f", ~{_duration(left)} left" if self.done < total else ""
             say(f"[{study.name}] {self.done}/{total} generations "
-                f"({time.time() - self.start:.0f}s)  {trial_id}  "
+                f"({elapsed:.0f}s{eta})  {trial_id}  "
                 f"gen {result['generation']}  {headline}")
 
     return Progress()

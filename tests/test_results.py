@@ -29,6 +29,12 @@ def finished(tmp_path_factory):
 def test_run_prints_progress_and_the_pivot(finished):
     out, r = finished
     assert "[tidy] 24/24 generations" in r.stderr
+    # every line but the last estimates the time left from the run's pace
+    import re
+
+    progress = [line for line in r.stderr.splitlines() if " generations (" in line]
+    assert len(progress) == 24
+    assert all(re.search(r"\(\d+s, ~\d+(\.\d)? (s|min|h) left\)", line) for line in progress[:-1])
     assert "results.parquet (" in r.stdout and "accumulate" in r.stdout
 
 
