@@ -46,15 +46,16 @@ def engine_chain(trials: int, generations: int, d: int, T: int, sigma2: float, o
 
 
 def engine_family_only(trials: int, generations: int, d: int, T: int, sigma2: float) -> float:
-    from engine.families import linear
+    from engine.families import get_family
 
-    p = linear.Params(d=d, T=T, sigma2=sigma2, trials=trials)
-    real = linear.real_data(p, seed=0, chunks=1)
+    family = get_family("linear").from_params({"d": d, "T": T, "sigma2": sigma2,
+                                               "trials": trials})
+    real = family.real_data(seed=0, chunks=1)
     mix = real.train_chunks[0]
     for g in range(1, generations + 1):
-        w_hat = linear.fit(p, real, mix, seed=g)
-        error = linear.evaluate(p, real, w_hat)["test_error"]
-        mix = linear.sample(p, real, w_hat, T, seed=g)
+        w_hat = family.fit(real, mix, seed=g)
+        error = family.evaluate(real, w_hat)["test_error"]
+        mix = family.sample(real, w_hat, T, seed=g)
     return error
 
 
