@@ -67,8 +67,6 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
 
     import yaml
 
-    import tempfile
-
     from engine import results, tracking
     from engine.chain import completed_generations, real_seed
     from engine.cluster import check_fits_cluster, check_reachable, ray_connection
@@ -109,12 +107,7 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
             run_sweep(study, say=say, trackers=trackers)
     table = results.collect(study)
     results.write(table, run.out)
-    if trackers:
-        with tempfile.TemporaryDirectory(prefix="collapse-artifacts-") as d:
-            files = [Path(d) / "study.yaml", Path(d) / "results.parquet"]
-            files[0].write_bytes(run.study_file.read_bytes())
-            files[1].write_bytes(run.results_table.read_bytes())
-            tracking.attach_results(study, trackers, files)
+    tracking.attach_results(study, trackers, run)
     return table
 
 

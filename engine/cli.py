@@ -55,20 +55,10 @@ def _run(args: argparse.Namespace) -> int:
 def _table(args: argparse.Namespace) -> int:
     from engine import results
 
-    table = results.load_results(args.dir)
-    seeds = results.seed_count(table)
-    if args.diff:
-        view = results.paired_difference(table, *args.diff, metric=args.metric)
-        print(f"{args.diff[0]} minus {args.diff[1]}, seed by seed: mean ± half-width of the "
-              f"95% Student-t interval over {seeds} seed(s)")
-    elif seeds > 1 and (args.pivot or not results.has_paper_table(table, args.metric)):
-        view = results.pivot_with_intervals(table, args.metric)
-        print(f"mean ± half-width of the 95% Student-t interval over {seeds} seeds")
-    else:
-        view = results.pivot(table, args.metric) if args.pivot else \
-            results.summary(table, args.metric)
-        if seeds > 1:
-            print(f"mean over {seeds} seeds (--pivot shows the 95% intervals)")
+    caption, view = results.table_view(results.load_results(args.dir), args.metric,
+                                       as_pivot=args.pivot, diff=args.diff)
+    if caption:
+        print(caption)
     print(view.to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 

@@ -205,6 +205,24 @@ def summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return pivot(table, metric)
 
 
+def table_view(table: pd.DataFrame, metric: str | None = None, as_pivot: bool = False,
+               diff: tuple[str, str] | None = None) -> tuple[str | None, pd.DataFrame]:
+    """What `collapse table` prints: a caption saying what the cells are (None for a
+    single seed's values), and the view: the paired difference of two strategies, the
+    pivot with intervals over seeds, the family's paper layout, or the plain pivot."""
+    seeds = seed_count(table)
+    if diff:
+        return (f"{diff[0]} minus {diff[1]}, seed by seed: mean ± half-width of the 95% "
+                f"Student-t interval over {seeds} seed(s)",
+                paired_difference(table, *diff, metric=metric))
+    if seeds > 1 and (as_pivot or not has_paper_table(table, metric)):
+        return (f"mean ± half-width of the 95% Student-t interval over {seeds} seeds",
+                pivot_with_intervals(table, metric))
+    view = pivot(table, metric) if as_pivot else summary(table, metric)
+    return (f"mean over {seeds} seeds (--pivot shows the 95% intervals)" if seeds > 1
+            else None), view
+
+
 def plot_curves(table: pd.DataFrame, out_dir: Location | Path | str,
                 metric: str = "train_loss") -> Location | None:
     """The paper's Figure 3: a per-step curve (train loss) of every generation, a panel

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.layout import RunLayout
     from engine.spec import Study
 
 EXTRA = "pip install -e '.[tracking]'"
@@ -171,24 +172,37 @@ def wandb_directory(study: "Study") -> Path:
     return (out.local_path.resolve() / "tracking") if out.is_local else Path(os.getcwd())
 
 
-def attach_results(study: "Study", trackers: list, files: list[Path]) -> None:
-    """Attach the study file and the tidy table to every tracked run of this study."""
-    for callback in trackers:
-        if hasattr(callback, "runs"):  # MLflow: runs are closed; the client adds to them
-            import mlflow
+def attach_results(study: "Study", trackers: list, run: "RunLayout") -> None:
+    """Attach the run's study file and tidy table to every tracked run of this study
+    (local copies first: `out` may be an object store)."""
+    import tempfile
 
-            client = mlflow.MlflowClient(tracking_uri=study.tracking.mlflow)
-            for run_id in callback.runs.values():
-                for f in files:
-                    client.log_artifact(run_id, str(f))
-        elif hasattr(callback, "directory"):  # W&B: one more run, of the study itself
-            import wandb
+    if not trackers:
+        return
+    with tempfile.TemporaryDirectory(prefix="collapse-artifacts-") as d:
+        files = [Path(d) / "study.yaml", Path(d) / "results.parquet"]
+        files[0].write_bytes(run.study_file.read_bytes())
+        files[1].write_bytes(run.results_table.read_bytes())
+        for callback in trackers:
+            _attach(study, callback, files)
 
-            run = wandb.init(project=study.tracking.wandb, group=study.name,
-                             name=f"{study.name} results", job_type="results",
-                             dir=callback.directory, reinit=True)
-            artifact = wandb.Artifact(f"{study.name}-results", type="results")
+
+def _attach(study: "Study", callback, files: list[Path]) -> None:
+    if hasattr(callback, "runs"):  # MLflow: runs are closed; the client adds to them
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=study.tracking.mlflow)
+        for run_id in callback.runs.values():
             for f in files:
-                artifact.add_file(str(f))
-            run.log_artifact(artifact)
-            run.finish()
+                client.log_artifact(run_id, str(f))
+    elif hasattr(callback, "directory"):  # W&B: one more run, of the study itself
+        import wandb
+
+        run = wandb.init(project=study.tracking.wandb, group=study.name,
+                         name=f"{study.name} results", job_type="results",
+                         dir=callback.directory, reinit=True)
+        artifact = wandb.Artifact(f"{study.name}-results", type="results")
+        for f in files:
+            artifact.add_file(str(f))
+        run.log_artifact(artifact)
+        run.finish()
