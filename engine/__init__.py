@@ -64,12 +64,13 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     what `out` already holds, whether `out` can be written, whether anything is left to
     do."""
     import sys
+    import time
 
     import yaml
 
     from engine import results, tracking
     from engine.chain import completed_generations, real_seed
-    from engine.cluster import check_fits_cluster, check_reachable, ray_connection
+    from engine.cluster import check_fits_cluster, check_reachable, ray_connection, run_facts
     from engine.files import StorageError, check_writable, write_atomic
     from engine.families import family_for
     from engine.layout import RunLayout
@@ -104,11 +105,32 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
             write_atomic(run.study_file, lambda tmp: tmp.write_text(
                 yaml.safe_dump(study.document, sort_keys=False)))
             trackers = tracking.callbacks(study)
+            facts = {**run_facts(), "command": " ".join(sys.argv),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            _record_run(run, facts)  # now: an interrupted run is on record too
+            start = time.monotonic()
             run_sweep(study, say=say, trackers=trackers)
+            _record_run(run, {**facts, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                              "seconds": round(time.monotonic() - start, 1)})
     table = results.collect(study)
     results.write(table, run.out)
     tracking.attach_results(study, trackers, run)
     return table
+
+
+def _record_run(run, facts: dict) -> None:
+    """runs.json: one entry per `collapse run` of this out (a resumed study has several);
+    the entry of the run in progress is replaced when it finishes."""
+    import json
+
+    from engine.files import write_atomic
+
+    runs = json.loads(run.run_facts.read_text()) if run.run_facts.exists() else []
+    if runs and runs[-1].get("started") == facts["started"]:
+        runs[-1] = facts
+    else:
+        runs.append(facts)
+    write_atomic(run.run_facts, lambda tmp: tmp.write_text(json.dumps(runs, indent=1)))
 
 
 def load_results(directory: str | Path) -> "pd.DataFrame":

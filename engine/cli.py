@@ -77,6 +77,13 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from engine.results.report import write_report
+
+    print(write_report(args.dir, args.out))
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from engine import jobs
 
@@ -186,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", default=None, help="only this metric")
     plot.add_argument("--out", default=None, help="directory for PNGs (default: DIR/plots)")
     plot.set_defaults(func=_plot)
+
+    report = sub.add_parser("report", help="write one self-contained HTML page of a study's "
+                                           "results: tables, plots, samples, run facts")
+    report.add_argument("dir", help="the study's output directory")
+    report.add_argument("--out", default=None, help="HTML file (default: DIR/report.html)")
+    report.set_defaults(func=_report)
 
     params = sub.add_parser("params", help="list the families, or one family's parameters "
                                            "with their type, default and meaning")

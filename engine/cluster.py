@@ -168,3 +168,36 @@ def default_concurrency(study: Study) -> int | None:
     return min(limits)
 
 
+
+
+# The packages whose versions decide what a study computes (the report's run facts).
+_FACT_PACKAGES = ("torch", "ray", "deepspeed", "transformers", "vllm", "pandas", "numpy",
+                  "pyarrow")
+
+
+def run_facts() -> dict:
+    """What ran a study, for its report: package versions, the driver's host, and each
+    live node's CPUs, GPUs (with their accelerator type, as Ray labels it) and memory."""
+    import platform
+    from importlib import metadata
+
+    import ray
+
+    versions = {"python": platform.python_version()}
+    for name in _FACT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node["Resources"]
+        nodes.append({"host": node.get("NodeManagerHostname", "?"),
+                      "cpus": res.get("CPU", 0.0), "gpus": res.get("GPU", 0.0),
+                      "gpu_type": next((k.split(":", 1)[1] for k in res
+                                        if k.startswith("accelerator_type:")), None),
+                      "memory_gib": round(res.get("memory", 0.0) / 2**30, 1)})
+    return {"versions": versions, "driver": socket.gethostname(),
+            "platform": platform.platform(), "nodes": nodes}

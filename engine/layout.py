@@ -2,6 +2,8 @@
 
     <out>/
       study.yaml                       the resolved study of the last run
+      runs.json                        each run's facts: when, versions, hardware (the report's)
+      report.html                      collapse report
       results.parquet, results.csv     the tidy table
       plots/                           collapse plot
       real/                            real data prepared once per study (LM: split, tokenizer, tokens)
@@ -79,6 +81,14 @@ class RunLayout:
     @property
     def study_file(self) -> Location:
         return self.out / "study.yaml"
+
+    @property
+    def run_facts(self) -> Location:
+        return self.out / "runs.json"
+
+    @property
+    def report(self) -> Location:
+        return self.out / "report.html"
 
     @property
     def results_table(self) -> Location:

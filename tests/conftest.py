@@ -54,3 +54,29 @@ def ray_local():
     yield
     if started:
         ray.shutdown()
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def chromium() -> str | None:
+    """Debian's Chromium (`.ci/run` installs it); None where it is not installed."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render_page(page: Path, tmp: Path, height: int = 6000) -> tuple[str, Path]:
+    """Open an HTML file in headless Chromium: the DOM it built, and a screenshot."""
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no Chromium here to render the page (apt-get install chromium)")
+    common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}"]
+    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shot = tmp / "page.png"
+    r = subprocess.run([*common, f"--window-size=1200,{height}", f"--screenshot={shot}",
+                        page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
+    return dom.stdout, shot

@@ -76,6 +76,26 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
         assert store.entry(S.synthetic(generations)).metadata == {"sampler": "hf"}
     r = collapse("plot", out)
     assert r.returncode == 0 and (out / "plots" / "train_loss_curves.png").exists()
+    # the report shows the Table 2 layout and stories of every generation: the real
+    # ones as stored, the sampled ones decoded with their model's tokenizer
+    import html
+
+    from transformers import PreTrainedTokenizerFast
+
+    r = collapse("report", out)
+    assert r.returncode == 0, r.stderr
+    page = (out / "report.html").read_text()
+    assert "t=4 replace" in page and "train_loss_curves.png" in page
+    store = CorpusStore(out / "trials" / "accumulate__seed=0" / "corpus")
+    real_story = store.head(S.real(1), 1).column("text")[0].as_py()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        out / "trials" / "accumulate__seed=0" / "models" / "gen-0002")
+    sampled = tokenizer.decode(store.head(S.synthetic(2), 1).column("ids")[0].as_py(),
+                               skip_special_tokens=True)
+    samples = page.split('id="samples"')[1].split('id="run"')[0]
+    assert html.escape(real_story[:300]) in samples
+    assert html.escape(sampled[:300]) in samples and len(sampled) > 20
+    assert samples.count("<h4>generation 2</h4>") == 1  # only accumulate ran two
 
 
 RESUME = """\

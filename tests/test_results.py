@@ -107,3 +107,55 @@ def test_seeds_give_intervals_and_a_paired_difference(finished):
     r = collapse("table", out, "--diff", "replace", "acumulate")
     assert r.returncode == 2 and r.stderr.strip() == \
         "no strategy 'acumulate' in the table (it has: replace, accumulate)"
+
+
+def test_report_is_one_page_a_browser_renders_with_every_view(finished, tmp_path):
+    """`collapse report`: one HTML file with the tables, the plots embedded, the run's
+    facts and the study; opened in headless Chromium, its DOM holds them and its
+    screenshot shows the plots (matplotlib's first line colour is drawn)."""
+    import base64
+    import io
+    import json
+    import re
+
+    import ray
+    from PIL import Image
+
+    from conftest import render_page
+
+    out, _ = finished
+    r = collapse("report", out)
+    assert r.returncode == 0, r.stderr
+    page = out / "report.html"
+    assert r.stdout.strip() == str(page)
+    dom, shot = render_page(page, tmp_path)
+    headings = re.findall(r'<h2 id="[^"]+">([^<]+)</h2>', dom)
+    assert headings == ["Results", "Plots", "Every metric", "Samples", "Run", "Study"]
+    metrics = re.findall(r"<h3>([^<]+)</h3>", dom.split('id="every-metric"')[1]
+                         .split('id="samples"')[0])
+    assert metrics == ["variance_ratio", "mean_error", "fitted_variance", "w2_squared", "theory"]
+    # the cell `collapse table` prints, with its interval over the two seeds
+    table = engine.load_results(out)
+    cell = results.pivot_with_intervals(table, "w2_squared").loc[("replace", "gaussian-1d", 1), 3]
+    assert "±" in cell and f"<td>{cell}</td>" in dom
+    # the plots travel inside the page, as PNGs matplotlib drew
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', dom)
+    assert sorted(name for name, _ in images) == ["fitted_variance.png", "mean_error.png",
+                                                  "variance_ratio.png", "w2_squared.png"]
+    for _, data in images:
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size[0] > 400
+    # the run's facts: this run, finished, on this Ray
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == 1 and runs[0]["seconds"] > 0 and runs[0]["nodes"][0]["cpus"] >= 1
+    assert f"ray {ray.__version__}" in dom and "finished" in dom
+    assert "seconds per phase" in dom and "evaluate" in dom
+    assert "name: tidy" in dom and "strategies:" in dom  # the resolved study
+    # the browser drew the plots: pixels of matplotlib's C0 blue (31, 119, 180)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    blue = np.abs(pixels - [31, 119, 180]).sum(axis=1) < 30
+    assert blue.sum() > 500, blue.sum()
+
+
+def test_report_of_a_directory_without_results(tmp_path):
+    r = collapse("report", tmp_path)
+    assert r.returncode == 2 and "no results table" in r.stderr

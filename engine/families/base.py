@@ -226,6 +226,12 @@ class Family(ABC):
         for the sample grids of `collapse plot` (families with has_previews)."""
         return None
 
+    def sample_text(self, table: pa.Table, model_dir: "Location") -> list[str] | None:
+        """A few of a corpus's samples as text, for `collapse report` (families whose
+        samples read as text); `model_dir` is the model that sampled them (its
+        tokenizer). None: the report shows no samples of this family as text."""
+        return None
+
     def data_view(self) -> Literal["table", "dataset"]:
         """How fit() wants its mix: a pyarrow Table in memory, or a streamed Ray Dataset."""
         return "table"

@@ -386,6 +386,18 @@ class LanguageModel(Family):
                                      ["ids", "n_tokens", "logprob", "finished"])
         return corpus_stats(written), {"sampler": backend}
 
+    def sample_text(self, table: pa.Table, model_dir) -> list[str] | None:
+        """Stories as text: real rows carry theirs; sampled rows only token ids, decoded
+        with the sampling model's tokenizer (saved in its checkpoint)."""
+        if "text" in table.column_names:
+            return [str(t) for t in table.column("text").to_pylist()]
+        from engine.families.lm.tokenizer import load_tokenizer
+        from engine.files import local_copy
+
+        tokenizer = load_tokenizer(local_copy(model_dir))
+        return [tokenizer.decode(ids, skip_special_tokens=True)
+                for ids in table.column("ids").to_pylist()]
+
     def save_model(self, model: LMModel, directory: Path) -> None:
         for f in Path(model.path).iterdir():
             shutil.move(str(f), directory / f.name)
