@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import strategies
-from engine.corpus import CorpusStore, StoredRows
+from engine.corpus import CorpusStore, StoredRows, rows_written
 from engine.families import family_for
 from engine.files import (Location, copy_directory, directory_complete, made_once,
                           node_cache, write_atomic, write_directory, write_json)
 from engine.fit import FitContext
 from engine.layout import ChainLayout, RunLayout
+from engine.progress import fit_steps, rows_sampled, watching
 from engine.seeds import derive_seed
 from engine.spec import Trial
 
@@ -184,6 +185,7 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                          f"({mismatch}); use another `out` or delete {paths.root}")
     if not paths.trial_file.exists():
         write_json(paths.trial_file, trial.to_dict())
+    paths.progress.remove()  # an earlier run's: not this run's progress
 
     # The grid point without the strategy: shared by every strategy (see module doc).
     point = (trial.seed, trial.family, sorted(trial.params.items()))
@@ -212,9 +214,20 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
         n, seed = strategy.sample_size(g, T), derive_seed(*point, g, "sample")
         synth = strategies.synthetic(g)
 
+        def fill(directory: Location) -> tuple[dict[str, float], dict[str, str]]:
+            # How far sampling got: what the sampler actors say they made, or the rows
+            # of the files written so far, whichever is further.
+            counts = paths.sample_progress(g)
+            counts.remove()  # a killed attempt's counts
+            with watching(trial.trial_id, g, "sampling", "stories",
+                          lambda: (max(rows_sampled(counts), rows_written(directory)), n),
+                          paths.progress):
+                stats = family.sample_to(real, model, n, seed, directory, progress=counts)
+            counts.remove()
+            return stats
+
         def sample(into: CorpusStore) -> None:
-            into.write_streamed(synth, lambda d: family.sample_to(real, model, n, seed, d),
-                                model=f"generation {g} ({family.model_name()})",
+            into.write_streamed(synth, fill, model=f"generation {g} ({family.model_name()})",
                                 temperature=family.temperature())
 
         if g != 1 or not out.is_local:  # an object store has no lock to share it by
@@ -239,8 +252,12 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
             step.phase = "fit"
             workdir = paths.scratch(g)
             workdir.mkdir()
-            trained = family.fit(real, mix, derive_seed(*fit_point, g, "fit"),
-                                 FitContext(workdir=workdir, callbacks=fit_callbacks))
+            progress = paths.fit_progress(g)
+            with watching(trial.trial_id, g, "fit", "steps", lambda: fit_steps(progress),
+                          paths.progress):
+                trained = family.fit(real, mix, derive_seed(*fit_point, g, "fit"),
+                                     FitContext(workdir=workdir, callbacks=fit_callbacks,
+                                                progress=progress))
             write_directory(into, lambda d: family.save_model(trained, d))
             workdir.remove()
 

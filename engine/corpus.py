@@ -405,6 +405,22 @@ class CorpusStore:
         return problems
 
 
+def rows_written(directory: Location) -> int:
+    """Rows in the Parquet files a writer has finished in `directory` so far (their
+    footers; a file still being written has none yet and counts nothing): how far a
+    streamed write got (engine/progress.py)."""
+    rows = 0
+    for f in directory.children():
+        if not f.name.endswith(".parquet"):
+            continue
+        fs, path = f.arrow()
+        try:
+            rows += pq.read_metadata(path, filesystem=fs).num_rows
+        except (OSError, pa.ArrowInvalid):
+            continue
+    return rows
+
+
 def _read(where: Location, columns: list[str] | None = None) -> pa.Table:
     # partitioning=None: chain directories are named like `replace__seed=0`, which
     # pyarrow would otherwise read as a Hive partition.

@@ -13,11 +13,13 @@
       trials/<chain>/
         trial.json                     the chain's parameters
         chain.log                      what the chain's driver logged
+        progress.json                  how far the running fit or sampling got (engine/progress.py)
         corpus/                        the corpus store (engine/corpus.py)
         models/gen-NNNN/               the generation's model
         metrics/gen-NNNN.json          marks generation NNNN done
         previews/<corpus>.npy          a few samples of a corpus, for image families
-        scratch/gen-NNNN/              the fit in progress (Ray Train's checkpoints)
+        scratch/gen-NNNN/              the fit in progress (Ray Train's checkpoints, progress.json)
+        scratch/gen-NNNN-sampling/     each sampler actor's count of the stories it made
 
 `out` is a path or an object-store URI (engine/files.py); every name here is a Location.
 """
@@ -66,6 +68,18 @@ class ChainLayout:
 
     def scratch(self, g: int) -> Location:
         return self.root / "scratch" / _gen(g)
+
+    @property
+    def progress(self) -> Location:
+        return self.root / "progress.json"
+
+    def fit_progress(self, g: int) -> Location:
+        """Where the fit of generation g writes how far it got (its rank 0)."""
+        return self.scratch(g) / "progress.json"
+
+    def sample_progress(self, g: int) -> Location:
+        """The directory where generation g's sampler actors write how far they got."""
+        return self.root / "scratch" / f"{_gen(g)}-sampling"
 
 
 @dataclass(frozen=True)

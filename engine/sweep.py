@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Any, Callable
 
 from engine.chain import ChainError, completed_generations, one_line, read_metrics, run_chain
@@ -57,6 +58,7 @@ def _chain_trainable(config: dict[str, Any]) -> None:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from engine.files import Location
+    from engine.progress import read_progress
 
     trial = Trial.from_dict(config["trial"])
     generations, out = trial.generations, Location.of(config["out"])
@@ -68,12 +70,24 @@ def _chain_trainable(config: dict[str, Any]) -> None:
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     ).remote(config["trial"], config["out"], _fit_callbacks(trial))
     reported = completed_generations(out, trial)
+    progress_file, progress = RunLayout(out).chain(trial.trial_id).progress, None
     while True:
         finished, _ = ray.wait([task], timeout=every)
         # Only the generations not reported yet: the rest was read before.
         for record in read_metrics(out, trial, generations, first=reported + 1):
             tune.report({"generation": record["generation"], **record["metrics"]})
             reported = record["generation"]
+        # The running sampling pass's progress (engine/progress.py), each time it moves:
+        # Tune's results, and so the Ray dashboard, show it. Without `generation`, the
+        # study's progress lines and the trackers leave it out. Not a fit's: its workers
+        # report their own through TuneReportCallback, and Tune's function session
+        # deadlocks when this function reports while that callback does (seen here).
+        latest = read_progress(progress_file)
+        if latest is not None and latest.phase == "sampling" and latest != progress \
+                and not finished:
+            progress = latest
+            tune.report({f"progress_{k}": v for k, v in asdict(latest).items()
+                         if v is not None})
         if finished:
             try:
                 ray.get(task)

@@ -37,10 +37,11 @@ def collapse_exe() -> str:
     return str(beside) if beside.exists() else shutil.which("collapse")
 
 
-def collapse(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run the real `collapse` console script as a user would."""
+def collapse(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run the real `collapse` console script as a user would (`env`: variables to add)."""
     return subprocess.run([collapse_exe(), *map(str, args)], cwd=cwd or REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ resources: {{cpus_per_trial: 0.25}}
 def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     out = tmp_path / "out"
     study = write_study(tmp_path / "lm.yaml", STUDY.format(out=out))
-    r = collapse("run", study)
+    r = collapse("run", study, env={"COLLAPSE_PROGRESS_SECONDS": "0.3"})
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_parquet(out / "results.parquet")
     per_gen = table[table.step.isna()]
@@ -64,6 +64,25 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
                           for r in fits if r.get("checkpoint_path")})
     assert sorted(gen for _, gen in fitted) == ["gen-0001", "gen-0002"], fitted
     assert ("accumulate__seed=0", "gen-0002") in fitted
+    # Progress of the fits and sampling passes (looked at every 0.3 s here): lines with
+    # rate and ETA in the chains' logs, the same fields in the chains' Tune results (a
+    # fit's from its workers, a sampling pass's from the chain's trial).
+    import re
+
+    logs = "".join((out / "trials" / t / "chain.log").read_text()
+                   for t in ("replace__seed=0", "accumulate__seed=0"))
+    assert re.search(r"replace__seed=0: generation 1: fit \d+/89 steps \(\d+%\) after \d+ s",
+                     logs), logs[-3000:]
+    assert re.search(r"generation 2: sampling \d+/300 stories \(\d+%\) after \d+ s",
+                     logs), logs[-3000:]
+    # a rate needs two looks that saw work done: some pass of the four had them
+    assert re.search(r"(fit|sampling) \d+/\d+ \w+ \(\d+%\) after \d+ s, [\d.]+ "
+                     r"(steps|stories)/s, ~\d+ s left", logs), logs[-3000:]
+    progress = [json.loads(line) for t in ("replace__seed=0", "accumulate__seed=0")
+                for line in (out / "tune" / "sweep" / t / "result.json").read_text().splitlines()]
+    progress = [r for r in progress if "progress_phase" in r]
+    assert {r["progress_phase"] for r in progress} == {"fit", "sampling"}
+    assert all(0 < r["progress_done"] <= r["progress_total"] for r in progress)
     # the Table 2 layout, with the cells this study did not run marked n/a
     r = collapse("table", out)
     assert r.returncode == 0 and "t=4 replace" in r.stdout and "n/a" in r.stdout

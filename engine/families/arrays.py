@@ -156,7 +156,7 @@ class ArrayFamily(Family):
             out = Path(d)
             if p.trainer == "local":
                 fit_here(FitJob(build, ExampleBatches(examples, p.batch_size, seed), loss,
-                                save_network, loop), out)
+                                save_network, loop), out, context.progress)
             else:
                 import ray
 
@@ -166,7 +166,8 @@ class ArrayFamily(Family):
                 fit_on_workers(job, Workers(max_workers=p.workers,
                                             cpus_per_worker=p.cpus_per_worker,
                                             gpus_per_worker=p.gpus_per_worker),
-                               context.workdir / "ray_train", out, context.callbacks)
+                               context.workdir / "ray_train", out, context.callbacks,
+                               progress=context.progress)
             return self._read_network(out)
 
     def _read_network(self, directory: Path) -> NetModel:

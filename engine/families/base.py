@@ -160,12 +160,13 @@ class Family(ABC):
     @abstractmethod
     def sample(self, real: Any, model: Any, n: int, seed: int) -> pa.Table: ...
 
-    def sample_to(self, real: Any, model: Any, n: int, seed: int, directory: "Location"
-                  ) -> tuple[dict[str, float], dict[str, str]]:
+    def sample_to(self, real: Any, model: Any, n: int, seed: int, directory: "Location",
+                  progress: "Location | None" = None) -> tuple[dict[str, float], dict[str, str]]:
         """Write the corpus that sample() makes into `directory` as corpus shards (rows
         numbered by `_row`); return its statistics and metadata. Families whose corpora
-        are large (the language models) write straight from where samples are made; the
-        rest write the table sample() returns."""
+        are large (the language models) write straight from where samples are made, and
+        their samplers write how far they got into the directory `progress`
+        (engine/progress.py); the rest write the table sample() returns."""
         from engine.corpus import write_table_into
 
         table = self.sample(real, model, n, seed)

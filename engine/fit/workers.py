@@ -65,10 +65,12 @@ class FitContext:
     """What the chain gives a family's fit besides the data: `workdir`, scratch space of
     this chain and generation in the run's storage (it outlives a killed run, so a fit
     resumes from its checkpoints there), and the RunConfig callbacks of its Ray Train
-    fits (the chain's Tune trial's TuneReportCallback, see engine/sweep.py)."""
+    fits (the chain's Tune trial's TuneReportCallback, see engine/sweep.py), and where
+    the fit writes its progress for the chain to show (engine/progress.py)."""
 
     workdir: "Location"
     callbacks: tuple = ()
+    progress: "Location | None" = None  # where the fit's rank 0 writes how far it got
 
 
 def _write_record(out: Path, trained: Trained, steps: int, world_size: int,
@@ -84,10 +86,14 @@ def read_record(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / FIT_RECORD).read_text())
 
 
-def fit_here(job: FitJob, out: Path) -> dict[str, Any]:
+def fit_here(job: FitJob, out: Path, progress: "Location | None" = None) -> dict[str, Any]:
     """The loop in this process; what job.save writes lands in the local directory
-    `out`. Returns the fit's record."""
-    trained = train(job.build, job.batches(0, 1), job.loss, job.loop)
+    `out`; how far it got, in `progress` (engine/progress.py). Returns the fit's record."""
+    from engine.progress import StepProgress
+
+    written = StepProgress(progress.uri if progress else None, job.loop.steps)
+    trained = train(job.build, job.batches(0, 1), job.loss, job.loop,
+                    on_step=lambda step, curve, save: written(step))
     _save(job, trained, out)
     _write_record(out, trained, job.loop.steps, 1, None)
     return read_record(out)
@@ -108,32 +114,48 @@ def _worker(config: dict[str, Any]) -> None:
 
     from engine.fit.device import current_device
 
+    from engine.progress import TUNE_REPORT_SECONDS, StepProgress
+
     job: FitJob = config["job"]
     every = config["checkpoint_seconds"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     steps = job.loop.steps
+    # Rank 0 alone writes how far the fit got for the chain's log (a file: no
+    # collective); every rank measures it, for the reports to Tune.
+    progress = StepProgress(config["progress"] if rank == 0 else None, steps)
 
-    last = [time.monotonic()]
+    last_checkpoint = last_report = time.monotonic()
 
     def checkpoint(step: int, curve: Curve, save: Callable[[str], None]) -> None:
-        """Every `every` seconds, a checkpoint with the latest train loss (which the
-        chain's Tune trial shows). Only then: a report is collective, and Ray Train takes
-        one report per worker every 2 s, so reporting every few steps holds training back.
-        Whether one is due is agreed every CHECK_STEPS steps (the slowest worker's clock
-        decides): workers whose clocks disagreed would wait for each other forever."""
-        if not every or step % CHECK_STEPS or step >= steps:
+        """Every `every` seconds, a checkpoint; every TUNE_REPORT_SECONDS, the fit's
+        progress (step, rate, ETA, latest train loss) to the chain's Tune trial. Only
+        then: a report is collective, and Ray Train takes one report per worker every
+        2 s, so reporting every few steps holds training back. Whether either is due is
+        agreed every CHECK_STEPS steps (the slowest worker's clock decides): workers
+        whose clocks disagreed would wait for each other forever."""
+        nonlocal last_checkpoint, last_report
+        progress(step)
+        if step % CHECK_STEPS or step >= steps:
             return
-        due = torch.tensor([float(time.monotonic() - last[0] >= every)],
+        now = time.monotonic()
+        due = torch.tensor([float(bool(every) and now - last_checkpoint >= every),
+                            float(now - last_report >= TUNE_REPORT_SECONDS)],
                            device=current_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(due, op=dist.ReduceOp.MAX)
-        if due.item():
-            last[0] = time.monotonic()
-            with tempfile.TemporaryDirectory() as d:
-                save(d)
-                ray.train.report(_metrics(step, curve),
-                                 checkpoint=ray.train.Checkpoint.from_directory(d))
+        checkpoint_due, report_due = (bool(v) for v in due.tolist())
+        if not (checkpoint_due or report_due):
+            return
+        last_report = now
+        metrics = {**_metrics(step, curve), **progress.as_metrics(step)}
+        if not checkpoint_due:
+            ray.train.report(metrics)
+            return
+        last_checkpoint = now
+        with tempfile.TemporaryDirectory() as d:
+            save(d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     restored = ray.train.get_checkpoint()
     if restored is None:
@@ -178,12 +200,13 @@ def _report_model(metrics: dict[str, Any], save: Callable[[Path], None]) -> None
 
 
 def fit_on_workers(job: FitJob, workers: Workers, storage: "Location", out: Path,
-                   callbacks: Iterable = (), datasets: dict | None = None) -> dict[str, Any]:
+                   callbacks: Iterable = (), datasets: dict | None = None,
+                   progress: "Location | None" = None) -> dict[str, Any]:
     """`job` on Ray Train workers; the model lands in the local directory `out`.
     `storage` (a shared path or an object-store URI) keeps Ray Train's checkpoints: the
     same storage on a rerun lets a fit whose driver was killed go on from the latest.
     `datasets`: Ray Datasets the workers read with `ray.train.get_dataset_shard`.
-    Returns the fit's record."""
+    `progress`: where rank 0 writes how far it got. Returns the fit's record."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -195,7 +218,8 @@ def fit_on_workers(job: FitJob, workers: Workers, storage: "Location", out: Path
              else (fewest, workers.max_workers))
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"job": job, "checkpoint_seconds": workers.checkpoint_seconds},
+        train_loop_config={"job": job, "checkpoint_seconds": workers.checkpoint_seconds,
+                           "progress": progress.uri if progress else None},
         torch_config=TorchConfig(backend="nccl" if workers.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=count, use_gpu=bool(workers.gpus_per_worker),
                                      resources_per_worker=resources),

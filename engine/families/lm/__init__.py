@@ -271,7 +271,7 @@ class LanguageModel(Family):
             job = FitJob(build, train.TableBlocks(mix, p.context, real.eos, p.batch_size, seed),
                          train.lm_loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
-            record = fit_here(job, out)
+            record = fit_here(job, out, context.progress)
         else:
             from engine.raydata import CHAIN_TASK_CPUS
 
@@ -295,7 +295,8 @@ class LanguageModel(Family):
                          train.lm_loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
             record = fit_on_workers(job, self._workers(), context.workdir / "ray_train", out,
-                                    context.callbacks, datasets={"train": stories})
+                                    context.callbacks, datasets={"train": stories},
+                                    progress=context.progress)
             if record["resumed_at_step"] is not None:
                 log.warning("training resumed from its checkpoint at step %d and finished "
                             "with %d worker(s)", record["resumed_at_step"], record["world_size"])
@@ -335,7 +336,8 @@ class LanguageModel(Family):
             found.extend(zip(rows[keep].tolist(), prefixes))
         return [ids for _, ids in sorted(found)]
 
-    def _sampled(self, real: LMReal, model: LMModel, n: int, seed: int):
+    def _sampled(self, real: LMReal, model: LMModel, n: int, seed: int,
+                 progress: "Location | None" = None):
         """(the corpus as a lazy Ray Dataset, the backend)."""
         from engine.families.lm.sampling import Requests, SampleSettings, request_rows, sampled
 
@@ -357,7 +359,8 @@ class LanguageModel(Family):
             order = np.random.default_rng(derive_seed(seed, "prompts")).permutation(len(prefixes))
             requests = Requests(n, seed, real.eos, np.asarray(prefixes, dtype=np.int32), order)
         return sampled(p.sampler, model.source, request_rows(requests), 1 + prefix, settings,
-                       p.sampler_actors, p.sampler_cpus, p.sampler_gpus)
+                       p.sampler_actors, p.sampler_cpus, p.sampler_gpus,
+                       progress.uri if progress else None)
 
     def sample(self, real: LMReal, model: LMModel, n: int, seed: int) -> pa.Table:
         """The corpus in memory, in row order (benchmarks, tests; chains use sample_to)."""
@@ -366,8 +369,8 @@ class LanguageModel(Family):
         ds, backend = self._sampled(real, model, n, seed)
         return collect(ds).drop_columns(["_row"]).replace_schema_metadata({"sampler": backend})
 
-    def sample_to(self, real: LMReal, model: LMModel, n: int, seed: int, directory
-                  ) -> tuple[dict[str, float], dict[str, str]]:
+    def sample_to(self, real: LMReal, model: LMModel, n: int, seed: int, directory,
+                  progress=None) -> tuple[dict[str, float], dict[str, str]]:
         """The corpus written straight from the sampler actors into the store's
         `directory` (Ray Data's Parquet writer); its statistics computed batch by batch
         from the written shards and merged (engine/families/lm/metrics.py)."""
@@ -375,7 +378,7 @@ class LanguageModel(Family):
         from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
                                     read_parquet_files)
 
-        ds, backend = self._sampled(real, model, n, seed)
+        ds, backend = self._sampled(real, model, n, seed, progress)
         log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
                     self.config.sampler_actors, "" if self.config.sampler_actors == 1 else "s")
         fs, path = directory.arrow()

@@ -108,12 +108,15 @@ class HFSampler:
     """Ray Data actor: loads the checkpoint once, onto the actor's GPU when it was given
     one (sampler_gpus > 0), else the CPU; decodes batches of requests."""
 
-    def __init__(self, model_dir: str, settings: dict[str, Any]):
+    def __init__(self, model_dir: str, settings: dict[str, Any], progress: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
         from engine.files import local_copy
         from engine.fit import current_device, use_threads
+        from engine.progress import RowsProgress
+
+        self.progress = RowsProgress(progress)
 
         model_dir = str(local_copy(model_dir))  # this node's copy if the run is in a bucket
         self.settings = SampleSettings(**settings)
@@ -129,6 +132,7 @@ class HFSampler:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
         rows = generate(self.model, prompts, list(batch["seed"]), self.settings)
+        self.progress.add(len(rows))
         return _rows(batch[ROW], prompts, rows, self.tokenizer)
 
 
@@ -232,11 +236,12 @@ def _listed_requests(prompts: list[list[int]], seeds: list[int]):
 # ------------------------------------------------------------------------ backends
 
 def _hf(model_dir: str, requests, s: SampleSettings, actors: int, cpus_per_actor: float,
-        gpus_per_actor: float):
+        gpus_per_actor: float, progress: str | None):
     import ray.data
 
     return requests.map_batches(HFSampler, fn_constructor_kwargs={"model_dir": model_dir,
-                                                                  "settings": asdict(s)},
+                                                                  "settings": asdict(s),
+                                                                  "progress": progress},
                                 batch_size=s.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=actors),
                                 num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
@@ -247,8 +252,11 @@ class _Decode:
     """Ray Data batch function after the vLLM engines: story ids and text, decoded the
     way the hf backend decodes them."""
 
-    def __init__(self, model_dir: str, eos: int):
+    def __init__(self, model_dir: str, eos: int, progress: str | None = None):
+        from engine.progress import RowsProgress
+
         self.model_dir, self.eos, self.tokenizer = model_dir, eos, None
+        self.progress = RowsProgress(progress)  # the stories the engines finished
 
     def __call__(self, raw: pa.Table) -> pa.Table:
         if self.tokenizer is None:
@@ -260,11 +268,12 @@ class _Decode:
         rows = [{"ids": g, "logprob": lp, "finished": f} for g, lp, f in
                 zip(gen, raw.column("logprob").to_pylist(), raw.column("finished").to_pylist())]
         prompts = [list(p) for p in raw.column("prompt_ids").to_pylist()]
+        self.progress.add(len(rows))
         return _rows(raw.column(ROW).to_numpy(), prompts, rows, self.tokenizer)
 
 
 def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actors: int,
-          cpus_per_actor: float, gpus_per_actor: float):
+          cpus_per_actor: float, gpus_per_actor: float, progress: str | None):
     import os
 
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -322,8 +331,10 @@ def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actor
                                 preprocess_map_kwargs=light, postprocess_map_kwargs=light)
     import ray.data
 
-    return processor(requests).map_batches(_Decode, fn_constructor_args=(model_dir, s.eos),
-                                           batch_format="pyarrow", batch_size=1024,
+    # batch_size 256: the decoder's progress moves in steps of at most that many stories.
+    return processor(requests).map_batches(_Decode,
+                                           fn_constructor_args=(model_dir, s.eos, progress),
+                                           batch_format="pyarrow", batch_size=256,
                                            compute=ray.data.ActorPoolStrategy(size=1),
                                            num_cpus=raydata.CHAIN_TASK_CPUS)
 
@@ -345,15 +356,19 @@ def _token_logprobs(row) -> list[float]:
 
 
 def sampled(backend: str, model_dir: str, requests, prompt_length: int, s: SampleSettings,
-            actors: int, cpus_per_actor: float, gpus_per_actor: float):
+            actors: int, cpus_per_actor: float, gpus_per_actor: float,
+            progress: str | None = None):
     """(a Ray Dataset of the corpus's rows, in no particular order, each with its `_row`;
     the backend that makes them). Nothing is computed until the dataset is consumed:
-    written into the store, or collected (`collect`) by tests and benchmarks."""
+    written into the store, or collected (`collect`) by tests and benchmarks.
+    `progress`: a directory where each sampler actor writes how many rows it made
+    (engine/progress.py)."""
     chosen = choose_backend(backend)
     if chosen == "vllm":
         return _vllm(model_dir, requests, prompt_length, s, actors, cpus_per_actor,
-                     gpus_per_actor), chosen
-    return _hf(model_dir, requests, s, actors, cpus_per_actor, gpus_per_actor), chosen
+                     gpus_per_actor, progress), chosen
+    return _hf(model_dir, requests, s, actors, cpus_per_actor, gpus_per_actor,
+               progress), chosen
 
 
 def collect(ds) -> pa.Table:
@@ -375,4 +390,4 @@ def sample_corpus(backend: str, model_dir: str, prompts: list[list[int]], seeds:
 def sample_hf(model_dir: str, prompts: list[list[int]], seeds: list[int], s: SampleSettings,
               actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0) -> pa.Table:
     return collect(_hf(model_dir, _listed_requests(prompts, seeds), s, actors,
-                       cpus_per_actor, gpus_per_actor))
+                       cpus_per_actor, gpus_per_actor, None))
