@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make quickstart   install into .venv, run studies/quickstart.yaml, plot it
+#   make quickstart   install into .venv, run studies/quickstart.yaml, plot it, write its report
 #   make test         install into .venv, run the test suite
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	$(BIN)/collapse run studies/quickstart.yaml
 	$(BIN)/collapse plot results/quickstart
+	$(BIN)/collapse report results/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -56,7 +56,8 @@ def _table(args: argparse.Namespace) -> int:
     from engine import results
 
     caption, view = results.table_view(results.load_results(args.dir), args.metric,
-                                       as_pivot=args.pivot, diff=args.diff)
+                                       as_pivot=args.pivot, diff=args.diff,
+                                       as_profile=args.profile)
     if caption:
         print(caption)
     print(view.to_string(float_format=lambda v: f"{v:.4g}"))
@@ -186,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None,
                        help="strategy A minus strategy B, paired seed by seed, with its 95%% "
                             "interval, e.g. --diff replace accumulate")
+    table.add_argument("--profile", action="store_true",
+                       help="how the metric grows over generations per strategy: linear, "
+                            "logarithmic or bounded, with the fit's numbers")
     table.set_defaults(func=_table)
 
     plot = sub.add_parser("plot", help="write PNG plots of a study's results")

@@ -49,6 +49,10 @@ def test_gaussian_variance_ratio_follows_its_pathways(tmp_path):
     assert wide.loc[("replace", 10), "fitted_variance"] < 0.95
     assert abs(wide.loc[("accumulate", 10), "fitted_variance"] - 1) < 0.03
     assert wide.loc[("replace", 10), "w2_squared"] > 3 * wide.loc[("accumulate", 10), "w2_squared"]
+    # the fitted covariance's volume shrinks under replace (log det below the truth's
+    # 0, and below generation 1's), not under accumulate
+    assert wide.loc[("replace", 10), "log_det_cov"] < wide.loc[("replace", 1), "log_det_cov"] - 0.1
+    assert abs(wide.loc[("accumulate", 10), "log_det_cov"]) < 0.1
     # sub sits between accumulate and replace
     sub = wide.loc[("subsample", 10), "variance_ratio"]
     assert wide.loc[("accumulate", 10), "variance_ratio"] < sub < wide.loc[("replace", 10), "variance_ratio"]

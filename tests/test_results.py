@@ -43,11 +43,11 @@ def test_table_is_tidy_with_one_column_per_axis(finished):
     table = engine.load_results(out)
     assert list(table.columns) == results.FIXED_COLUMNS + ["d"]
     assert set(table.metric) == {"variance_ratio", "mean_error", "fitted_variance",
-                                 "w2_squared", "theory"}
+                                 "w2_squared", "log_det_cov", "theory"}
     # every (strategy, d, seed, generation, metric) exactly once
     key = ["strategy", "d", "seed", "generation", "metric"]
     assert not table.duplicated(key).any()
-    assert len(table) == 2 * 2 * 2 * 3 * 5
+    assert len(table) == 2 * 2 * 2 * 3 * 6
     assert table.temperature.isna().all() and set(table.model) == {"gaussian-1d", "gaussian-2d"}
     csv = pd.read_csv(out / "results.csv")
     assert np.allclose(csv["value"], table["value"])
@@ -133,7 +133,10 @@ def test_report_is_one_page_a_browser_renders_with_every_view(finished, tmp_path
     assert headings == ["Results", "Plots", "Every metric", "Samples", "Run", "Study"]
     metrics = re.findall(r"<h3>([^<]+)</h3>", dom.split('id="every-metric"')[1]
                          .split('id="samples"')[0])
-    assert metrics == ["variance_ratio", "mean_error", "fitted_variance", "w2_squared", "theory"]
+    assert metrics == ["variance_ratio", "mean_error", "fitted_variance", "w2_squared",
+                       "log_det_cov", "theory"]
+    # the collapse profile of the headline metric, per strategy and d
+    assert "<h3>Collapse profile</h3>" in dom and "lowest AICc" in dom
     # the cell `collapse table` prints, with its interval over the two seeds
     table = engine.load_results(out)
     cell = results.pivot_with_intervals(table, "w2_squared").loc[("replace", "gaussian-1d", 1), 3]
@@ -159,3 +162,13 @@ def test_report_is_one_page_a_browser_renders_with_every_view(finished, tmp_path
 def test_report_of_a_directory_without_results(tmp_path):
     r = collapse("report", tmp_path)
     assert r.returncode == 2 and "no results table" in r.stderr
+
+
+def test_collapse_table_profile_needs_enough_generations(finished):
+    out, _ = finished
+    r = collapse("table", out, "--metric", "w2_squared", "--profile")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("collapse profile of w2_squared: the growth over generations")
+    # three generations: too few to tell a line from a curve, and it says so
+    assert r.stdout.count("too few to tell the forms apart (4 needed)") == 4  # strategy × d

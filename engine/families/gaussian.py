@@ -16,6 +16,10 @@ Metrics, averaged over trials:
                     stays at 1 while almost every chain's variance shrinks.
 - `w2_squared`      squared 2-Wasserstein distance to the truth:
                     ‖μ̂‖² + Σ_i (√λ_i(Σ̂) − 1)²
+- `log_det_cov`     median over trials of log det Σ̂ (the truth's is 0): the volume
+                    the fitted distribution spreads over, which collapse shrinks in
+                    every direction at once; beside `fitted_variance` (the trace), the
+                    two of Shumailov et al.'s covariance summaries.
 """
 from __future__ import annotations
 
@@ -96,6 +100,7 @@ class Gaussian(Family):
             "variance_ratio": float(mean_error.mean() / (p.d / p.n)),
             "fitted_variance": float(np.median(np.trace(model.cov, axis1=1, axis2=2)) / p.d),
             "w2_squared": float(w2.mean()),
+            "log_det_cov": float(np.median(np.linalg.slogdet(model.cov)[1])),
         }
 
     def theory(self, strategy: str, generation: int) -> float | None:

@@ -205,11 +205,29 @@ def summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return pivot(table, metric)
 
 
+def collapse_profile(table: pd.DataFrame, metric: str | None = None) -> tuple[str, pd.DataFrame]:
+    """How the metric grows over generations per strategy × grid axes: the form with
+    the lowest AICc among linear, logarithmic and bounded (engine/results/profile.py),
+    with a caption saying so."""
+    from engine.results.profile import profile
+
+    metric = metric or headline_metric(table)
+    pivot(table, metric)  # the errors for a missing or per-step metric
+    caption = (f"collapse profile of {metric}: the growth over generations (linear, "
+               "logarithmic or bounded) with the lowest AICc, fitted to the mean over "
+               f"{seed_count(table)} seed(s); g is the generation")
+    return caption, profile(table, metric, ["strategy"] + axis_columns(table))
+
+
 def table_view(table: pd.DataFrame, metric: str | None = None, as_pivot: bool = False,
-               diff: tuple[str, str] | None = None) -> tuple[str | None, pd.DataFrame]:
+               diff: tuple[str, str] | None = None, as_profile: bool = False
+               ) -> tuple[str | None, pd.DataFrame]:
     """What `collapse table` prints: a caption saying what the cells are (None for a
-    single seed's values), and the view: the paired difference of two strategies, the
-    pivot with intervals over seeds, the family's paper layout, or the plain pivot."""
+    single seed's values), and the view: the collapse profile, the paired difference of
+    two strategies, the pivot with intervals over seeds, the family's paper layout, or
+    the plain pivot."""
+    if as_profile:
+        return collapse_profile(table, metric)
     seeds = seed_count(table)
     if diff:
         return (f"{diff[0]} minus {diff[1]}, seed by seed: mean ± half-width of the 95% "

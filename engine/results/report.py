@@ -99,7 +99,10 @@ def _headline(table: pd.DataFrame) -> str:
     metric = results.headline_metric(table)
     text = f"<p class=\"caption\">{_e(metric)}, on real held-out data"
     text += f"; {_e(caption)}</p>" if caption else "</p>"
-    return text + _html_table(view)
+    text += _html_table(view)
+    caption, view = results.collapse_profile(table)
+    return text + f"<h3>Collapse profile</h3><p class=\"caption\">{_e(caption)}</p>" + \
+        _html_table(view)
 
 
 def _pivots(table: pd.DataFrame, family) -> str:
