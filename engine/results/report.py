@@ -186,7 +186,7 @@ def _facts(run: RunLayout) -> str:
         finished = (f"finished {facts['finished']} after {facts['seconds']:.0f} s"
                     if "finished" in facts else "did not finish (interrupted or failed)")
         versions = ", ".join(f"{k} {v}" for k, v in facts["versions"].items() if v)
-        nodes = pd.DataFrame(facts["nodes"])
+        nodes = pd.DataFrame(facts["nodes"]).fillna("none")  # a node without GPUs
         parts.append(f"<h3>run {i}: started {_e(facts['started'])}, {_e(finished)}</h3>"
                      f"<p><code>{_e(facts.get('command', ''))}</code></p>"
                      f"<p>driver {_e(facts['driver'])} ({_e(facts['platform'])})<br>"
