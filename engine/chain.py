@@ -257,7 +257,9 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                           paths.progress):
                 trained = family.fit(real, mix, derive_seed(*fit_point, g, "fit"),
                                      FitContext(workdir=workdir, callbacks=fit_callbacks,
-                                                progress=progress))
+                                                progress=progress,
+                                                previous_model=paths.model(g - 1)
+                                                if g > 1 else None))
             write_directory(into, lambda d: family.save_model(trained, d))
             workdir.remove()
 

@@ -24,6 +24,7 @@ family:
   stories: 360
   test_stories: 60
   sampler: hf
+  start: warm              # generation 2 from generation 1's weights (Bertrand et al.)
 strategies: [replace, accumulate]
 generations: {{accumulate: 2, default: 1}}   # 3 fits: Ray Train's start-up is ~25 s each here
 sample_last: true          # every generation samples, the last too
@@ -48,6 +49,13 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     assert (per_gen[per_gen.metric == "kl_to_truth"].value > 0).all()
     curve = table[table.metric == "train_loss"]
     assert curve.step.notna().all() and len(curve) >= 4
+    # start: warm: generation 2 begins where generation 1 ended, far below a fresh
+    # model's first loss (generation 1 starts from scratch: ~ln 300 nats)
+    first = curve.sort_values("step").groupby(["strategy", "generation"]).value.first()
+    last = curve.sort_values("step").groupby(["strategy", "generation"]).value.last()
+    assert first[("accumulate", 1)] > 5.0
+    assert first[("accumulate", 2)] < last[("accumulate", 1)] + 0.5, (first, last)
+    assert "fit: warm start from" in (out / "trials" / "accumulate__seed=0" / "chain.log").read_text()
     # Tune-over-Train: every fit's reports reached its chain's Tune trial through
     # TuneReportCallback (each fit's last report carries its final train loss). The
     # generation-1 model is fit once for both strategies, by whichever chain came first.

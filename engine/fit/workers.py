@@ -71,6 +71,7 @@ class FitContext:
     workdir: "Location"
     callbacks: tuple = ()
     progress: "Location | None" = None  # where the fit's rank 0 writes how far it got
+    previous_model: "Location | None" = None  # the previous generation's (a warm start's)
 
 
 def _write_record(out: Path, trained: Trained, steps: int, world_size: int,

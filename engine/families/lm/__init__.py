@@ -91,6 +91,7 @@ class LanguageModel(Family):
         tokenizer: str | None = None  # a tokenizer directory; default: train byte-level BPE
         vocab_size: int = 512  # the byte-level BPE's vocabulary
         model: str = "small"  # a name in the zoo (engine/families/lm/zoo.py)
+        start: Literal["scratch", "warm"] = "scratch"  # scratch: fresh weights every generation (the paper); warm: the previous generation's (Bertrand et al. 2024)
         context: int = 256  # tokens per training block, and the longest story sampled
         temperature: float = 1.0  # sampling temperature (0: greedy)
         top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
@@ -231,7 +232,8 @@ class LanguageModel(Family):
     NOT_FIT = ("temperature", "top_k", "top_p", "prompt", "prefix_tokens", "max_new_tokens",
                "sampler", "sampler_actors", "sampler_cpus", "sampler_gpus",
                "sample_batch_size", "threads", "cpus_per_worker", "worker_resources",
-               "max_failures", "checkpoint_minutes", "min_workers")
+               "max_failures", "checkpoint_minutes", "min_workers",
+               "start")  # generation 1 starts from scratch either way: shared by both
 
     def fit_params(self) -> dict:
         import dataclasses
@@ -249,7 +251,8 @@ class LanguageModel(Family):
                        checkpoint_seconds=60 * p.checkpoint_minutes)
 
     def fit(self, real: LMReal, mix, seed: int, context) -> LMModel:
-        """Train a fresh model on the mix: in this process on an in-memory table
+        """Train a fresh model (or, with start: warm, the previous generation's) on the
+        mix: in this process on an in-memory table
         (trainer: local), or on Ray Train workers streaming packed blocks from a Ray
         Dataset of the mix (trainer: ray), whose checkpoints live in
         `context.workdir`/ray_train so that a rerun goes on from the latest. The model
@@ -260,8 +263,13 @@ class LanguageModel(Family):
 
         p = self.config
         seed = seed % 2**31
-        build = train.ModelBuilder(p.model, real.vocab_size, p.context, real.eos, real.eos,
-                                   real.pad)
+        previous = getattr(context, "previous_model", None)
+        if p.start == "warm" and previous is not None:
+            build = train.CheckpointBuilder(previous.uri)
+            log.info("fit: warm start from %s", previous)
+        else:
+            build = train.ModelBuilder(p.model, real.vocab_size, p.context, real.eos,
+                                       real.eos, real.pad)
         out = Path(tempfile.mkdtemp(prefix="collapse-lm-"))
         settings = train.fit_settings(p)
         if p.trainer == "local":

@@ -72,6 +72,23 @@ class ModelBuilder:
                                                            bos, eos, pad))
 
 
+class CheckpointBuilder:
+    """A causal LM loaded from a saved checkpoint (a path or URI; each Ray Train worker
+    reads its node's copy), in fp32 whatever it was saved in: a warm start."""
+
+    def __init__(self, checkpoint: str):
+        self.checkpoint = checkpoint
+
+    def __call__(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from engine.files import local_copy
+
+        return AutoModelForCausalLM.from_pretrained(str(local_copy(self.checkpoint)),
+                                                    dtype=torch.float32)
+
+
 def save_model(module, curve: list[tuple[int, float]], out: Path) -> None:
     """Weights, config and train curve of an HF checkpoint (the family adds the
     tokenizer: a Ray Train worker may run on a node without it)."""
