@@ -34,6 +34,7 @@ family:
   stories: 200
   test_stories: 40
   checkpoint_minutes: 0.0001   # every 5 steps
+  repetition_penalty: 1.3      # passed to vLLM's sampling parameters
 strategies: [accumulate]
 generations: 1
 sample_last: true      # the vLLM path inside a chain, through the bucket

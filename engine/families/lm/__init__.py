@@ -96,6 +96,7 @@ class LanguageModel(Family):
         temperature: float = 1.0  # sampling temperature (0: greedy)
         top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
         top_p: float = 1.0  # 1.0: off
+        repetition_penalty: float = 1.0  # > 1: tokens already in a story less likely (Shumailov et al.: 3); 1.0: off
         prompt: Literal["bos", "real_prefix"] = "bos"  # what each sampled story starts from
         prefix_tokens: int = 8  # real_prefix: tokens of a real training story to start from
         max_new_tokens: int = 256  # the longest sampled story, in tokens
@@ -147,6 +148,9 @@ class LanguageModel(Family):
             raise ParamError("warmup", f"must be in [0, 1), got {p.warmup}")
         if not 0 < p.top_p <= 1:
             raise ParamError("top_p", f"must be in (0, 1], got {p.top_p}")
+        if p.repetition_penalty <= 0:
+            raise ParamError("repetition_penalty", f"must be > 0 (1.0: off), got "
+                                                   f"{p.repetition_penalty}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
         if p.cpus_per_worker < 0 or p.gpus_per_worker < 0 or p.sampler_gpus < 0:
@@ -229,7 +233,7 @@ class LanguageModel(Family):
 
     # What only sampling reads, or only where a fit runs: left out of fit_params, so that
     # the grid points of one model at several temperatures share its generation 1.
-    NOT_FIT = ("temperature", "top_k", "top_p", "prompt", "prefix_tokens", "max_new_tokens",
+    NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "prompt", "prefix_tokens", "max_new_tokens",
                "sampler", "sampler_actors", "sampler_cpus", "sampler_gpus",
                "sample_batch_size", "threads", "cpus_per_worker", "worker_resources",
                "max_failures", "checkpoint_minutes", "min_workers",
@@ -352,6 +356,7 @@ class LanguageModel(Family):
         p = self.config
         prefix = p.prefix_tokens if p.prompt == "real_prefix" else 0
         settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                  repetition_penalty=p.repetition_penalty,
                                   max_new_tokens=min(p.max_new_tokens, p.context - 1 - prefix),
                                   eos=real.eos, batch_size=p.sample_batch_size,
                                   threads=p.threads)

@@ -42,6 +42,10 @@ class SampleSettings:
     eos: int
     batch_size: int
     threads: int = 0
+    # > 1 makes every token already in the story (its prompt included) less likely: a
+    # positive logit is divided by it, a negative one multiplied (Keskar et al. 2019, as
+    # transformers and vLLM apply it, before the temperature)
+    repetition_penalty: float = 1.0
 
 
 def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSettings) -> list[dict]:
@@ -61,11 +65,19 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
     logprob = np.zeros(n)
     done = np.zeros(n, dtype=bool)
     past = None
+    penalised = s.repetition_penalty != 1.0
     with torch.inference_mode():
+        if penalised:  # which tokens each story holds so far, its prompt's included
+            seen = torch.zeros(n, model.config.vocab_size, dtype=torch.bool, device=device)
+            seen.scatter_(1, x, True)
         for _ in range(s.max_new_tokens):
             o = model(input_ids=x, past_key_values=past, use_cache=True)
             past = o.past_key_values
             logits = o.logits[:, -1, :].float()
+            if penalised:
+                p = s.repetition_penalty
+                logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p),
+                                     logits)
             if s.temperature == 0:
                 token = logits.argmax(dim=-1)
                 lp = torch.zeros(n, device=device)
@@ -100,6 +112,8 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
             if done.all():
                 break
             x = token[:, None]
+            if penalised:
+                seen.scatter_(1, x, True)
     return [{"ids": out[i], "logprob": float(logprob[i]), "finished": bool(done[i])}
             for i in range(n)]
 
@@ -307,6 +321,7 @@ def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actor
     )
     sampling = {"temperature": s.temperature, "max_tokens": s.max_new_tokens,
                 "top_k": s.top_k if s.top_k else -1, "top_p": s.top_p,
+                "repetition_penalty": s.repetition_penalty,
                 "stop_token_ids": [s.eos], "logprobs": 0}
 
     def preprocess(row):
