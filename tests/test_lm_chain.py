@@ -47,6 +47,10 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
         assert cells.to_dict() == {("accumulate", 1): 1, ("accumulate", 2): 1,
                                    ("replace", 1): 1}, metric
     assert (per_gen[per_gen.metric == "kl_to_truth"].value > 0).all()
+    # every sampled corpus checked against the grammar (this tiny model rarely writes a
+    # story it can produce; tests/test_lm_parts.py checks the counting exactly)
+    grammatical = per_gen[per_gen.metric == "grammatical"].value
+    assert len(grammatical) == 3 and grammatical.between(0, 1).all()
     curve = table[table.metric == "train_loss"]
     assert curve.step.notna().all() and len(curve) >= 4
     # start: warm: generation 2 begins where generation 1 ended, far below a fresh

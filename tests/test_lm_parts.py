@@ -85,6 +85,43 @@ def test_grammar_text_determines_its_log_probability():
 
 # ------------------------------------------------------------------- tokenizer & zoo
 
+def test_the_grammar_verifies_its_own_stories_and_nothing_else():
+    stories = grammar.sample_stories(3000, seed=5)
+    assert all(grammar.log_probability(s.text) == pytest.approx(s.logprob, abs=1e-9)
+               for s in stories)
+    text = stories[0].text
+    she_or_he = "She lived" if "She lived" in text else "He lived"
+    other = "He lived" if she_or_he == "She lived" else "She lived"
+    for broken in (text.replace(she_or_he, other),  # the pronoun disagrees with the name
+                   text[:-1],  # cut short
+                   text.replace("Once upon", "Once upon upon"),
+                   text + " " + text):
+        assert grammar.log_probability(broken) is None, broken
+
+
+def test_grammar_stats_count_grammatical_stories_and_their_excess(tmp_path, ray_local):
+    """A corpus of 40 grammar stories, 10 of them spoiled, whose recorded
+    log-probabilities are the grammar's plus 0.5: 75% grammatical, reverse KL 0.5; a
+    story cut at the length limit does not count as grammatical."""
+    import ray
+
+    from engine.families.lm.metrics import grammar_stats
+
+    stories = grammar.sample_stories(40, seed=9)
+    texts = [s.text for s in stories]
+    tok = train_tokenizer(texts * 5, 300)
+    tok.save_pretrained(tmp_path)
+    texts = [t + " The end." if i % 4 == 0 else t for i, t in enumerate(texts)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    finished = [True] * 39 + [False]  # the last story hit the length limit
+    logprob = [s.logprob + 0.5 for s in stories]
+    table = pa.table({"ids": ids, "logprob": logprob, "finished": finished})
+    stats = grammar_stats(ray.data.from_arrow(table), str(tmp_path))
+    spoiled = sum(1 for i in range(40) if i % 4 == 0)
+    assert stats["grammatical"] == pytest.approx((40 - spoiled - 1) / 40)
+    assert stats["grammar_reverse_kl"] == pytest.approx(0.5)
+
+
 def test_byte_level_bpe_round_trips_and_keeps_the_special_tokens():
     texts = [s.text for s in grammar.sample_stories(300, seed=0)]
     tok = train_tokenizer(texts, 400)

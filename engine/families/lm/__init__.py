@@ -76,7 +76,8 @@ def _token_count(batch: pa.Table) -> pa.Table:
 class LanguageModel(Family):
     name = "lm"
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
-               "distinct_3", "unique_stories", "mean_length", "sample_entropy")  # headline first
+               "distinct_3", "unique_stories", "mean_length", "sample_entropy",
+               "grammatical", "grammar_reverse_kl")  # headline first; the last two: grammar data
     paper_table = True
     path_fields = ("data", "tokenizer")
     path_keywords = (GRAMMAR,)
@@ -400,7 +401,12 @@ class LanguageModel(Family):
                          ray_remote_args=light)
         written = read_parquet_files(parquet_files_in(path, fs), fs,
                                      ["ids", "n_tokens", "logprob", "finished"])
-        return corpus_stats(written), {"sampler": backend}
+        stats = corpus_stats(written)
+        if self.config.data == GRAMMAR:  # the truth is known: check every story against it
+            from engine.families.lm.metrics import grammar_stats
+
+            stats.update(grammar_stats(written, model.source))
+        return stats, {"sampler": backend}
 
     def sample_text(self, table: pa.Table, model_dir) -> list[str] | None:
         """Stories as text: real rows carry theirs; sampled rows only token ids, decoded

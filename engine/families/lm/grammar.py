@@ -134,3 +134,53 @@ def entropy_per_story() -> float:
 def distinct_stories() -> int:
     return (len(NAMES) * len(ADJECTIVES) * len(KINDS) * len(PLACES) * len(GOALS) * 3
             * len(EVENTS) * len(DIALOGUE) * len(ENDINGS))
+
+
+def _alternatives(options) -> str:
+    import re
+
+    return "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
+
+
+_PATTERN = None
+
+
+def _pattern():
+    """The grammar's stories as one regular expression, a named group per slot."""
+    import re
+
+    global _PATTERN
+    if _PATTERN is None:
+        outcomes = {o for _, os in GOALS for o in os}
+        _PATTERN = re.compile(
+            rf"Once upon a time, there was (?P<article>an?) (?P<adj>{_alternatives(ADJECTIVES)}) "
+            rf"(?P<kind>{_alternatives(KINDS)}) named (?P<name>{_alternatives(n for n, _ in NAMES)})\. "
+            rf"(?P<pronoun>She|He) lived (?P<place>{_alternatives(PLACES)})\. "
+            rf"(?P=name) wanted to (?P<goal>{_alternatives(g for g, _ in GOALS)})\. "
+            rf"One day, (?P<event>{_alternatives(EVENTS)})\."
+            rf'(?: "(?P<dialogue>{_alternatives(d for d in DIALOGUE if d)})!" said (?P=name)\.)?'
+            rf" In the end, (?P=name) (?P<outcome>{_alternatives(outcomes)})\. "
+            rf"(?P=name) (?P<ending>{_alternatives(ENDINGS)})\.")
+    return _PATTERN
+
+
+def log_probability(text: str) -> float | None:
+    """The exact log-probability of `text` under the grammar; None for a text the grammar
+    cannot produce (an exact verifier: each slot's options are distinct strings in fixed
+    places, so the text determines every choice)."""
+    m = _pattern().fullmatch(text)
+    if m is None:
+        return None
+    names = [n for n, _ in NAMES]
+    name, adj = names.index(m["name"]), ADJECTIVES.index(m["adj"])
+    goal = [g for g, _ in GOALS].index(m["goal"])
+    outcomes = GOALS[goal][1]
+    if (m["article"] != ("an" if m["adj"][0] in "aeiou" else "a")
+            or m["pronoun"].lower() != NAMES[name][1] or m["outcome"] not in outcomes):
+        return None
+    dialogue = DIALOGUE.index(m["dialogue"]) if m["dialogue"] else 0
+    return float(np.log(P_NAME[name]) + np.log(P_ADJ[adj])
+                 + np.log(P_KIND[KINDS.index(m["kind"])]) + np.log(P_PLACE[PLACES.index(m["place"])])
+                 + np.log(P_GOAL[goal]) + np.log(P_EVENT[EVENTS.index(m["event"])])
+                 + np.log(P_DIALOGUE[dialogue]) + np.log(P_OUTCOME[outcomes.index(m["outcome"])])
+                 + np.log(P_ENDING[ENDINGS.index(m["ending"])]))

@@ -196,3 +196,58 @@ def _partial_row(batch: pa.Table) -> dict:
 def _unpacked(row: dict) -> dict:
     return {k: (np.asarray(v, dtype=np.uint64) if k.startswith("sketch_") else v)
             for k, v in row.items()}
+
+
+# ------------------------------------------------------------ against the grammar
+class _GrammarCheck:
+    """Ray Data batch function: each sampled story decoded with the sampling model's
+    tokenizer and parsed by the grammar (engine/families/lm/grammar.py); per batch, how
+    many the grammar can produce and, for those, the model's log-probability minus the
+    grammar's."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir, self.tokenizer = model_dir, None
+
+    def __call__(self, batch: pa.Table) -> dict:
+        from engine.families.lm.grammar import log_probability
+
+        if self.tokenizer is None:
+            from engine.families.lm.tokenizer import load_tokenizer
+            from engine.files import local_copy
+
+            self.tokenizer = load_tokenizer(str(local_copy(self.model_dir)))
+        rows = grammatical = 0
+        excess = 0.0
+        for ids, logprob, finished in zip(batch.column("ids").to_pylist(),
+                                          batch.column("logprob").to_pylist(),
+                                          batch.column("finished").to_pylist()):
+            rows += 1
+            truth = log_probability(self.tokenizer.decode(ids, skip_special_tokens=True))
+            # A story cut at the length limit is not one the grammar ends: not counted.
+            if truth is not None and finished:
+                grammatical += 1
+                excess += logprob - truth
+        return {"rows": [rows], "grammatical": [grammatical], "excess": [excess]}
+
+
+def grammar_stats(dataset, model_dir: str) -> dict[str, float]:
+    """For corpora sampled from models of the grammar's stories: `grammatical`, the
+    fraction of stories the grammar can produce (an exact verifier), and
+    `grammar_reverse_kl`, the mean over those stories of log q(x) − log p(x), q the
+    sampling distribution and p the grammar: the reverse KL to the truth on the
+    grammar's support (the rest has p = 0, where the reverse KL is infinite)."""
+    from ray.data import ActorPoolStrategy
+
+    from engine import raydata
+
+    parts = dataset.select_columns(["ids", "logprob", "finished"],
+                                   num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
+        _GrammarCheck, fn_constructor_args=(model_dir,), batch_format="pyarrow",
+        batch_size=4096, compute=ActorPoolStrategy(size=1), num_cpus=raydata.CHAIN_TASK_CPUS)
+    rows = grammatical = 0
+    excess = 0.0
+    for row in parts.iter_rows():
+        rows, grammatical = rows + row["rows"], grammatical + row["grammatical"]
+        excess += row["excess"]
+    return {"grammatical": grammatical / max(1, rows),
+            "grammar_reverse_kl": excess / grammatical if grammatical else float("nan")}
