@@ -115,7 +115,8 @@ def test_grammar_stats_count_grammatical_stories_and_their_excess(tmp_path, ray_
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     finished = [True] * 39 + [False]  # the last story hit the length limit
     logprob = [s.logprob + 0.5 for s in stories]
-    table = pa.table({"ids": ids, "logprob": logprob, "finished": finished})
+    table = pa.table({"ids": ids, "n_tokens": [len(i) for i in ids], "logprob": logprob,
+                      "finished": finished})
     stats = grammar_stats(ray.data.from_arrow(table), str(tmp_path))
     spoiled = sum(1 for i in range(40) if i % 4 == 0)
     assert stats["grammatical"] == pytest.approx((40 - spoiled - 1) / 40)

@@ -177,19 +177,29 @@ def sample_stats(table: pa.Table) -> dict[str, float]:
     return merge_stats([partial_stats(table)])
 
 
-def corpus_stats(dataset) -> dict[str, float]:
+def corpus_stats(dataset, grammar_model: str | None = None) -> dict[str, float]:
     """The statistics of a sampled corpus on storage (a Ray Dataset of its shards):
-    partial statistics per batch where the data is, merged here as they arrive."""
+    partial statistics per batch where the data is, merged here as they arrive. With
+    `grammar_model` (the sampling model's directory, for its tokenizer), the same pass
+    checks every story against the grammar (`grammar_stats`)."""
     from engine import raydata
 
     parts = dataset.select_columns(["ids", "n_tokens", "logprob", "finished"],
                                    num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
-        _partial_row, batch_format="pyarrow", batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS)
-    return merge_stats(_unpacked(row) for row in parts.iter_rows())
+        _partial_row, fn_kwargs={"grammar_model": grammar_model}, batch_format="pyarrow",
+        batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS)
+    rows = [_unpacked(row) for row in parts.iter_rows()]  # one small dict per batch
+    stats = merge_stats(rows)
+    if grammar_model is not None:
+        stats.update(_merge_grammar(rows))
+    return stats
 
 
-def _partial_row(batch: pa.Table) -> dict:
+def _partial_row(batch: pa.Table, grammar_model: str | None = None) -> dict:
     part = partial_stats(batch)
+    if grammar_model is not None:
+        part.update({f"grammar_{k}": v[0]
+                     for k, v in _grammar_partial(batch, grammar_model).items()})
     return {k: [v] for k, v in part.items()}
 
 
@@ -199,35 +209,46 @@ def _unpacked(row: dict) -> dict:
 
 
 # ------------------------------------------------------------ against the grammar
-class _GrammarCheck:
-    """Ray Data batch function: each sampled story decoded with the sampling model's
-    tokenizer and parsed by the grammar (engine/families/lm/grammar.py); per batch, how
-    many the grammar can produce and, for those, the model's log-probability minus the
-    grammar's."""
+_TOKENIZERS: dict = {}  # per worker process: a decoder loaded once, not per batch
 
-    def __init__(self, model_dir: str):
-        self.model_dir, self.tokenizer = model_dir, None
 
-    def __call__(self, batch: pa.Table) -> dict:
-        from engine.families.lm.grammar import log_probability
+def _grammar_partial(batch: pa.Table, model_dir: str) -> dict:
+    """One batch of a sampled corpus: each story decoded with the sampling model's
+    tokenizer and parsed by the grammar (engine/families/lm/grammar.py); how many the
+    grammar can produce and, for those, the model's log-probability minus the grammar's.
+    A task, not an actor: a pool's start-up would cost every corpus seconds."""
+    from engine.families.lm.grammar import log_probability
 
-        if self.tokenizer is None:
-            from engine.families.lm.tokenizer import load_tokenizer
-            from engine.files import local_copy
+    if model_dir not in _TOKENIZERS:
+        # The `tokenizers` library alone (what transformers' fast tokenizer decodes
+        # with, the same text): importing transformers costs a fresh worker seconds.
+        from tokenizers import Tokenizer
 
-            self.tokenizer = load_tokenizer(str(local_copy(self.model_dir)))
-        rows = grammatical = 0
-        excess = 0.0
-        for ids, logprob, finished in zip(batch.column("ids").to_pylist(),
-                                          batch.column("logprob").to_pylist(),
-                                          batch.column("finished").to_pylist()):
-            rows += 1
-            truth = log_probability(self.tokenizer.decode(ids, skip_special_tokens=True))
-            # A story cut at the length limit is not one the grammar ends: not counted.
-            if truth is not None and finished:
-                grammatical += 1
-                excess += logprob - truth
-        return {"rows": [rows], "grammatical": [grammatical], "excess": [excess]}
+        from engine.files import Location
+
+        _TOKENIZERS[model_dir] = Tokenizer.from_str(
+            (Location.of(model_dir) / "tokenizer.json").read_text())
+    tokenizer = _TOKENIZERS[model_dir]
+    rows = grammatical = 0
+    excess = 0.0
+    for ids, logprob, finished in zip(batch.column("ids").to_pylist(),
+                                      batch.column("logprob").to_pylist(),
+                                      batch.column("finished").to_pylist()):
+        rows += 1
+        truth = log_probability(tokenizer.decode(ids, skip_special_tokens=True))
+        # A story cut at the length limit is not one the grammar ends: not counted.
+        if truth is not None and finished:
+            grammatical += 1
+            excess += logprob - truth
+    return {"rows": [rows], "grammatical": [grammatical], "excess": [excess]}
+
+
+def _merge_grammar(parts) -> dict[str, float]:
+    rows = sum(p["grammar_rows"] for p in parts)
+    grammatical = sum(p["grammar_grammatical"] for p in parts)
+    excess = sum(p["grammar_excess"] for p in parts)
+    return {"grammatical": grammatical / max(1, rows),
+            "grammar_reverse_kl": excess / grammatical if grammatical else float("nan")}
 
 
 def grammar_stats(dataset, model_dir: str) -> dict[str, float]:
@@ -235,19 +256,7 @@ def grammar_stats(dataset, model_dir: str) -> dict[str, float]:
     fraction of stories the grammar can produce (an exact verifier), and
     `grammar_reverse_kl`, the mean over those stories of log q(x) − log p(x), q the
     sampling distribution and p the grammar: the reverse KL to the truth on the
-    grammar's support (the rest has p = 0, where the reverse KL is infinite)."""
-    from ray.data import ActorPoolStrategy
-
-    from engine import raydata
-
-    parts = dataset.select_columns(["ids", "logprob", "finished"],
-                                   num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
-        _GrammarCheck, fn_constructor_args=(model_dir,), batch_format="pyarrow",
-        batch_size=4096, compute=ActorPoolStrategy(size=1), num_cpus=raydata.CHAIN_TASK_CPUS)
-    rows = grammatical = 0
-    excess = 0.0
-    for row in parts.iter_rows():
-        rows, grammatical = rows + row["rows"], grammatical + row["grammatical"]
-        excess += row["excess"]
-    return {"grammatical": grammatical / max(1, rows),
-            "grammar_reverse_kl": excess / grammatical if grammatical else float("nan")}
+    grammar's support (the rest has p = 0, where the reverse KL is infinite). Chains get
+    them from corpus_stats' one pass."""
+    stats = corpus_stats(dataset, grammar_model=model_dir)
+    return {k: stats[k] for k in ("grammatical", "grammar_reverse_kl")}
