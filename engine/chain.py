@@ -104,7 +104,7 @@ def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | N
     recorded = json.loads(path.read_text())
     mine = trial.to_dict()
     diffs = [f"{k}: {recorded.get(k)!r} on disk, {mine[k]!r} now"
-             for k in ("family", "strategy", "seed") if recorded.get(k) != mine[k]]
+             for k in ("family", "strategy", "seed", "workflow") if recorded.get(k) != mine[k]]
     for k in sorted(set(recorded.get("params", {})) | set(mine["params"])):
         a, b = recorded.get("params", {}).get(k), mine["params"].get(k)
         if a != b:
@@ -175,7 +175,7 @@ def _chain_log(where: Location) -> Iterator[Callable[[], None]]:
 def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter | None,
                publish: Callable[[], None], fit_callbacks: tuple, step: _Step) -> None:
     family = family_for(trial)
-    strategy = strategies.get(trial.strategy)
+    strategy = strategies.resolve(trial.strategy, trial.workflow)
     run = RunLayout(out)
     paths = run.chain(trial.trial_id)
 

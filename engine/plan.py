@@ -32,6 +32,11 @@ class Cost:
     parameters: int | None
     note: str = ""
     test_rows: int = 0  # held-out rows evaluated every generation
+    # The training rows the real data holds (None: drawn afresh, or not read for a plan),
+    # and the family's field that states T: a strategy reading fresh real data needs a
+    # chunk of T rows per generation.
+    real_rows: int | None = None
+    rows_field: str = ""
 
 
 # Assumed decoding throughput, tokens/s per H100 (vLLM, bf16, batches of hundreds of
@@ -57,8 +62,14 @@ def generation_rows(study: Study) -> pd.DataFrame:
         family = family_for(trial)
         params = family.config
         cost: Cost = family.cost()
-        strategy = strategies.get(trial.strategy)
+        strategy = strategies.resolve(trial.strategy, trial.workflow)
         T = cost.rows_per_generation
+        chunks = strategy.real_chunks(trial.generations)
+        if cost.real_rows is not None and chunks * T > cost.real_rows:
+            raise ValueError(f"{study.source}: family.{cost.rows_field}: strategy "
+                             f"{trial.strategy} reads {chunks} real chunk(s) of T = {T} "
+                             f"rows; the data has {cost.real_rows}: set {cost.rows_field} "
+                             f"to at most {cost.real_rows // chunks}")
         for g in range(1, trial.generations + 1):
             mix = strategy.mix(g, T)
             sampled = strategy.sample_size(g, T) if g < trial.generations or trial.sample_last else 0

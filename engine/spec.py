@@ -91,6 +91,7 @@ class Trial:
     axes: dict[str, Any]  # this trial's value on each grid axis
     generations: int = 1  # how long this chain runs
     sample_last: bool = False  # whether the last generation samples a corpus too
+    workflow: dict[str, Any] | None = None  # the study's own strategy's definition (None: built in)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +119,8 @@ class Study:
     # asked (its diversity metrics, or a study to be extended later).
     sample_last: bool = False
     tracking: Tracking = field(default_factory=Tracking)
+    # The study's own strategies (engine/strategies.workflow): name -> definition.
+    workflows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def axes(self) -> dict[str, list[Any]]:
@@ -146,6 +149,7 @@ class Study:
                         axes=point,
                         generations=self.generations[strategy],
                         sample_last=self.sample_last,
+                        workflow=self.workflows.get(strategy),
                     ))
         return out
 
@@ -282,7 +286,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
         check.fail("description", f"expected a string, got {description!r}")
 
     family_name, family_params, axis_keys = _validate_family(check, document["family"])
-    strategies = _validate_strategies(check, document["strategies"])
+    strategies, workflows = _validate_strategies(check, document["strategies"])
 
     generations = _validate_generations(check, document["generations"], strategies)
 
@@ -312,7 +316,7 @@ def validate(document: dict[str, Any], source: str = "<study>",
         name=name, family=family_name, family_params=family_params,
         strategies=tuple(strategies), generations=generations, seeds=tuple(seeds), out=out,
         resources=resources, description=description, source=source, document=document,
-        sample_last=sample_last, tracking=tracking,
+        sample_last=sample_last, tracking=tracking, workflows=workflows,
         axis_keys=axis_keys,
     )
     _validate_grid(check, study)
@@ -388,19 +392,38 @@ def _run_out(check: _Checker, out: str) -> str:
                       f"mounted on every node, e.g. /mnt/shared/{Path(rest).name}")
 
 
-def _validate_strategies(check: _Checker, strategies: Any) -> list[str]:
+def _validate_strategies(check: _Checker, strategies: Any) -> tuple[list[str], dict[str, dict]]:
+    """Names of built-in strategies, or mappings that define the study's own
+    (engine/strategies.workflow): the names, and name -> definition for the latter."""
     if isinstance(strategies, str):
         strategies = [strategies]
     if not isinstance(strategies, list) or not strategies:
         check.fail("strategies", "expected a non-empty list, e.g. [replace, accumulate] "
                                  f"(known: {', '.join(strategy_registry.STRATEGIES)})")
+    names, workflows = [], {}
     for i, s in enumerate(strategies):
-        if s not in strategy_registry.STRATEGIES:
-            check.fail(f"strategies[{i}]", f"unknown strategy {s!r} "
-                                           f"(known: {', '.join(strategy_registry.STRATEGIES)})")
-    if len(set(strategies)) != len(strategies):
-        check.fail("strategies", f"repeated strategy in {strategies!r}")
-    return strategies
+        if isinstance(s, dict):
+            name = s.get("name")
+            if not isinstance(name, str) or not NAME_PATTERN.match(name):
+                check.fail(f"strategies[{i}].name", "a workflow needs a name of letters, "
+                                                    f"digits, '_', '-' or '.', got {name!r}")
+            definition = {k: v for k, v in s.items() if k != "name"}
+            try:
+                strategy_registry.workflow(name, definition)
+            except strategy_registry.WorkflowError as e:
+                check.fail(f"strategies[{i}].{e.field}", e.message)
+            workflows[name] = definition
+            names.append(name)
+        elif s not in strategy_registry.STRATEGIES:
+            check.fail(f"strategies[{i}]", f"unknown strategy {s!r} (known: "
+                                           f"{', '.join(strategy_registry.STRATEGIES)}; or a "
+                                           "mapping that defines a workflow, e.g. {name: "
+                                           "real_half, real: {fraction: 0.5}})")
+        else:
+            names.append(s)
+    if len(set(names)) != len(names):
+        check.fail("strategies", f"repeated strategy in {names!r}")
+    return names, workflows
 
 
 def _validate_generations(check: _Checker, generations: Any, strategies: list[str]) -> dict[str, int]:

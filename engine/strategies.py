@@ -12,13 +12,31 @@ generation k.
     subsample                   T rows drawn without replacement from the accumulated pool
     subsample_with_replacement  T rows drawn with replacement from the accumulated pool
     accumulate_fresh_real       accumulate, plus T fresh real rows each generation
+
+Beside these names, a study defines its own **workflows** (`workflow()`): from
+generation 2 on, generation g trains on R(g) real rows plus S(g) samples of model g-1,
+each amount a fraction or a count with a schedule over generations (constant, linear or
+exponential decay), the real rows the same each generation, fresh, or growing:
+
+    {name: real_half, real: {fraction: 0.5}}                           Bertrand et al. 2024
+    {name: real_decay, real: {fraction: 0.5, schedule: exponential, decay: 0.5}}
+    {name: thrive, real: {rows: 1000}, synthetic: {rows: 4000}}        Kazdan et al. 2024
+    {name: fresh_loop, real: {fraction: 0.5}, real_data: fresh}        Alemohammad et al. 2023
+    {name: strong, real: {fraction: 1.0}, real_data: growing,
+     synthetic: {fraction: 0.1}}                                       Dohmatob et al. 2024
+
+A strategy that reads fresh real data needs T real rows per chunk: T is the family's
+stated rows per generation, never silently shrunk to fit (the family's real data refuses
+too few rows with the field to change).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 Draw = Literal["all", "without_replacement", "with_replacement"]
+SCHEDULES = ("constant", "linear", "exponential")
+REAL_DATA = ("same", "fresh", "growing")
 
 
 @dataclass(frozen=True, order=True)
@@ -64,14 +82,11 @@ class Strategy:
     mix: Callable[[int, int], Mix]  # (generation, T) -> training mix
     sample_size: Callable[[int, int], int]  # (generation, T) -> rows model g samples
     description: str
+    fresh_real: bool = False  # reads real chunk g at generation g (else chunk 1 only)
 
     def real_chunks(self, generations: int) -> int:
-        """How many real chunks a chain of this length reads."""
-        return max(
-            (p.source.index for g in range(1, generations + 1)
-             for p in self.mix(g, 1).parts if p.source.kind == "real"),
-            default=1,
-        )
+        """How many real chunks (of T rows each) a chain of this length reads."""
+        return generations if self.fresh_real else 1
 
 
 def _check(g: int, T: int) -> None:
@@ -149,9 +164,157 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("subsample_with_replacement", _subsample_with_replacement, _same_size,
                  "T rows drawn with replacement from the accumulated pool"),
         Strategy("accumulate_fresh_real", _accumulate_fresh_real, _same_size,
-                 "accumulate, plus T fresh real rows each generation"),
+                 "accumulate, plus T fresh real rows each generation", fresh_real=True),
     ]
 }
+
+
+class WorkflowError(ValueError):
+    """A workflow definition problem: `field` (dotted, inside the definition) and why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class Amount:
+    """Rows per generation from generation 2 on: a fraction or a count, times a schedule.
+    decay: linear loses `decay` of the start each generation (0.25: none left at
+    generation 6); exponential keeps (1 - decay) of the last generation's amount."""
+
+    fraction: float | None = None
+    rows: int | None = None
+    schedule: str = "constant"
+    decay: float = 0.0
+
+    def scale(self, g: int) -> float:
+        steps = g - 2  # generation 2 gets the amount as stated
+        if self.schedule == "linear":
+            return max(0.0, 1.0 - self.decay * steps)
+        if self.schedule == "exponential":
+            return (1.0 - self.decay) ** steps
+        return 1.0
+
+    def describe(self, of: str) -> str:
+        base = f"{self.fraction:g} of {of}" if self.fraction is not None else f"{self.rows} rows"
+        return base if self.schedule == "constant" else \
+            f"{base}, {self.schedule} decay {self.decay:g} per generation"
+
+
+def _amount(definition: Any, where: str, fraction_max: float) -> Amount:
+    if not isinstance(definition, dict):
+        raise WorkflowError(where, f"expected a mapping such as {{fraction: 0.5}} or "
+                                   f"{{rows: 1000}}, got {definition!r}")
+    known = ("fraction", "rows", "schedule", "decay")
+    for key in definition:
+        if key not in known:
+            raise WorkflowError(f"{where}.{key}", f"unknown key (allowed: {', '.join(known)})")
+    fraction, rows = definition.get("fraction"), definition.get("rows")
+    if (fraction is None) == (rows is None):
+        raise WorkflowError(where, "give exactly one of `fraction` and `rows`")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 <= fraction <= fraction_max):
+        raise WorkflowError(f"{where}.fraction", f"expected a number in [0, {fraction_max:g}], "
+                                                 f"got {fraction!r}")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+        raise WorkflowError(f"{where}.rows", f"expected an integer >= 0, got {rows!r}")
+    schedule = definition.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise WorkflowError(f"{where}.schedule", f"unknown schedule {schedule!r} "
+                                                 f"(known: {', '.join(SCHEDULES)})")
+    decay = definition.get("decay", 0.0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise WorkflowError(f"{where}.decay", f"expected a number in [0, 1], got {decay!r}")
+    if schedule == "constant" and decay:
+        raise WorkflowError(f"{where}.decay", "a constant schedule has no decay; "
+                                              "add schedule: linear or exponential")
+    return Amount(None if fraction is None else float(fraction), rows, schedule, float(decay))
+
+
+def workflow(name: str, definition: dict[str, Any]) -> Strategy:
+    """A study's own strategy (see the module doc). Generation 1 trains on T real rows;
+    generation g >= 2 on R(g) real rows and S(g) samples of model g-1, where
+
+        real: {fraction | rows, schedule, decay}   R(g): a fraction of T, or rows
+        real_data: same | fresh | growing          chunk 1's first R(g) rows each time;
+                                                   R(g) rows of a new chunk; or every
+                                                   real row so far (chunk 1 and R(k)
+                                                   rows of chunk k, k = 2..g)
+        synthetic: {fraction | rows, ...}          S(g): the synthetic share of the mix
+                                                   (fraction < 1), or rows; left out:
+                                                   the rest of T, so a generation is T rows
+
+    Raises WorkflowError naming the field inside the definition."""
+    known = ("name", "real", "real_data", "synthetic")
+    for key in definition:
+        if key not in known:
+            raise WorkflowError(key, f"unknown key (allowed: {', '.join(known)})")
+    if name in STRATEGIES:
+        raise WorkflowError("name", f"{name!r} is a built-in strategy; name yours otherwise")
+    if "real" not in definition:
+        raise WorkflowError("real", "missing: the real rows each generation, e.g. "
+                                    "{fraction: 0.5} (of T) or {rows: 1000}")
+    real_amount = _amount(definition["real"], "real", 1.0)
+    real_data = definition.get("real_data", "same")
+    if real_data not in REAL_DATA:
+        raise WorkflowError("real_data", f"unknown {real_data!r} (known: {', '.join(REAL_DATA)})")
+    synthetic_amount = (None if definition.get("synthetic") is None
+                        else _amount(definition["synthetic"], "synthetic", 0.999))
+    if synthetic_amount is None and real_data == "growing":
+        raise WorkflowError("synthetic", "growing real data has no `rest of T`; give the "
+                                         "synthetic share, e.g. {fraction: 0.1}, or {rows: N}")
+
+    def real_rows(g: int, T: int) -> int:
+        a = real_amount
+        return round((a.fraction * T if a.fraction is not None else a.rows) * a.scale(g))
+
+    def real_parts(g: int, T: int) -> list[Part]:
+        if real_data == "growing":
+            parts = [Part(real(1), T)] + [Part(real(k), real_rows(k, T)) for k in range(2, g + 1)]
+        else:
+            parts = [Part(real(g if real_data == "fresh" else 1), real_rows(g, T))]
+        for p in parts:
+            if p.rows > T:
+                raise ValueError(f"strategy {name}: real: {p.rows} rows at generation {g} "
+                                 f"exceed a real chunk's T = {T} rows")
+        return [p for p in parts if p.rows]
+
+    def synthetic_rows(g: int, T: int) -> int:
+        a = synthetic_amount
+        if a is None:
+            rows = T - real_rows(g, T)
+        elif a.fraction is not None:  # the synthetic share of the whole mix
+            share = a.fraction * a.scale(g)
+            rows = round(share / (1 - share) * sum(p.rows for p in real_parts(g, T)))
+        else:
+            rows = round(a.rows * a.scale(g))
+        if rows < 1:
+            raise ValueError(f"strategy {name}: generation {g} gets no synthetic rows at "
+                             f"T = {T} (real: {real_rows(g, T)} rows); that is training on "
+                             "real data alone: lower the real amount or state `synthetic`")
+        return rows
+
+    def mix(g: int, T: int) -> Mix:
+        _check(g, T)
+        if g == 1:
+            return _whole([Part(real(1), T)])
+        return _whole(real_parts(g, T) + [Part(synthetic(g - 1), synthetic_rows(g, T))])
+
+    def sample_size(g: int, T: int) -> int:
+        _check(g, T)
+        return synthetic_rows(g + 1, T)  # model g feeds generation g+1
+
+    synthetic_text = ("the rest of T" if synthetic_amount is None
+                      else synthetic_amount.describe("the mix"))
+    description = (f"real: {real_amount.describe('T')} ({real_data}); synthetic: "
+                   f"{synthetic_text}, sampled by the previous model")
+    return Strategy(name, mix, sample_size, description, fresh_real=real_data != "same")
+
+
+def resolve(name: str, definition: dict[str, Any] | None = None) -> Strategy:
+    """A built-in strategy by name, or the study's own from its definition."""
+    return get(name) if definition is None else workflow(name, definition)
 
 
 def get(name: str) -> Strategy:

@@ -73,6 +73,35 @@ def test_every_strategy_runs_through_the_chain(tmp_path):
     assert g3["accumulate_fresh_real"] < g3["accumulate"]
 
 
+def test_workflows_land_where_the_literature_puts_them(tmp_path):
+    """Real data mixed into each generation (Bertrand et al.), a decaying real share,
+    fresh real data each generation (Alemohammad et al.) and a constant synthetic share
+    in growing real data (Dohmatob et al.), on the exact linear family."""
+    table = run_in_process(
+        tmp_path, "{name: linear, d: 5, T: 40, sigma2: 1.0, trials: 2000}",
+        "[replace, accumulate, {name: real_half, real: {fraction: 0.5}}, "
+        "{name: real_decay, real: {fraction: 0.5, schedule: exponential, decay: 0.5}}, "
+        "{name: fresh_loop, real: {fraction: 0.5}, real_data: fresh}, "
+        "{name: growing, real: {fraction: 1.0}, real_data: growing, synthetic: {fraction: 0.2}}]",
+        7, sample_last=False)
+    error = table[table.metric == "test_error"].pivot_table(
+        index="generation", columns="strategy", values="value")
+    first, last = error.loc[1], error.loc[7]
+    assert first.nunique() == 1  # the same generation 1 everywhere
+    # a decaying real share lands between replace and accumulate
+    assert last["accumulate"] < last["real_decay"] < last["replace"]
+    # a constant real share keeps the error bounded: it barely moves over the last
+    # generations while replace keeps climbing by about generation 1's error each
+    assert error.loc[7, "real_half"] - error.loc[5, "real_half"] < 0.25 * first["replace"]
+    assert error.loc[7, "replace"] - error.loc[5, "replace"] > 1.5 * first["replace"]
+    assert last["real_half"] < 0.5 * last["replace"]
+    # fresh real data each generation is at least as good as reusing the same rows
+    assert last["fresh_loop"] < last["real_half"]
+    # growing real data with a fixed synthetic share keeps improving on generation 1
+    assert last["growing"] < 0.3 * first["growing"]
+    assert "theory" not in set(table[table.strategy == "real_half"].metric)
+
+
 def test_logistic_variance_ratio_accumulate_near_sum_inverse_squares(tmp_path):
     # Dey & Donoho's universality: the logistic MLE's error ratio to generation 1
     # follows linear regression's factors, Σ 1/i² under accumulate, ~g under replace.

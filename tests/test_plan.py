@@ -44,3 +44,24 @@ def test_quickstart_plan_counts_tokens(tmp_path):
     r = collapse("run", "studies/quickstart.yaml", "--dry-run")
     assert r.returncode == 0 and "T = 600 stories per generation" in r.stdout
     assert "train flops" in r.stdout and "-" not in r.stdout.split("total:")[1].split("\n")[0]
+
+
+def test_workflows_are_planned_and_fresh_real_data_needs_T_stated(tmp_path):
+    f = write_study(tmp_path / "s.yaml", "name: p\nfamily: {name: linear, d: 3, T: 20}\n"
+                    "strategies: [{name: growing, real: {fraction: 1.0}, real_data: growing, "
+                    "synthetic: {fraction: 0.2}}]\ngenerations: 3\nseeds: [0]\n")
+    rows = generation_rows(load_study(f)).set_index("generation")
+    assert rows["train_rows"].tolist() == [20, 50, 75]  # 20 + 20 real, +10; 60 real, +15
+    assert rows["sample_rows"].tolist() == [10, 15, 0]
+    # An LM study whose strategy reads a fresh real chunk each generation: T is the
+    # stated train_stories, never silently divided among the chunks; unset, the plan
+    # (and the run) refuse with the field to set.
+    lm = write_study(tmp_path / "lm.yaml", "name: lm\nfamily: {name: lm, data: grammar, "
+                     "stories: 500, test_stories: 100}\nstrategies: [accumulate_fresh_real]\n"
+                     f"generations: 4\nseeds: [0]\nout: {tmp_path / 'out'}\n")
+    r = collapse("run", lm, "--dry-run")
+    assert r.returncode == 2 and "family.train_stories: strategy accumulate_fresh_real reads 4 " \
+        "real chunk(s) of T = 400 rows; the data has 400: set train_stories to at most 100" \
+        in r.stderr, r.stderr
+    r = collapse("run", lm, "--dry-run", "--set", "family.train_stories=100")
+    assert r.returncode == 0 and "T = 100 stories per generation" in r.stdout, r.stderr

@@ -58,6 +58,19 @@ BAD = [
     ("seeds=3", "seeds (from --set): expected a non-empty list of integers"),
     ("resources.gpus=1", "resources.gpus (from --set): unknown key (allowed: cpus_per_trial"),
     ("family.d=[]", "family.d (from --set): an empty list gives an empty grid"),
+    ("strategies=[replace,{name: half, real: {fraction: 1.5}}]",
+     "strategies[1].real.fraction (from --set): expected a number in [0, 1], got 1.5"),
+    ("strategies=[{name: half, real: {fraction: 0.5, schedule: cosine}}]",
+     "strategies[0].real.schedule (from --set): unknown schedule 'cosine' (known: constant, "
+     "linear, exponential)"),
+    ("strategies=[{name: half, real: {fraction: 0.5, rows: 3}}]",
+     "strategies[0].real (from --set): give exactly one of `fraction` and `rows`"),
+    ("strategies=[{name: half, real: {fraction: 1.0}, real_data: growing}]",
+     "strategies[0].synthetic (from --set): growing real data has no `rest of T`"),
+    ("strategies=[{name: replace, real: {rows: 3}}]",
+     "strategies[0].name (from --set): 'replace' is a built-in strategy"),
+    ("strategies=[{name: half, real: {rows: 3}, fresh: true}]",
+     "strategies[0].fresh (from --set): unknown key (allowed: name, real, real_data, synthetic)"),
 ]
 
 
@@ -132,6 +145,21 @@ def test_generations_per_strategy(study_file):
         load_study(study_file, ["generations={reaplce: 10, default: 4}"])
     with pytest.raises(SpecError, match="no count for accumulate"):
         load_study(study_file, ["generations={replace: 10}"])
+
+
+def test_a_study_defines_its_own_workflows_beside_the_built_in_strategies(study_file):
+    study = load_study(study_file, [
+        "strategies=[replace, {name: real_decay, real: {fraction: 0.5, schedule: exponential, "
+        "decay: 0.5}}]", "generations={real_decay: 6, default: 3}"])
+    assert study.strategies == ("replace", "real_decay")
+    by_strategy = {t.strategy: t for t in study.trials()}
+    assert by_strategy["replace"].workflow is None
+    decay = by_strategy["real_decay"]
+    assert decay.generations == 6 and decay.trial_id.startswith("real_decay__")
+    assert decay.workflow == {"real": {"fraction": 0.5, "schedule": "exponential", "decay": 0.5}}
+    # the definition travels with the trial (Tune ships trials as dicts)
+    from engine.spec import Trial
+    assert Trial.from_dict(decay.to_dict()) == decay
 
 
 def test_params_lists_every_family_parameter_with_its_meaning():

@@ -54,6 +54,59 @@ def test_accumulate_fresh_real_adds_a_new_real_chunk_each_generation():
     assert S.get("accumulate").real_chunks(7) == 1
 
 
+def workflow(**definition):
+    return S.workflow("mine", definition)
+
+
+def test_workflow_constant_real_fraction_keeps_T_rows_per_generation():
+    s = workflow(real={"fraction": 0.3})  # Bertrand et al.: λ real, the rest synthetic
+    assert s.mix(1, 100).parts == (Part(real(1), 100),)
+    for g in range(2, 6):
+        assert s.mix(g, 100).parts == (Part(real(1), 30), Part(synthetic(g - 1), 70))
+        assert s.sample_size(g - 1, 100) == 70  # model g-1 samples what generation g reads
+    assert s.real_chunks(5) == 1 and not s.fresh_real
+
+
+def test_workflow_schedules_decay_the_real_share():
+    exponential = workflow(real={"fraction": 0.8, "schedule": "exponential", "decay": 0.5})
+    assert [exponential.mix(g, 100).parts[0].rows for g in range(2, 6)] == [80, 40, 20, 10]
+    assert exponential.mix(5, 100).parts[1] == Part(synthetic(4), 90)
+    linear = workflow(real={"fraction": 0.8, "schedule": "linear", "decay": 0.25})
+    assert [linear.mix(g, 100).rows for g in range(2, 8)] == [100] * 6
+    assert [linear.mix(g, 100).parts[0].rows for g in range(2, 6)] == [80, 60, 40, 20]
+    # none left at generation 6: pure synthetic, as replace
+    assert linear.mix(6, 100).parts == (Part(synthetic(5), 100),)
+
+
+def test_workflow_counts_set_real_and_synthetic_separately():
+    s = workflow(real={"rows": 10}, synthetic={"rows": 40})  # Kazdan et al.
+    assert s.mix(3, 100).parts == (Part(real(1), 10), Part(synthetic(2), 40))
+    assert s.sample_size(1, 100) == 40 and s.mix(3, 100).rows == 50
+
+
+def test_workflow_fresh_real_reads_a_new_chunk_each_generation():
+    s = workflow(real={"fraction": 0.5}, real_data="fresh")  # Alemohammad et al.
+    assert s.mix(3, 100).parts == (Part(real(3), 50), Part(synthetic(2), 50))
+    assert s.real_chunks(6) == 6
+
+
+def test_workflow_growing_real_keeps_a_constant_synthetic_share():
+    # Dohmatob et al.: a small synthetic fraction in real data that grows
+    s = workflow(real={"fraction": 1.0}, real_data="growing", synthetic={"fraction": 0.2})
+    for g in range(2, 6):
+        mix = s.mix(g, 100)
+        assert [p.source for p in mix.parts] == [real(k) for k in range(1, g + 1)] + [synthetic(g - 1)]
+        assert mix.parts[-1].rows == 25 * g and mix.parts[-1].rows / mix.rows == 0.2
+        assert s.sample_size(g - 1, 100) == 25 * g
+
+
+def test_workflow_refuses_a_generation_without_synthetic_rows_and_oversized_chunks():
+    with pytest.raises(ValueError, match="generation 2 gets no synthetic rows"):
+        workflow(real={"fraction": 1.0}).mix(2, 100)
+    with pytest.raises(ValueError, match="exceed a real chunk's T = 100 rows"):
+        workflow(real={"rows": 150}, synthetic={"rows": 10}).mix(2, 100)
+
+
 def test_bad_generation_and_unknown_strategy():
     with pytest.raises(ValueError):
         S.get("replace").mix(0, T)

@@ -146,8 +146,12 @@ def split(examples: np.ndarray, source: str, test_n: int, train_n: int | None, c
                              f"not more than {test_field} = {test_n}")
     order = np.random.default_rng(seed).permutation(len(examples))
     test, train = examples[order[:test_n]], examples[order[test_n:]]
-    T = train_n or len(train) // chunks
-    if T < 1 or chunks * T > len(train):
-        raise ImageDataError(f"family.{train_field}: {chunks} real chunk(s) of {T} need "
-                             f"{chunks * T} training examples; the data has {len(train)}")
+    # T is stated or all the training split; never shrunk to make room for the fresh
+    # real chunks a strategy reads (that would change T for that strategy alone).
+    T = train_n or len(train)
+    if chunks * T > len(train):
+        raise ImageDataError(f"family.{train_field}: {chunks} real chunk(s) of T = {T} need "
+                             f"{chunks * T} training examples; the data has {len(train)}: "
+                             f"set {train_field} to at most {len(train) // chunks} (a strategy "
+                             "that reads fresh real data needs a chunk per generation)")
     return train, test, T

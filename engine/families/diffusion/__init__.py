@@ -197,8 +197,9 @@ class Diffusion(ArrayFamily):
 
         p = self.config
         # digits: 1,797 images; other data is not read for a plan (set train_examples to plan it)
-        rows = p.train_examples or (1797 - p.test_examples if p.data == DIGITS else 0)
-        return Cost(rows_per_generation=rows, tokens_per_row=None, parameters=None)
+        real = 1797 - p.test_examples if p.data == DIGITS else None
+        return Cost(rows_per_generation=p.train_examples or real or 0, tokens_per_row=None,
+                    parameters=None, real_rows=real, rows_field="train_examples")
 
     def model_name(self) -> str:
         return f"ddpm-{'points' if self.points else 'images'}-w{self.config.width}-s{self.config.steps}"

@@ -217,10 +217,15 @@ class LanguageModel(Family):
         prepared = prepare(p, seed, self._real_directory(seed, cache_dir))
         tokenizer_dir = local_copy(prepared.tokenizer)
         tokenizer = load_tokenizer(tokenizer_dir)
-        T = p.train_stories or prepared.train // chunks
-        if T < 1 or chunks * T > prepared.train:
-            raise DataError(f"family.train_stories: {chunks} real chunk(s) of {T} stories need "
-                            f"{chunks * T} training stories; the data has {prepared.train}")
+        # T is stated (train_stories) or all the training split; never shrunk to make
+        # room for the fresh real chunks a strategy reads (that would change T for it alone).
+        T = p.train_stories or prepared.train
+        if chunks * T > prepared.train:
+            raise DataError(f"family.train_stories: {chunks} real chunk(s) of T = {T} stories "
+                            f"need {chunks * T} training stories; the data has "
+                            f"{prepared.train}: set train_stories to at most "
+                            f"{prepared.train // chunks} (a strategy that reads fresh real "
+                            "data needs a chunk per generation)")
         store = prepared.store.root.uri
         return LMReal(directory=prepared.directory, tokenizer_dir=str(tokenizer_dir),
                       test=prepared.store.table(TEST),
@@ -457,7 +462,8 @@ class LanguageModel(Family):
         T = p.train_stories or n - p.test_stories
         N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
         return Cost(rows_per_generation=T, tokens_per_row=tokens, parameters=N,
-                    test_rows=p.test_stories,
+                    test_rows=p.test_stories, real_rows=n - p.test_stories,
+                    rows_field="train_stories",
                     note=f"model {p.model}: {N / 1e6:.3g}M parameters at vocabulary "
                          f"{p.vocab_size}; ~{tokens:.0f} tokens per story ({how}); "
                          f"T = {T} stories per generation")

@@ -163,8 +163,9 @@ class VAE(ArrayFamily):
 
         p = self.config
         # digits: 1,797 images; other data is not read for a plan (set train_images to plan it)
-        rows = p.train_images or (1797 - p.test_images if p.data == DIGITS else 0)
-        return Cost(rows_per_generation=rows, tokens_per_row=None, parameters=None)
+        real = 1797 - p.test_images if p.data == DIGITS else None
+        return Cost(rows_per_generation=p.train_images or real or 0, tokens_per_row=None,
+                    parameters=None, real_rows=real, rows_field="train_images")
 
     def model_name(self) -> str:
         return f"{self.kind}-{'x'.join(map(str, self._widths()))}-z{self.config.latent}"
