@@ -39,6 +39,10 @@ from engine.seeds import derive_seed
 from engine.spec import Trial
 
 log = logging.getLogger("engine.chain")
+# How a chain's random draws are derived (recorded in trial.json): 2 = from the study
+# seed and the parameters stated away from their defaults. A chain recorded otherwise is
+# not resumed (its later generations would draw other numbers).
+SEED_SCHEME = 2
 
 Reporter = Callable[[int, dict[str, float]], None]
 
@@ -102,6 +106,10 @@ def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | N
     if not path.exists():
         return None
     recorded = json.loads(path.read_text())
+    if recorded.get("seed_scheme") != SEED_SCHEME:
+        return ("made by an earlier engine, which derived the chain's random draws from "
+                "every parameter (defaults included); its generations cannot be continued "
+                "with the same draws")
     mine = trial.to_dict()
     diffs = [f"{k}: {recorded.get(k)!r} on disk, {mine[k]!r} now"
              for k in ("family", "strategy", "seed", "workflow") if recorded.get(k) != mine[k]]
@@ -184,14 +192,16 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
         raise ChainError(f"{paths.trial_file}: this chain was run with other parameters "
                          f"({mismatch}); use another `out` or delete {paths.root}")
     if not paths.trial_file.exists():
-        write_json(paths.trial_file, trial.to_dict())
+        write_json(paths.trial_file, {**trial.to_dict(), "seed_scheme": SEED_SCHEME})
     paths.progress.remove()  # an earlier run's: not this run's progress
 
     # The grid point without the strategy: shared by every strategy (see module doc).
-    point = (trial.seed, trial.family, sorted(trial.params.items()))
+    # Only the parameters stated away from their defaults: a parameter the family gains
+    # later leaves every chain's draws as they were.
+    point = (trial.seed, trial.family, sorted(family.stated(trial.params).items()))
     # What a fit reads: the point without what only sampling reads (a temperature), so
     # that every chain of one model trains the same generation 1.
-    fit_point = (trial.seed, trial.family, sorted(family.fit_params().items()))
+    fit_point = (trial.seed, trial.family, sorted(family.stated(family.fit_params()).items()))
     store = CorpusStore(paths.corpus)
     # Real data depends on the study seed alone (and on whichever parameters the family
     # says shape it), so every cell of the grid splits and tokenizes the same data.

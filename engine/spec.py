@@ -98,7 +98,9 @@ class Trial:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Trial":
-        return Trial(**d)
+        # trial.json carries more than the Trial (how its seeds were derived)
+        names = {f.name for f in dataclasses.fields(Trial)}
+        return Trial(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """kill -9 in the middle of a run, run again: the same table, value for value."""
+import json
 import os
 import signal
 import subprocess
@@ -92,3 +93,22 @@ def test_chain_directory_of_another_study_is_refused(tmp_path):
     assert "already holds chain replace__seed=3 run with other parameters" in r.stderr
     assert "family.trials: 300 on disk, 100 now" in r.stderr
     assert sorted(str(p) for p in out.rglob("*")) == before
+    # A chain recorded by an engine that derived its draws another way is refused too:
+    # its later generations would draw other numbers than its earlier ones did.
+    trial_file = out / "trials" / "replace__seed=3" / "trial.json"
+    recorded = json.loads(trial_file.read_text())
+    assert recorded.pop("seed_scheme") == 2
+    trial_file.write_text(json.dumps(recorded))
+    r = collapse("run", first)
+    assert r.returncode == 2 and "made by an earlier engine" in r.stderr, r.stderr
+
+
+def test_draws_depend_on_the_parameters_stated_not_on_defaults():
+    """A parameter the family gains later, with a default that keeps the old behaviour,
+    must leave every existing chain's seeds (and so its results) as they were."""
+    from engine.families import get_family
+
+    family = get_family("linear").from_params({"d": 3, "T": 20, "sigma2": 1.0})
+    params = {"d": 3, "T": 20, "sigma2": 1.0, "ridge": 0.0, "trials": 2000}
+    assert family.stated(params) == {"d": 3, "T": 20}  # sigma2, ridge, trials: defaults
+    assert family.stated({**params, "ridge": 0.5})["ridge"] == 0.5

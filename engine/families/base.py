@@ -204,6 +204,17 @@ class Family(ABC):
         Families leave out what only sampling or placement reads."""
         return dataclasses.asdict(self.config)
 
+    def stated(self, params: dict[str, Any]) -> dict[str, Any]:
+        """`params` less those at their default: what a chain's random draws are derived
+        from, so that a parameter added to the family later (with a default that keeps
+        the old behaviour) changes no existing chain's seeds or results."""
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING
+                    else f.default_factory() for f in dataclasses.fields(self.Config)
+                    if f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING}
+        return {k: v for k, v in params.items()
+                if k not in defaults or v != defaults[k]}
+
     def validate(self) -> None:
         """Cross-field checks on one concrete grid point; raise ParamError."""
 

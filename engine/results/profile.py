@@ -11,7 +11,9 @@ fitted three ways by least squares:
 
 and the form with the lowest corrected Akaike criterion (AICc: the residual error,
 penalised by the parameters a form spends and the few points a study has) is named,
-with its numbers and R². With 5-6 generations a slowing climb is often called
+with its numbers and R². Bounded is named only where its fit has covered half its climb
+within the generations seen: a far ceiling approached at a crawl is a straight climb
+with a slight bend. With 5-6 generations a slowing climb is often called
 logarithmic rather than bounded (its ceiling is not yet in sight); the seed paper's linear regression is the check: its exact
 error grows linearly under replace and towards σ²d/(T−d−1)·π²/6 under accumulate.
 """
@@ -70,6 +72,14 @@ def _fit_bounded(g: np.ndarray, y: np.ndarray, n: int, scale: float) -> dict:
     return best
 
 
+def named_forms(g: np.ndarray, fits: dict[str, dict]) -> tuple[str, ...]:
+    """The forms that may be named: bounded only where its fit has covered at least half
+    of its climb within the generations seen. A bounded fit with a far ceiling and a slow
+    rate is a slight bend in a straight climb, not a limit in sight."""
+    seen = 1.0 - math.exp(-fits["bounded"]["k"] * (g.max() - g.min()))
+    return FORMS if seen >= 0.5 else ("linear", "logarithmic")
+
+
 def describe(form: str, fit: dict) -> str:
     if form == "linear":
         return f"{fit['a']:.4g} {fit['b']:+.4g}·(g−1)"
@@ -94,7 +104,7 @@ def profile(table: pd.DataFrame, metric: str, index: list[str]) -> pd.DataFrame:
             out.append(record)
             continue
         fits = fit_forms(g, y)
-        form = min(FORMS, key=lambda f: fits[f]["aicc"])
+        form = min(named_forms(g, fits), key=lambda f: fits[f]["aicc"])
         total = float(np.sum((y - y.mean()) ** 2))
         r2 = 1.0 - fits[form]["rss"] / total if total > 0 else 1.0
         record.update({"profile": form, "fit": describe(form, fits[form]), "R²": round(r2, 4)})
