@@ -115,7 +115,8 @@ def test_grammar_stats_count_grammatical_stories_and_their_excess(tmp_path, ray_
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     finished = [True] * 39 + [False]  # the last story hit the length limit
     logprob = [s.logprob + 0.5 for s in stories]
-    table = pa.table({"ids": ids, "n_tokens": [len(i) for i in ids], "logprob": logprob,
+    table = pa.table({"_row": list(range(len(ids))), "ids": ids,
+                      "n_tokens": [len(i) for i in ids], "logprob": logprob,
                       "finished": finished})
     stats = grammar_stats(ray.data.from_arrow(table), str(tmp_path))
     spoiled = sum(1 for i in range(40) if i % 4 == 0)
@@ -310,7 +311,7 @@ out: {out}
 
 
 @pytest.mark.parametrize("extra,message", [
-    (", model: gpt5", "family.model: unknown model 'gpt5' (known: tiny, small"),
+    (", model: gpt5", "family.model: 'gpt5' is neither a zoo size (tiny, small"),
     (", data: /nonexistent/stories.txt", "family.data: /nonexistent/stories.txt: no such file"),
     (", temperature: -0.5", "family.temperature: must be >= 0, got -0.5"),
     (", vocab_size: 100", "family.vocab_size: must be >= 258 (256 byte tokens + 2 special tokens)"),

@@ -77,6 +77,7 @@ class LanguageModel(Family):
     name = "lm"
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
                "distinct_3", "unique_stories", "mean_length", "sample_entropy",
+               "zipf_slope", "rare_token_mass", "rep_4", "self_bleu",
                "grammatical", "grammar_reverse_kl")  # headline first; the last two: grammar data
     paper_table = True
     path_fields = ("data", "tokenizer")
@@ -91,8 +92,8 @@ class LanguageModel(Family):
         train_stories: int | None = None  # T per generation (default: all not held out)
         tokenizer: str | None = None  # a tokenizer directory; default: train byte-level BPE
         vocab_size: int = 512  # the byte-level BPE's vocabulary
-        model: str = "small"  # a name in the zoo (engine/families/lm/zoo.py)
-        start: Literal["scratch", "warm"] = "scratch"  # scratch: fresh weights every generation (the paper); warm: the previous generation's (Bertrand et al. 2024)
+        model: str = "small"  # a zoo size (engine/families/lm/zoo.py), or a pretrained checkpoint: a Hugging Face id, a directory, s3:// or gs:// (its tokenizer comes with it)
+        start: Literal["scratch", "warm"] = "scratch"  # scratch: the model's initial weights every generation (fresh for a zoo size, the checkpoint's for a pretrained model); warm: the previous generation's (Bertrand et al. 2024)
         context: int = 256  # tokens per training block, and the longest story sampled
         temperature: float = 1.0  # sampling temperature (0: greedy)
         top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
@@ -123,15 +124,35 @@ class LanguageModel(Family):
         sampler_cpus: float = 0.5  # CPUs per sampler actor
         sampler_gpus: float = 0.0  # GPUs per sampler actor
         sample_batch_size: int = 64  # stories per sampling batch
+        curate: list | None = None  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
+        perplexity_band: list | None = None  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
         log_every: int = 10  # a train-loss point every this many steps
 
     def validate(self) -> None:
         p = self.config
-        if p.model not in ZOO:
-            raise ParamError("model", f"unknown model {p.model!r} (known: {', '.join(ZOO)})")
+        from engine.families.lm import curation, pretrained
+
+        wrong = pretrained.problem(p.model)
+        if wrong:
+            raise ParamError("model", wrong)
+        for f in p.curate or []:
+            if f not in curation.FILTERS:
+                raise ParamError("curate", f"unknown filter {f!r} (known: "
+                                           f"{', '.join(curation.FILTERS)})")
+        if p.curate and len(set(p.curate)) != len(p.curate):
+            raise ParamError("curate", f"a filter listed twice in {p.curate!r}")
+        if "perplexity" in (p.curate or []):
+            band = p.perplexity_band
+            if not (isinstance(band, list) and len(band) == 2
+                    and all(isinstance(x, (int, float)) for x in band) and 0 <= band[0] < band[1]):
+                raise ParamError("perplexity_band", "the perplexity filter needs [low, high] "
+                                                    f"with 0 <= low < high, got {band!r}")
+        if "ungrammatical" in (p.curate or []) and p.data != GRAMMAR:
+            raise ParamError("curate", "the `ungrammatical` filter needs data: grammar (the "
+                                       "grammar is the only source with an exact verifier)")
         if p.temperature < 0:
             raise ParamError("temperature", f"must be >= 0, got {p.temperature}")
-        if p.vocab_size < minimum_vocab_size():
+        if not pretrained.is_pretrained(p.model) and p.vocab_size < minimum_vocab_size():
             raise ParamError("vocab_size", f"must be >= {minimum_vocab_size()} (256 byte tokens + "
                                            f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
         for name, low in (("stories", 2), ("test_stories", 1), ("context", 8),
@@ -194,6 +215,8 @@ class LanguageModel(Family):
         p = self.config
         shaping = (seed, p.data, p.stories, p.max_stories, p.test_stories, p.tokenizer,
                    p.vocab_size)
+        if p.model not in ZOO:  # a pretrained model's tokenizer shapes the tokens
+            shaping += (p.model,)
         return Location.of(cache_dir) / f"lm-{derive_seed(*shaping):016x}"
 
     def prepare(self, seed: int, cache_dir: "Location") -> str | None:
@@ -242,7 +265,7 @@ class LanguageModel(Family):
     NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "prompt", "prefix_tokens", "max_new_tokens",
                "sampler", "sampler_actors", "sampler_cpus", "sampler_gpus",
                "sample_batch_size", "threads", "cpus_per_worker", "worker_resources",
-               "max_failures", "checkpoint_minutes", "min_workers",
+               "max_failures", "checkpoint_minutes", "min_workers", "curate", "perplexity_band",
                "start")  # generation 1 starts from scratch either way: shared by both
 
     def fit_params(self) -> dict:
@@ -277,6 +300,9 @@ class LanguageModel(Family):
         if p.start == "warm" and previous is not None:
             build = train.CheckpointBuilder(previous.uri)
             log.info("fit: warm start from %s", previous)
+        elif p.model not in ZOO:
+            build = train.CheckpointBuilder(p.model)
+            log.info("fit: fine-tuning the pretrained %s", p.model)
         else:
             build = train.ModelBuilder(p.model, real.vocab_size, p.context, real.eos,
                                        real.eos, real.pad)
@@ -355,8 +381,8 @@ class LanguageModel(Family):
         return [ids for _, ids in sorted(found)]
 
     def _sampled(self, real: LMReal, model: LMModel, n: int, seed: int,
-                 progress: "Location | None" = None):
-        """(the corpus as a lazy Ray Dataset, the backend)."""
+                 progress: "Location | None" = None, start: int = 0):
+        """(the corpus as a lazy Ray Dataset, the backend): stories start..start+n-1."""
         from engine.families.lm.sampling import Requests, SampleSettings, request_rows, sampled
 
         p = self.config
@@ -367,7 +393,7 @@ class LanguageModel(Family):
                                   eos=real.eos, batch_size=p.sample_batch_size,
                                   threads=p.threads)
         if p.prompt == "bos":
-            requests = Requests(n, seed, real.eos)
+            requests = Requests(n, seed, real.eos, start=start)
         else:
             import numpy as np
 
@@ -376,7 +402,8 @@ class LanguageModel(Family):
                 raise DataError(f"family.prefix_tokens: no training story has "
                                 f"{p.prefix_tokens} tokens")
             order = np.random.default_rng(derive_seed(seed, "prompts")).permutation(len(prefixes))
-            requests = Requests(n, seed, real.eos, np.asarray(prefixes, dtype=np.int32), order)
+            requests = Requests(n, seed, real.eos, np.asarray(prefixes, dtype=np.int32), order,
+                                start)
         return sampled(p.sampler, model.source, request_rows(requests), 1 + prefix, settings,
                        p.sampler_actors, p.sampler_cpus, p.sampler_gpus,
                        progress.uri if progress else None)
@@ -397,18 +424,109 @@ class LanguageModel(Family):
         from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
                                     read_parquet_files)
 
-        ds, backend = self._sampled(real, model, n, seed, progress)
-        log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
-                    self.config.sampler_actors, "" if self.config.sampler_actors == 1 else "s")
         fs, path = directory.arrow()
         light = {"num_cpus": CHAIN_TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
-        ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
-                         ray_remote_args=light)
+        if self.config.curate:
+            backend, curated = self._curated_sample_to(real, model, n, seed, directory,
+                                                       progress)
+        else:
+            ds, backend = self._sampled(real, model, n, seed, progress)
+            log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
+                        self.config.sampler_actors,
+                        "" if self.config.sampler_actors == 1 else "s")
+            ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
+                             ray_remote_args=light)
+            curated = {}
         written = read_parquet_files(parquet_files_in(path, fs), fs,
-                                     ["ids", "n_tokens", "logprob", "finished"])
+                                     ["_row", "ids", "n_tokens", "logprob", "finished"])
         # The grammar's stories: the truth is known, so every story is checked against it.
-        stats = corpus_stats(written, model.source if self.config.data == GRAMMAR else None)
-        return stats, {"sampler": backend}
+        stats = corpus_stats(written, model.source if self.config.data == GRAMMAR else None,
+                             self._real_rare_tokens(real))
+        return {**stats, **curated}, {"sampler": backend}
+
+    def _curated_sample_to(self, real: LMReal, model: LMModel, n: int, seed: int,
+                           directory, progress) -> tuple[str, dict[str, float]]:
+        """Sample in rounds into a staging folder, each story flagged by the study's
+        filters, until n stories pass them all; then write those n (the first in request
+        order) into `directory`, renumbered (engine/families/lm/curation.py). Returns
+        the backend and what each filter removed."""
+        import pyarrow.parquet as pq
+
+        from engine.families.lm import curation
+        from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
+                                    read_parquet_files)
+
+        p = self.config
+        rules = curation.Curation(tuple(p.curate), tuple(p.perplexity_band or ()) or None)
+        light = {"num_cpus": CHAIN_TASK_CPUS}
+        staging = directory / "staged"
+        flags, files, requested, count, kept = [], [], 0, n, 0
+        for round_ in range(curation.MAX_ROUNDS):
+            ds, backend = self._sampled(real, model, count, seed, progress, start=requested)
+            ds = ds.map_batches(curation.add_flags, fn_kwargs={"curation": rules},
+                                batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
+            fs, path = (staging / f"round-{round_:02d}").arrow()
+            ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
+                             ray_remote_args=light)
+            requested += count
+            written = parquet_files_in(path, fs)
+            files += written
+            # only the small columns: a request number, flags and keys per story
+            flags.append(pq.read_table(written, filesystem=fs,
+                                       columns=["_row"] + rules.flag_columns))
+            selection = curation.select(pa.concat_tables(flags), rules, n)
+            log.warning("sampler: curation round %d: %d stories kept of %d sampled "
+                        "(removed: %s)", round_ + 1, len(selection.kept), requested,
+                        ", ".join(f"{k} {v}" for k, v in selection.removed.items()))
+            if len(selection.kept) == n:
+                break
+            if len(selection.kept) < curation.MIN_KEEP_RATE * requested:
+                raise DataError(f"family.curate: {len(selection.kept)} of {requested} sampled "
+                                f"stories pass the filters (removed: {selection.removed}), "
+                                f"fewer than {curation.MIN_KEEP_RATE:.0%}: loosen the "
+                                "filters (or the perplexity_band)")
+            count, kept = curation.next_round(n - len(selection.kept),
+                                              len(selection.kept) - kept, count), \
+                len(selection.kept)
+        else:
+            raise DataError(f"family.curate: {curation.MAX_ROUNDS} rounds of sampling kept "
+                            f"{len(selection.kept)} of the {n} stories needed out of "
+                            f"{requested} sampled (removed: {selection.removed}); loosen "
+                            "the filters (or the perplexity_band)")
+        fs, path = directory.arrow()
+        read_parquet_files(files, fs).map_batches(
+            curation.renumber, fn_kwargs={"kept": selection.kept}, batch_format="pyarrow",
+            num_cpus=CHAIN_TASK_CPUS).write_parquet(
+            path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE, ray_remote_args=light)
+        staging.remove()
+        return backend, {"curation_sampled": float(selection.considered),
+                         **{f"curation_removed_{k}": float(v)
+                            for k, v in selection.removed.items()}}
+
+    def _real_rare_tokens(self, real: LMReal):
+        """The real training data's rare tokens (engine/families/lm/tails.py), counted
+        once per prepared data, file by file, and kept beside it."""
+        import json
+
+        import numpy as np
+
+        from engine.corpus import CorpusStore
+        from engine.families.lm import tails
+
+        from engine.files import write_json
+
+        cached = Location.of(real.directory) / "rare_tokens.json"
+        if cached.exists():  # (chains sharing the data may both count it: same result)
+            return np.asarray(json.loads(cached.read_text()), dtype=np.int64)
+        counts: dict[int, int] = {}
+        chunk = real.train_chunks[0]
+        for part in CorpusStore(chunk.store).scan(chunk.source, ["ids"]):
+            flat = part.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            for token, c in zip(*np.unique(flat, return_counts=True)):
+                counts[int(token)] = counts.get(int(token), 0) + int(c)
+        rare = tails.rare_tokens(counts)
+        write_json(cached, rare.tolist())
+        return rare
 
     def sample_text(self, table: pa.Table, model_dir) -> list[str] | None:
         """Stories as text: real rows carry theirs; sampled rows only token ids, decoded
@@ -460,12 +578,19 @@ class LanguageModel(Family):
             n = p.max_stories or (p.train_stories + p.test_stories)
             tokens, how = TINYSTORIES_TOKENS_PER_STORY, "TinyStories' 224 tokens per story"
         T = p.train_stories or n - p.test_stories
-        N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
+        if p.model in ZOO:
+            N = parameter_count(ZOO[p.model], p.vocab_size, p.context)
+        else:
+            from engine.families.lm import pretrained
+
+            N = pretrained.parameter_count(p.model)
         return Cost(rows_per_generation=T, tokens_per_row=tokens, parameters=N,
                     test_rows=p.test_stories, real_rows=n - p.test_stories,
                     rows_field="train_stories",
-                    note=f"model {p.model}: {N / 1e6:.3g}M parameters at vocabulary "
-                         f"{p.vocab_size}; ~{tokens:.0f} tokens per story ({how}); "
+                    note=f"model {p.model}: {N / 1e6:.3g}M parameters " + (
+                        f"at vocabulary {p.vocab_size}" if p.model in ZOO else
+                        "(pretrained, with its own tokenizer)") +
+                         f"; ~{tokens:.0f} tokens per story ({how}); "
                          f"T = {T} stories per generation")
 
     def model_name(self) -> str:

@@ -7,8 +7,12 @@ kl_to_truth  test_loss − truth_loss: the model's excess cross-entropy over the
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
+
+from engine.corpus import ROW
 
 
 def story_nll(model, ids: list[list[int]], eos: int, pad: int, context: int,
@@ -177,26 +181,36 @@ def sample_stats(table: pa.Table) -> dict[str, float]:
     return merge_stats([partial_stats(table)])
 
 
-def corpus_stats(dataset, grammar_model: str | None = None) -> dict[str, float]:
-    """The statistics of a sampled corpus on storage (a Ray Dataset of its shards):
-    partial statistics per batch where the data is, merged here as they arrive. With
-    `grammar_model` (the sampling model's directory, for its tokenizer), the same pass
-    checks every story against the grammar (`grammar_stats`)."""
+def corpus_stats(dataset, grammar_model: str | None = None,
+                 real_rare: np.ndarray | None = None) -> dict[str, float]:
+    """The statistics of a sampled corpus on storage (a Ray Dataset of its shards, with
+    their `_row`s):
+    partial statistics per batch where the data is, merged here as they arrive; the
+    tails and variety (engine/families/lm/tails.py; `real_rare`: the real data's rare
+    tokens) in the same pass. With `grammar_model` (the sampling model's directory, for
+    its tokenizer), the same pass checks every story against the grammar (`grammar_stats`)."""
     from engine import raydata
+    from engine.families.lm import tails
 
-    parts = dataset.select_columns(["ids", "n_tokens", "logprob", "finished"],
+    parts = dataset.select_columns([ROW, "ids", "n_tokens", "logprob", "finished"],
                                    num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
         _partial_row, fn_kwargs={"grammar_model": grammar_model}, batch_format="pyarrow",
         batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS)
     rows = [_unpacked(row) for row in parts.iter_rows()]  # one small dict per batch
     stats = merge_stats(rows)
+    stats.update(tails.merge([json.loads(r["tails"]) for r in rows], real_rare))
     if grammar_model is not None:
         stats.update(_merge_grammar(rows))
     return stats
 
 
 def _partial_row(batch: pa.Table, grammar_model: str | None = None) -> dict:
+    from engine.families.lm import tails
+
     part = partial_stats(batch)
+    # as one JSON string: lists whose lengths vary by batch (and may be empty) would
+    # give each batch's one-row block its own Arrow type
+    part["tails"] = json.dumps(tails.partial(batch))
     if grammar_model is not None:
         part.update({f"grammar_{k}": v[0]
                      for k, v in _grammar_partial(batch, grammar_model).items()})

@@ -197,11 +197,15 @@ def prepare(p: Any, seed: int, directory: Location) -> Prepared:
 def _make_tokenizer(p: Any, seed: int, n: int, test_index: np.ndarray, work: list,
                     where: Location) -> None:
     """Train byte-level BPE on (a seeded sample of at most TOKENIZER_SAMPLE of) the
-    training stories, or copy the tokenizer the study names."""
+    training stories, or copy the tokenizer the study names (or its pretrained model's)."""
     from engine.families.lm.tokenizer import load_tokenizer, train_tokenizer
+
+    from engine.families.lm import pretrained
 
     if p.tokenizer is not None:
         tokenizer = load_tokenizer(local_copy(p.tokenizer))
+    elif pretrained.is_pretrained(p.model):  # the checkpoint's own
+        tokenizer = pretrained.tokenizer(p.model)
     else:
         import ray.data
 

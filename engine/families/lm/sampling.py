@@ -185,14 +185,17 @@ def choose_backend(requested: str) -> str:
 
 @dataclass(frozen=True)
 class Requests:
-    """What to sample: `n` stories; story i from its own seed, derive_seed(seed, i), and
-    its prompt: BOS alone, or BOS + prefixes[order[i % len(order)]] (real prefixes)."""
+    """What to sample: `n` stories, numbered start..start+n-1; story i from its own seed,
+    derive_seed(seed, i), and its prompt: BOS alone, or BOS + prefixes[order[i %
+    len(order)]] (real prefixes). A later `start` makes more stories of the same corpus
+    (curation's top-ups)."""
 
     n: int
     seed: int
     bos: int
     prefixes: np.ndarray | None = field(default=None, compare=False)  # (m, L) token ids
     order: np.ndarray | None = field(default=None, compare=False)  # a permutation of m
+    start: int = 0
 
 
 REQUESTS_PER_SPAN = 4096
@@ -229,8 +232,9 @@ def request_rows(requests: Requests):
     # Spans of story indices, expanded into requests where they are used. (Not
     # ray.data.range: its read tasks take a whole CPU, which a small machine whose CPUs
     # the chains and sampler actors hold never has free.)
-    spans = [{"start": a, "end": min(requests.n, a + REQUESTS_PER_SPAN)}
-             for a in range(0, requests.n, REQUESTS_PER_SPAN)]
+    end = requests.start + requests.n
+    spans = [{"start": a, "end": min(end, a + REQUESTS_PER_SPAN)}
+             for a in range(requests.start, end, REQUESTS_PER_SPAN)]
     return ray.data.from_items(spans).map_batches(
         _MakeRequests, fn_constructor_args=(requests,), batch_size=1, batch_format="numpy",
         num_cpus=raydata.CHAIN_TASK_CPUS, compute=ray.data.ActorPoolStrategy(size=1))

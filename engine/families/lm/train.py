@@ -73,8 +73,9 @@ class ModelBuilder:
 
 
 class CheckpointBuilder:
-    """A causal LM loaded from a saved checkpoint (a path or URI; each Ray Train worker
-    reads its node's copy), in fp32 whatever it was saved in: a warm start."""
+    """A causal LM loaded from a checkpoint (a path or URI: each Ray Train worker reads
+    its node's copy; or a Hugging Face id), in fp32 whatever it was saved in: a warm
+    start, or a pretrained model's weights."""
 
     def __init__(self, checkpoint: str):
         self.checkpoint = checkpoint
@@ -83,9 +84,9 @@ class CheckpointBuilder:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from engine.files import local_copy
+        from engine.families.lm.pretrained import loadable
 
-        return AutoModelForCausalLM.from_pretrained(str(local_copy(self.checkpoint)),
+        return AutoModelForCausalLM.from_pretrained(loadable(self.checkpoint),
                                                     dtype=torch.float32)
 
 
