@@ -364,6 +364,16 @@ class CorpusStore:
         order = order[(rows[order] >= 0) & (rows[order] < entry.rows)][:n]
         return table.take(pa.array(order)).drop_columns([ROW])
 
+    def source_dataset(self, source: Source, columns: list[str]) -> "ray.data.Dataset":
+        """One whole source's shards (those columns and `_row`) as a Ray Dataset, for a
+        pass over a corpus where its data is (statistics), not through this process."""
+        from engine import raydata
+
+        raydata.quiet()
+        paths = self._verified_paths(source)
+        return raydata.read_parquet_files([p.path for p in paths], paths[0].arrow()[0],
+                                          columns + [ROW])
+
     def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
         """The same rows as read(), as a Ray Dataset streamed from the shards."""
         from engine import raydata

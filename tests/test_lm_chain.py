@@ -42,11 +42,14 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_parquet(out / "results.parquet")
     per_gen = table[table.step.isna()]
-    for metric in ("test_loss", "kl_to_truth", "truth_loss", "distinct_2", "sample_entropy"):
+    for metric in ("test_loss", "kl_to_truth", "truth_loss", "distinct_2", "sample_entropy",
+                   "zipf_slope", "rare_token_mass", "rep_4", "self_bleu"):
         cells = per_gen[per_gen.metric == metric].groupby(["strategy", "generation"]).size()
         assert cells.to_dict() == {("accumulate", 1): 1, ("accumulate", 2): 1,
                                    ("replace", 1): 1}, metric
     assert (per_gen[per_gen.metric == "kl_to_truth"].value > 0).all()
+    # the share of the real data's rarest tokens: a fraction (measured, not NaN)
+    assert per_gen[per_gen.metric == "rare_token_mass"].value.between(0, 1).all()
     # every sampled corpus checked against the grammar (this tiny model rarely writes a
     # story it can produce; tests/test_lm_parts.py checks the counting exactly)
     grammatical = per_gen[per_gen.metric == "grammatical"].value

@@ -485,9 +485,10 @@ class LanguageModel(Family):
                                 f"stories pass the filters (removed: {selection.removed}), "
                                 f"fewer than {curation.MIN_KEEP_RATE:.0%}: loosen the "
                                 "filters (or the perplexity_band)")
-            count, kept = curation.next_round(n - len(selection.kept),
-                                              len(selection.kept) - kept, count), \
-                len(selection.kept)
+            # the next round, at the keep rate of this one
+            count = curation.next_round(n - len(selection.kept), len(selection.kept) - kept,
+                                        count)
+            kept = len(selection.kept)
         else:
             raise DataError(f"family.curate: {curation.MAX_ROUNDS} rounds of sampling kept "
                             f"{len(selection.kept)} of the {n} stories needed out of "
@@ -505,25 +506,25 @@ class LanguageModel(Family):
 
     def _real_rare_tokens(self, real: LMReal):
         """The real training data's rare tokens (engine/families/lm/tails.py), counted
-        once per prepared data, file by file, and kept beside it."""
+        once per prepared data by a Ray Data pass over its shards (this process holds
+        only the counts) and kept beside it."""
         import json
 
         import numpy as np
 
         from engine.corpus import CorpusStore
         from engine.families.lm import tails
-
         from engine.files import write_json
+        from engine.raydata import CHAIN_TASK_CPUS
 
         cached = Location.of(real.directory) / "rare_tokens.json"
         if cached.exists():  # (chains sharing the data may both count it: same result)
             return np.asarray(json.loads(cached.read_text()), dtype=np.int64)
-        counts: dict[int, int] = {}
         chunk = real.train_chunks[0]
-        for part in CorpusStore(chunk.store).scan(chunk.source, ["ids"]):
-            flat = part.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            for token, c in zip(*np.unique(flat, return_counts=True)):
-                counts[int(token)] = counts.get(int(token), 0) + int(c)
+        parts = CorpusStore(chunk.store).source_dataset(chunk.source, ["ids"]).map_batches(
+            tails.token_partial_row, batch_format="pyarrow", batch_size=8192,
+            num_cpus=CHAIN_TASK_CPUS)
+        counts = tails.token_counts(json.loads(row["tail"]) for row in parts.iter_rows())
         rare = tails.rare_tokens(counts)
         write_json(cached, rare.tolist())
         return rare

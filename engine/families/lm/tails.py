@@ -33,11 +33,24 @@ SELF_BLEU_STORIES = 100
 BLEU_N = 4
 
 
+def token_partial(batch: pa.Table) -> dict:
+    """One batch's token counts, as (id, count) lists."""
+    flat = batch.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    tokens, counts = np.unique(flat.astype(np.int64), return_counts=True)
+    return {"tail_tokens": tokens.tolist(), "tail_counts": counts.tolist()}
+
+
+def token_partial_row(batch: pa.Table) -> dict:
+    """Ray Data batch function: token_partial as one row (a JSON string: its lists'
+    lengths vary by batch)."""
+    import json
+
+    return {"tail": [json.dumps(token_partial(batch))]}
+
+
 def partial(batch: pa.Table) -> dict:
     """One batch (columns _row, ids): token counts, rep-n sums, and the stories
     among the first SELF_BLEU_STORIES requests."""
-    flat = batch.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    tokens, counts = np.unique(flat.astype(np.int64), return_counts=True)
     rep, stories = 0.0, 0
     ids = batch.column("ids").to_pylist()
     for story in ids:
@@ -47,8 +60,7 @@ def partial(batch: pa.Table) -> dict:
             stories += 1
     rows = batch.column("_row").to_numpy()
     early = [(int(r), s) for r, s in zip(rows, ids) if r < SELF_BLEU_STORIES]
-    return {"tail_tokens": tokens.tolist(), "tail_counts": counts.tolist(),
-            "rep_sum": rep, "rep_stories": stories,
+    return {**token_partial(batch), "rep_sum": rep, "rep_stories": stories,
             "bleu_rows": [r for r, _ in early], "bleu_ids": [s for _, s in early]}
 
 
