@@ -5,6 +5,7 @@ and the diversity measures of their samples."""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pyarrow as pa
 from engine.families.base import Bundle, Family
 
 Curve = list[tuple[int, float]]
+log = logging.getLogger("engine.arrays")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class TrainerConfig:
     cpus_per_worker: float = 1.0  # CPUs each Ray Train worker holds
     gpus_per_worker: float = 0.0  # GPUs each Ray Train worker holds; > 0 evaluates on a GPU too
     threads: int = 0  # torch CPU threads of the fit; 0: torch's default
+    start: Literal["scratch", "warm"] = "scratch"  # scratch: fresh weights every generation (the paper); warm: the previous generation's (Bertrand et al. 2024)
 
 
 # ------------------------------------------------------------------------- tables
@@ -127,8 +130,31 @@ def save_network(module: Any, curve: Curve, out: Path) -> None:
                                                 "curve": curve}))
 
 
+class WarmStart:
+    """A network factory that starts from a saved network's weights (the previous
+    generation's, a path or URI: each Ray Train worker reads its node's copy); picklable."""
+
+    def __init__(self, build: Callable[[], Any], saved: str):
+        self.build, self.saved = build, saved
+
+    def __call__(self):
+        import torch
+
+        from engine.files import local_copy
+
+        net = self.build()
+        net.load_state_dict(torch.load(local_copy(self.saved) / "net.pt", weights_only=True))
+        return net
+
+
 class ArrayFamily(Family):
     """A family whose model is one torch network fit with engine.fit's loop."""
+
+    def fit_params(self) -> dict[str, Any]:
+        # generation 1 starts from scratch either way: shared by both settings
+        import dataclasses
+
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k != "start"}
 
     @abstractmethod
     def network(self, architecture: dict) -> Any:
@@ -137,12 +163,17 @@ class ArrayFamily(Family):
 
     def fit_network(self, build: Callable[[], Any], examples: np.ndarray, loss, seed: int,
                     context) -> NetModel:
-        """A fresh `build()` trained on `examples` for `epochs`: AdamW, warmup + cosine
+        """A fresh `build()` (or, with start: warm, the previous generation's network)
+        trained on `examples` for `epochs`: AdamW, warmup + cosine
         decay, in this process (trainer: local) or on Ray Train workers, each on its
         equal share of the examples, gradients averaged by DeepSpeed."""
         from engine.fit import FitJob, LoopConfig, Workers, fit_here, fit_on_workers
 
         p = self.config
+        previous = getattr(context, "previous_model", None)
+        if p.start == "warm" and previous is not None:
+            build = WarmStart(build, previous.uri)
+            log.info("fit: warm start from %s", previous)
         workers = p.workers if p.trainer == "ray" else 1
         per_worker = len(examples) // workers
         if per_worker < p.batch_size:

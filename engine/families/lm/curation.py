@@ -123,7 +123,9 @@ def add_flags(batch: pa.Table, curation: Curation) -> pa.Table:
 
 
 @dataclass(frozen=True)
-class Selection:
+class Kept:
+    """What curation keeps of the stories sampled so far, and what each filter removed."""
+
     kept: np.ndarray  # the request numbers kept, ascending (at most n)
     considered: int  # requests looked at: up to and including the last one kept
     removed: dict[str, int]  # filter -> stories it removed among those considered
@@ -136,7 +138,7 @@ def _first_occurrences(keys: np.ndarray) -> np.ndarray:
     return first
 
 
-def select(flags: pa.Table, curation: Curation, n: int) -> Selection:
+def select(flags: pa.Table, curation: Curation, n: int) -> Kept:
     """The first n stories in request order that no filter removes, from every staged
     story's flags (columns `_row` and Curation.flag_columns), filters in the study's order."""
     flags = flags.sort_by(ROW)
@@ -164,7 +166,7 @@ def select(flags: pa.Table, curation: Curation, n: int) -> Selection:
     kept = rows[alive][:n]
     considered = len(rows) if len(kept) < n else int(np.searchsorted(rows, kept[-1])) + 1
     counts = np.bincount(removed_by[:considered] + 1, minlength=len(curation.filters) + 1)
-    return Selection(kept, considered, {f: int(counts[i + 1])
+    return Kept(kept, considered, {f: int(counts[i + 1])
                                         for i, f in enumerate(curation.filters)})
 
 
