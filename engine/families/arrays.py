@@ -150,11 +150,7 @@ class WarmStart:
 class ArrayFamily(Family):
     """A family whose model is one torch network fit with engine.fit's loop."""
 
-    def fit_params(self) -> dict[str, Any]:
-        # generation 1 starts from scratch either way: shared by both settings
-        import dataclasses
-
-        return {k: v for k, v in dataclasses.asdict(self.config).items() if k != "start"}
+    NOT_FIT = ("start",)  # generation 1 starts from scratch either way: shared by both
 
     @abstractmethod
     def network(self, architecture: dict) -> Any:

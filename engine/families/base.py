@@ -198,11 +198,15 @@ class Family(ABC):
         Returns a line saying what it prepared, or None when there was nothing to do."""
         return None
 
+    # Parameters a generation-1 fit does not read (sampling, placement, how later
+    # generations start): left out of fit_params.
+    NOT_FIT: ClassVar[tuple[str, ...]] = ()
+
     def fit_params(self) -> dict[str, Any]:
         """The parameters a fit reads: chains whose grid points agree on them (and on
-        the data) train the same generation-1 model, which is then fit once and shared.
-        Families leave out what only sampling or placement reads."""
-        return dataclasses.asdict(self.config)
+        the data) train the same generation-1 model, which is then fit once and shared."""
+        return {k: v for k, v in dataclasses.asdict(self.config).items()
+                if k not in self.NOT_FIT}
 
     def stated(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` less those at their default: what a chain's random draws are derived

@@ -268,11 +268,6 @@ class LanguageModel(Family):
                "max_failures", "checkpoint_minutes", "min_workers", "curate", "perplexity_band",
                "start")  # generation 1 starts from scratch either way: shared by both
 
-    def fit_params(self) -> dict:
-        import dataclasses
-
-        return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.NOT_FIT}
-
     def _workers(self):
         from engine.fit import Workers
 
