@@ -6,6 +6,7 @@
         scores = family.evaluate(model, real)            on real data, always
         synth  = family.sample(model, n, seed)           (stored before it counts)
         store.write(g, synth)
+        drift  = family.against_first(model_1, model, synth)  against generation 1
         metrics/gen-g.json                               marks generation g done
 
 Each step's output is on disk before the next step starts, and every random draw comes
@@ -337,11 +338,20 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
             scores.update(store.entry(synth).stats)
             _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))
 
+        start = time.perf_counter()
+        step.phase = "comparing with generation 1"
+        against, histograms = family.against_first(
+            real, lambda: model if g == 1 else family.load_model(paths.model(1)), model,
+            (lambda columns: store.source_dataset(synth, columns)) if store.has(synth) else None)
+        scores.update(against)
+        if against or histograms:
+            timings["against_first"] = time.perf_counter() - start
+
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
         # Timings stay out of `metrics`: they differ between runs, the table must not.
         write_json(paths.metrics(g), {"generation": g, "metrics": scores, "curves": curves,
-                                      "seconds": timings})
+                                      "histograms": histograms, "seconds": timings})
         log.info("%s: generation %d/%d done (%s)", trial.trial_id, g, generations,
                  ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         publish()

@@ -73,7 +73,7 @@ def _plot(args: argparse.Namespace) -> int:
     out = Location.of(args.out) if args.out else RunLayout.of(args.dir).plots
     for path in results.plot(table, out, [args.metric] if args.metric else None):
         print(path)
-    for path in results.plot_samples(args.dir, out):
+    for path in results.plot_samples(args.dir, out) + results.plot_histograms(args.dir, out):
         print(path)
     return 0
 

@@ -53,6 +53,16 @@ def test_gaussian_variance_ratio_follows_its_pathways(tmp_path):
     # 0, and below generation 1's), not under accumulate
     assert wide.loc[("replace", 10), "log_det_cov"] < wide.loc[("replace", 1), "log_det_cov"] - 0.1
     assert abs(wide.loc[("accumulate", 10), "log_det_cov"]) < 0.1
+    # against each chain's own generation 1: exactly 1 and 0 there; replace shrinks
+    # both trace and determinant, accumulate keeps them near generation 1's
+    for strategy in ("replace", "accumulate"):
+        assert wide.loc[(strategy, 1), "trace_vs_first"] == 1.0
+        assert wide.loc[(strategy, 1), "log_det_vs_first"] == 0.0
+    assert wide.loc[("replace", 10), "trace_vs_first"] < 0.95
+    assert wide.loc[("replace", 10), "log_det_vs_first"] < -0.1
+    assert abs(wide.loc[("accumulate", 10), "trace_vs_first"] - 1) < 0.03
+    assert wide.loc[("replace", 10), "log_det_vs_first"] < \
+        wide.loc[("accumulate", 10), "log_det_vs_first"] - 0.1
     # sub sits between accumulate and replace
     sub = wide.loc[("subsample", 10), "variance_ratio"]
     assert wide.loc[("accumulate", 10), "variance_ratio"] < sub < wide.loc[("replace", 10), "variance_ratio"]

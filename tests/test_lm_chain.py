@@ -25,6 +25,7 @@ family:
   test_stories: 60
   sampler: hf
   start: warm              # generation 2 from generation 1's weights (Bertrand et al.)
+  score_under_first: true  # every corpus scored under generation 1's model (Shumailov et al.)
 strategies: [replace, accumulate]
 generations: {{accumulate: 2, default: 1}}   # 3 fits: Ray Train's start-up is ~25 s each here
 sample_last: true          # every generation samples, the last too
@@ -43,7 +44,8 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     table = pd.read_parquet(out / "results.parquet")
     per_gen = table[table.step.isna()]
     for metric in ("test_loss", "kl_to_truth", "truth_loss", "distinct_2", "sample_entropy",
-                   "zipf_slope", "rare_token_mass", "rep_4", "self_bleu"):
+                   "zipf_slope", "rare_token_mass", "rep_4", "self_bleu", "first_model_loss",
+                   "first_model_tail_mass"):
         cells = per_gen[per_gen.metric == metric].groupby(["strategy", "generation"]).size()
         assert cells.to_dict() == {("accumulate", 1): 1, ("accumulate", 2): 1,
                                    ("replace", 1): 1}, metric
@@ -108,8 +110,20 @@ def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
         assert {e.source: e.rows for e in store.entries().values()} == {
             "real-0001": 300, **{f"synthetic-000{g}": 300 for g in range(1, generations + 1)}}
         assert store.entry(S.synthetic(generations)).metadata == {"sampler": "hf"}
+    # generation 1's corpus under generation 1's model: the loss its samples' own
+    # log-probabilities estimate (sample_entropy: the same stories, the same model; it
+    # leaves out the closing EOT that scoring adds to stories cut at the length limit)
+    g1 = per_gen[per_gen.generation == 1].pivot_table(index="strategy", columns="metric",
+                                                        values="value")
+    assert ((g1.first_model_loss / g1.sample_entropy - 1).abs() < 0.03).all(), g1
+    assert per_gen[per_gen.metric == "first_model_tail_mass"].value.between(0, 1).all()
+    hist = json.loads((out / "trials" / "accumulate__seed=0" / "metrics" / "gen-0002.json")
+                      .read_text())["histograms"]
+    assert sum(hist["first_model_perplexity"]["counts"]) == 300
+    assert sum(hist["first_model_perplexity_real"]["counts"]) == 60
     r = collapse("plot", out)
     assert r.returncode == 0 and (out / "plots" / "train_loss_curves.png").exists()
+    assert (out / "plots" / "first_model_perplexity_accumulate__seed=0.png").exists()
     # the report shows the Table 2 layout and stories of every generation: the real
     # ones as stored, the sampled ones decoded with their model's tokenizer
     import html

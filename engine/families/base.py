@@ -21,7 +21,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import pyarrow as pa
 
@@ -232,6 +232,17 @@ class Family(ABC):
     def sample_stats(self, table: pa.Table) -> dict[str, float]:
         """Metrics of a freshly sampled corpus (diversity...); stored in its manifest entry."""
         return {}
+
+    def against_first(self, real: Any, first_model: Callable[[], Any], model: Any,
+                      corpus: "Callable[[list[str]], Any] | None"
+                      ) -> tuple[dict[str, float], dict[str, dict]]:
+        """Generation g measured against generation 1 (Shumailov et al. 2024 score each
+        generation's samples under the first model): metrics for the table, and
+        histograms {name: {"edges": [...], "counts": [...]}} that `collapse plot` draws
+        per generation. `first_model()` loads generation 1's model; `corpus(columns)` is
+        generation g's sampled corpus as a Ray Dataset, None when it was not sampled.
+        Default: nothing."""
+        return {}, {}
 
     def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
         """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""

@@ -20,6 +20,11 @@ Metrics, averaged over trials:
                     the fitted distribution spreads over, which collapse shrinks in
                     every direction at once; beside `fitted_variance` (the trace), the
                     two of Shumailov et al.'s covariance summaries.
+- `trace_vs_first`  median over trials of tr(Σ̂_g) / tr(Σ̂_1): each chain's spread
+                    against its own generation 1 (fit to real data), so the sampling
+                    noise of generation 1 cancels; 1 at generation 1.
+- `log_det_vs_first` median over trials of log det Σ̂_g − log det Σ̂_1 (the log of the
+                    determinant's ratio); 0 at generation 1.
 """
 from __future__ import annotations
 
@@ -102,6 +107,14 @@ class Gaussian(Family):
             "w2_squared": float(w2.mean()),
             "log_det_cov": float(np.median(np.linalg.slogdet(model.cov)[1])),
         }
+
+    def against_first(self, real: GaussianReal, first_model, model: GaussianModel,
+                      corpus) -> tuple[dict[str, float], dict[str, dict]]:
+        first = first_model()
+        trace = np.trace(model.cov, axis1=1, axis2=2) / np.trace(first.cov, axis1=1, axis2=2)
+        log_det = np.linalg.slogdet(model.cov)[1] - np.linalg.slogdet(first.cov)[1]
+        return {"trace_vs_first": float(np.median(trace)),
+                "log_det_vs_first": float(np.median(log_det))}, {}
 
     def theory(self, strategy: str, generation: int) -> float | None:
         return error_growth(strategy, generation)

@@ -389,3 +389,57 @@ def plot_samples(study_dir: Location | Path | str, out_dir: Location | Path | st
         _save_png(fig, path, dpi=100)
         written.append(path)
     return written
+
+
+def plot_histograms(study_dir: Location | Path | str,
+                    out_dir: Location | Path | str) -> list[Location]:
+    """For families that record histograms against generation 1 (the LM's
+    `score_under_first`): one PNG per chain and histogram, the share of samples per bin
+    for every generation, darker for later ones, over the real data's (dashed); a
+    dotted line at the real data's 99th percentile (Shumailov et al. 2024, Fig. 1b)."""
+    import json
+
+    import numpy as np
+
+    run, out_dir = RunLayout.of(study_dir), Location.of(out_dir)
+    written = []
+    for chain in run.chains():
+        by_name: dict[str, dict[int, dict]] = {}
+        g = 1
+        while chain.metrics(g).exists():
+            record = json.loads(chain.metrics(g).read_text())
+            for name, hist in record.get("histograms", {}).items():
+                by_name.setdefault(name, {})[g] = hist
+            g += 1
+        for name, generations in by_name.items():
+            if name.endswith("_real"):
+                continue
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+            cmap = plt.get_cmap("viridis")
+            last = max(generations)
+            for gen, hist in sorted(generations.items()):
+                edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"], float)
+                ax.stairs(counts / max(1.0, counts.sum()), edges,
+                          color=cmap(0.9 * (gen - 1) / max(1, last - 1)),
+                          label=f"generation {gen}")
+            real = by_name.get(f"{name}_real", {}).get(1)
+            if real is not None:
+                counts = np.asarray(real["counts"], float)
+                ax.stairs(counts / max(1.0, counts.sum()), np.asarray(real["edges"]),
+                          color="black", ls="--", label="real test stories")
+                ax.axvline(real["real_p99"], color="black", ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel(name.replace("_", " ").replace("first model", "generation 1 model's"))
+            ax.set_ylabel("share of stories")
+            ax.legend(fontsize=7, frameon=False)
+            ax.set_title(f"{run.out.name}: {chain.root.name}", fontsize=9)
+            fig.tight_layout()
+            path = out_dir / f"{name}_{chain.root.name}.png"
+            _save_png(fig, path, dpi=110)
+            written.append(path)
+    return written

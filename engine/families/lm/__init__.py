@@ -99,6 +99,7 @@ class LanguageModel(Family):
         top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
         top_p: float = 1.0  # 1.0: off
         repetition_penalty: float = 1.0  # > 1: tokens already in a story less likely (Shumailov et al.: 3); 1.0: off
+        beams: int = 1  # > 1: beam search with this many beams instead of sampling (Shumailov et al.: 5); deterministic, so temperature, top_k and top_p stay at their defaults
         prompt: Literal["bos", "real_prefix"] = "bos"  # what each sampled story starts from
         prefix_tokens: int = 8  # real_prefix: tokens of a real training story to start from
         max_new_tokens: int = 256  # the longest sampled story, in tokens
@@ -126,6 +127,7 @@ class LanguageModel(Family):
         sample_batch_size: int = 64  # stories per sampling batch
         curate: list | None = None  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
         perplexity_band: list | None = None  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
+        score_under_first: bool = False  # score each generation's samples under generation 1's model: perplexity histograms and the tail beyond real data's (Shumailov et al. 2024; engine/families/lm/first_model.py)
         log_every: int = 10  # a train-loss point every this many steps
 
     def validate(self) -> None:
@@ -204,6 +206,20 @@ class LanguageModel(Family):
         if p.tokenizer is not None and not is_remote(p.tokenizer) and \
                 not (Path(p.tokenizer) / "tokenizer.json").exists():
             raise ParamError("tokenizer", f"{p.tokenizer}: no tokenizer.json in this directory")
+        if p.beams < 1:
+            raise ParamError("beams", f"must be >= 1 (1: sampling), got {p.beams}")
+        if p.beams > 1:
+            for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+                if getattr(p, name) != off:
+                    raise ParamError(name, f"beam search (beams: {p.beams}) is deterministic "
+                                           f"and reads no {name}; leave it at {off}")
+            if p.repetition_penalty != 1.0 and p.sampler == "vllm":
+                raise ParamError("sampler", "vLLM's beam search has no repetition penalty; "
+                                            "use sampler: hf (or auto) with beams > 1 and a "
+                                            "repetition_penalty")
+            if p.prompt == "bos":
+                warnings.warn("beam search with BOS prompts makes every sampled story the same "
+                              "story; use prompt: real_prefix (Shumailov et al.: 64 tokens)")
         if p.temperature == 0 and p.prompt == "bos":
             warnings.warn("temperature 0 with BOS prompts makes every sampled story the same "
                           "greedy story; use prompt: real_prefix for a meaningful greedy corpus")
@@ -262,11 +278,11 @@ class LanguageModel(Family):
 
     # What only sampling reads, or only where a fit runs: left out of fit_params, so that
     # the grid points of one model at several temperatures share its generation 1.
-    NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "prompt", "prefix_tokens", "max_new_tokens",
+    NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "beams", "prompt", "prefix_tokens", "max_new_tokens",
                "sampler", "sampler_actors", "sampler_cpus", "sampler_gpus",
                "sample_batch_size", "threads", "cpus_per_worker", "worker_resources",
                "max_failures", "checkpoint_minutes", "min_workers", "curate", "perplexity_band",
-               "start")  # generation 1 starts from scratch either way: shared by both
+               "score_under_first", "start")  # generation 1 starts from scratch either way: shared by both
 
     def _workers(self):
         from engine.fit import Workers
@@ -357,6 +373,18 @@ class LanguageModel(Family):
         return run_on_gpu(self.evaluation_gpus(), p.cpus_per_worker, evaluate_checkpoint,
                           model.source, real.test, real.eos, real.pad, p.context, p.threads)
 
+    def against_first(self, real: LMReal, first_model, model: LMModel,
+                      corpus) -> tuple[dict[str, float], dict[str, dict]]:
+        from engine.families.lm import first_model as scoring
+        from engine.fit import run_on_gpu
+
+        p = self.config
+        if not p.score_under_first:
+            return {}, {}
+        return run_on_gpu(self.evaluation_gpus(), p.cpus_per_worker, scoring.against_first,
+                          first_model().source, real.test, corpus, real.eos, real.pad,
+                          p.context, p.threads)
+
     @staticmethod
     def _prefixes(chunk: StoredRows, length: int) -> list[list[int]]:
         """The first `length` tokens of each story of the chunk that has that many, in
@@ -383,7 +411,7 @@ class LanguageModel(Family):
         p = self.config
         prefix = p.prefix_tokens if p.prompt == "real_prefix" else 0
         settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                  repetition_penalty=p.repetition_penalty,
+                                  repetition_penalty=p.repetition_penalty, beams=p.beams,
                                   max_new_tokens=min(p.max_new_tokens, p.context - 1 - prefix),
                                   eos=real.eos, batch_size=p.sample_batch_size,
                                   threads=p.threads)

