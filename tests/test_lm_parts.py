@@ -1,4 +1,5 @@
 """Language-model family pieces, each on its own: data, grammar, tokenizer, zoo, sampler."""
+import dataclasses
 import json
 from collections import defaultdict
 
@@ -279,6 +280,16 @@ def test_beam_search_finds_likelier_stories_deterministically(trained_tiny):
     assert repeated(penalised) < repeated(found) - 0.05, (repeated(penalised), repeated(found))
 
 
+def test_beam_search_with_a_penalty_takes_the_transformers_backend():
+    from engine.families.lm.sampling import SampleSettings, choose_backend, vllm_available
+
+    s = SampleSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64, eos=0,
+                       batch_size=8, repetition_penalty=3.0, beams=5)
+    assert choose_backend("auto", s) == "hf"
+    plain = dataclasses.replace(s, repetition_penalty=1.0)
+    assert choose_backend("auto", plain) == ("vllm" if vllm_available() else "hf")
+
+
 def test_each_story_depends_only_on_its_own_seed(trained_tiny):
     from engine.families.lm.sampling import generate
 
@@ -369,6 +380,11 @@ out: {out}
     (", temperature: -0.5", "family.temperature: must be >= 0, got -0.5"),
     (", vocab_size: 100", "family.vocab_size: must be >= 258 (256 byte tokens + 2 special tokens)"),
     (", temperature: [1.0, -1.0]", "family.temperature: must be >= 0, got -1.0 at temperature=-1.0"),
+    (", beams: 0", "family.beams: must be >= 1 (1: sampling), got 0"),
+    (", beams: 5, temperature: 0.3", "family.temperature: beam search (beams: 5) is "
+                                     "deterministic and reads no temperature; leave it at 1.0"),
+    (", beams: 5, repetition_penalty: 3, sampler: vllm",
+     "family.sampler: vLLM's beam search has no repetition penalty; use sampler: hf"),
 ])
 def test_lm_bad_input_is_one_line_exit_2_nothing_touched(tmp_path, extra, message):
     out = tmp_path / "out"

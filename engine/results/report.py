@@ -127,7 +127,8 @@ def _pivots(table: pd.DataFrame, family) -> str:
 def _plots(table: pd.DataFrame, run: RunLayout) -> str:
     """The PNGs `collapse plot` draws, drawn afresh into a scratch folder and embedded."""
     with tempfile.TemporaryDirectory(prefix="collapse-report-") as tmp:
-        paths = results.plot(table, tmp) + results.plot_samples(run.out, tmp)
+        paths = results.plot(table, tmp) + results.plot_samples(run.out, tmp) + \
+            results.plot_histograms(run.out, tmp)
         images = [(p.name, base64.b64encode(p.read_bytes()).decode("ascii")) for p in paths]
     return "\n".join(f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{data}">'
                      f"<figcaption class=\"caption\">{_e(name)}</figcaption></figure>"
