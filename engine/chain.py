@@ -6,7 +6,7 @@
         scores = family.evaluate(model, real)            on real data, always
         synth  = family.sample(model, n, seed)           (stored before it counts)
         store.write(g, synth)
-        drift  = family.against_first(model_1, model, synth)  against generation 1
+        more   = family.compare(model 1, model, synth)    against generation 1, real data
         metrics/gen-g.json                               marks generation g done
 
 Each step's output is on disk before the next step starts, and every random draw comes
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import strategies
-from engine.corpus import CorpusStore, StoredRows, rows_written
+from engine.corpus import CorpusStore, CorpusView, StoredRows, rows_written
 from engine.families import family_for
 from engine.files import (Location, copy_directory, directory_complete, made_once,
                           node_cache, write_atomic, write_directory, write_json)
@@ -284,6 +284,14 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                      trial.trial_id, shared)
         copy_directory(shared, paths.model(g))
 
+    def compare(g: int, model: Any) -> tuple[dict[str, float], dict[str, dict]]:
+        """The family's measures of generation g against generation 1 and the real data,
+        on its corpus where it was sampled."""
+        synth = strategies.synthetic(g)
+        return family.compare(
+            real, lambda: model if g == 1 else family.load_model(paths.model(1)), model,
+            CorpusView(store, synth) if store.has(synth) else None)
+
     for g in range(1, generations + 1):
         if paths.metrics(g).exists():
             continue
@@ -309,8 +317,11 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                     log.info("%s: sampling corpus %s from generation %d's model (deleted, or "
                              "not sampled when generation %d was the last)", trial.trial_id,
                              part.source.name, k, k)
-                    sample_into(k, family.load_model(paths.model(k)))
-                    _add_sample_stats(paths.metrics(k), store.entry(part.source).stats)
+                    model_k = family.load_model(paths.model(k))
+                    sample_into(k, model_k)
+                    compared, histograms = compare(k, model_k)
+                    _add_sample_stats(paths.metrics(k),
+                                      {**store.entry(part.source).stats, **compared}, histograms)
             seed = derive_seed(*point, g, "mix")
             fit(g, lambda: store.read(mix, seed) if family.data_view() == "table"
                 else store.dataset(mix, seed))
@@ -339,13 +350,11 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
             _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))
 
         start = time.perf_counter()
-        step.phase = "comparing with generation 1"
-        against, histograms = family.against_first(
-            real, lambda: model if g == 1 else family.load_model(paths.model(1)), model,
-            (lambda columns: store.source_dataset(synth, columns)) if store.has(synth) else None)
-        scores.update(against)
-        if against or histograms:
-            timings["against_first"] = time.perf_counter() - start
+        step.phase = "comparing with generation 1 and the real data"
+        compared, histograms = compare(g, model)
+        scores.update(compared)
+        if compared or histograms:
+            timings["compare"] = time.perf_counter() - start
 
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in family.curves(model).items()}
@@ -359,16 +368,19 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
             report(g, scores)
 
 
-def _add_sample_stats(metrics_file: Location, stats: dict[str, float]) -> None:
+def _add_sample_stats(metrics_file: Location, stats: dict[str, float],
+                      histograms: dict[str, dict]) -> None:
     """A generation recorded without its corpus's statistics (it was the last, and not
-    sampled) gets them once its corpus is sampled: the table then equals the one a
-    study run this long from the start gives."""
+    sampled) gets them, and the measures on its corpus, once its corpus is sampled: the
+    table then equals the one a study run this long from the start gives."""
     if not metrics_file.exists():
         return
     record = json.loads(metrics_file.read_text())
-    if all(k in record["metrics"] for k in stats):
+    if all(k in record["metrics"] for k in stats) and \
+            all(k in record.get("histograms", {}) for k in histograms):
         return
     record["metrics"].update(stats)
+    record.setdefault("histograms", {}).update(histograms)
     write_json(metrics_file, record)
 
 

@@ -451,3 +451,19 @@ class _KeepRows:
         repeat = np.zeros(len(local), dtype=np.int64)
         repeat[inside] = self.counts[local[inside]]
         return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), repeat)))
+
+
+@dataclass(frozen=True)
+class CorpusView:
+    """One stored corpus as a family's measures after sampling read it (Family.compare):
+    streamed as a Ray Dataset, or its first rows in memory, never its files."""
+
+    store: CorpusStore
+    source: Source
+
+    def dataset(self, columns: list[str]) -> "ray.data.Dataset":
+        return self.store.source_dataset(self.source, columns)
+
+    def head(self, n: int) -> pa.Table:
+        """The first n rows (fewer if its first shard holds fewer)."""
+        return self.store.head(self.source, n)

@@ -35,7 +35,8 @@ def test_diffusion_on_images_end_to_end(tmp_path):
         tmp_path, "{name: diffusion, test_examples: 200, train_examples: 300, width: 16, "
                   "steps: 20, epochs: 3, batch_size: 32, threads: 1}", "[replace, accumulate]", 2)
     per_gen = table[table.step.isna()]
-    for metric in ("test_loss", "sample_distance", "pixel_variance"):
+    for metric in ("test_loss", "sample_distance", "pixel_variance", "frechet_distance",
+                   "precision", "recall"):
         cells = per_gen[per_gen.metric == metric].groupby(["strategy", "generation"]).size()
         assert cells.to_dict() == {(s, g): 1 for s in ("accumulate", "replace") for g in (1, 2)}
     test_loss = per_gen[per_gen.metric == "test_loss"].set_index(["strategy", "generation"]).value
@@ -79,6 +80,7 @@ def test_geom_pickle_loader_and_point_set_diffusion(tmp_path):
     per_gen = table[table.step.isna()]
     for metric in ("test_loss", "sample_distance", "radius_of_gyration"):
         assert len(per_gen[per_gen.metric == metric]) == 4, metric
+    assert "frechet_distance" not in set(per_gen.metric)  # point sets carry no labels
     assert (per_gen[per_gen.metric == "radius_of_gyration"].value > 0).all()
     from engine.corpus import CorpusStore
 

@@ -91,9 +91,13 @@ TINY = "{name: %s, test_images: 200, train_images: 300, widths: [8, 16], latent:
 def test_image_family_chain_end_to_end(tmp_path, family):
     table = run_in_process(tmp_path, TINY % family, "[replace, accumulate]", 2)
     per_gen = table[table.step.isna()]
-    for metric in ("test_loss", "reconstruction", "sample_distance", "pixel_variance"):
+    for metric in ("test_loss", "reconstruction", "sample_distance", "pixel_variance",
+                   "frechet_distance", "precision", "recall"):
         cells = per_gen[per_gen.metric == metric].groupby(["strategy", "generation"]).size()
         assert cells.to_dict() == {(s, g): 1 for s in ("accumulate", "replace") for g in (1, 2)}
+    # the samples' feature-space distance to the real test images: measured, positive
+    assert (per_gen[per_gen.metric == "frechet_distance"].value > 0).all()
+    assert per_gen[per_gen.metric.isin(["precision", "recall"])].value.between(0, 1).all()
     test_loss = per_gen[per_gen.metric == "test_loss"].set_index(["strategy", "generation"]).value
     assert test_loss[("replace", 1)] == test_loss[("accumulate", 1)]  # common random numbers
     assert (table[table.metric == "train_loss"].step.notna()).all()
@@ -169,3 +173,29 @@ def test_warm_start_trains_each_generation_from_the_previous_generations_network
     assert last[("warm", 1)] == last[("scratch", 1)]
     log = (tmp_path / "out" / "trials" / "replace__start=warm__seed=0" / "chain.log").read_text()
     assert "warm start from" in log
+
+
+def test_feature_space_metrics_tell_real_from_noise_and_a_collapse():
+    """Fréchet distance, precision and recall in the feature space of a classifier
+    trained on the real digits (engine/families/image_features.py)."""
+    from engine.families import image_features as F
+    from engine.families.images import DIGITS, load_images, split_labels
+
+    images = load_images(DIGITS, 8, 1)
+    labels = split_labels(DIGITS, None, len(images), 300, None, 1, seed=0)
+    order = np.random.default_rng(0).permutation(len(images))  # as split() orders them
+    test, train = images[order[:300]], images[order[300:]]
+    net = F.train_classifier(train, labels.train, seed=0)
+    assert F.accuracy(net, test, labels.test) > 0.9  # labels aligned with the images
+    real = F.sample_quality(net, test, train)  # real training images as the "samples"
+    noise = F.sample_quality(net, test, np.random.default_rng(1).random(train.shape))
+    # collapse to five modes: copies of five real images
+    collapsed = F.sample_quality(net, test, np.repeat(train[:5], len(train) // 5, axis=0))
+    assert real["frechet_distance"] < noise["frechet_distance"] / 10, (real, noise)
+    assert real["frechet_distance"] < collapsed["frechet_distance"] / 3, (real, collapsed)
+    assert real["precision"] > 0.7 and real["recall"] > 0.7, real
+    assert noise["precision"] < 0.3 and noise["recall"] < 0.1, noise
+    assert collapsed["precision"] > 0.5 and collapsed["recall"] < 0.2, collapsed
+    # Fréchet distance of a set to itself: 0
+    feats = F.features(net, test)
+    assert abs(F.frechet_distance(feats, feats)) < 1e-6

@@ -472,11 +472,16 @@ def test_stories_scored_under_the_first_model_sort_its_own_from_noise(trained_ti
     own = [r["ids"] for r in generate(model, [[eos]] * 64, list(range(64)), settings(tok, 0.3))]
     rng = np.random.default_rng(0)
     noise = [[t for t in rng.integers(0, len(tok), 40).tolist() if t != eos] for _ in range(64)]
+    class Stories:  # what the chain passes (engine.corpus.CorpusView), over a table
+        def __init__(self, stories):
+            self.table = pa.table({"ids": pa.array(stories, pa.list_(pa.int32()))})
+
+        def dataset(self, columns):
+            return ray.data.from_arrow(self.table.select(columns))
+
     found = {}
     for name, stories in (("own", own), ("noise", noise)):
-        ds = ray.data.from_arrow(pa.table({"ids": pa.array(stories, pa.list_(pa.int32()))}))
-        scores, hists = first_model.against_first(str(tmp_path), test,
-                                                  lambda columns: ds.select_columns(columns),
+        scores, hists = first_model.against_first(str(tmp_path), test, Stories(stories),
                                                   eos, tok.pad_token_id, 128, 1)
         assert sum(hists["first_model_perplexity"]["counts"]) == 64
         assert sum(hists["first_model_perplexity_real"]["counts"]) == 200

@@ -147,10 +147,41 @@ class WarmStart:
         return net
 
 
+@dataclass(frozen=True)
+class RealLabels:
+    """The classes of the real training and test examples, where the data has them
+    (engine/families/images.py: load_labels), split as the examples are."""
+
+    train: np.ndarray
+    test: np.ndarray
+    seed: int
+
+
 class ArrayFamily(Family):
     """A family whose model is one torch network fit with engine.fit's loop."""
 
     NOT_FIT = ("start",)  # generation 1 starts from scratch either way: shared by both
+    column = "image"  # the corpus column of one example
+
+    def compare(self, real, first_model, model, corpus) -> tuple[dict[str, float], dict]:
+        """Image corpora against the real test images in the feature space of a small
+        classifier trained on the real training images (engine/families/image_features.py):
+        frechet_distance, precision, recall. Needs the data's labels (`real.labels`)."""
+        from engine.families import image_features
+
+        labels: RealLabels | None = getattr(real, "labels", None)
+        if corpus is None or labels is None:
+            return {}, {}
+        if getattr(self, "_classifier", None) is None:  # once per chain process
+            self._classifier = image_features.train_classifier(real.train, labels.train,
+                                                               labels.seed)
+            accuracy = image_features.accuracy(self._classifier, real.test, labels.test)
+            log.warning("image features: a classifier trained on the %d real training "
+                        "images (accuracy %.3f on the %d real test images)", len(real.train),
+                        accuracy, len(real.test))
+        samples = rows_from_table(corpus.head(image_features.MAX_EXAMPLES), self.column,
+                                  real.shape)
+        return image_features.sample_quality(self._classifier, real.test, samples), {}
 
     @abstractmethod
     def network(self, architecture: dict) -> Any:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 import pyarrow as pa
 
 if TYPE_CHECKING:
+    from engine.corpus import CorpusView
     from engine.files import Location
     from engine.fit import FitContext
     from engine.plan import Cost
@@ -233,15 +234,16 @@ class Family(ABC):
         """Metrics of a freshly sampled corpus (diversity...); stored in its manifest entry."""
         return {}
 
-    def against_first(self, real: Any, first_model: Callable[[], Any], model: Any,
-                      corpus: "Callable[[list[str]], Any] | None"
-                      ) -> tuple[dict[str, float], dict[str, dict]]:
-        """Generation g measured against generation 1 (Shumailov et al. 2024 score each
-        generation's samples under the first model): metrics for the table, and
-        histograms {name: {"edges": [...], "counts": [...]}} that `collapse plot` draws
-        per generation. `first_model()` loads generation 1's model; `corpus(columns)` is
-        generation g's sampled corpus as a Ray Dataset, None when it was not sampled.
-        Default: nothing."""
+    def compare(self, real: Any, first_model: Callable[[], Any], model: Any,
+                corpus: "CorpusView | None"
+                ) -> tuple[dict[str, float], dict[str, dict]]:
+        """Generation g measured against references after it sampled: generation 1
+        (Shumailov et al. 2024 score each generation's samples under the first model)
+        or the real data (the image families' Fréchet distance). Returns metrics for the
+        table, and histograms {name: {"edges": [...], "counts": [...]}} that `collapse
+        plot` draws per generation. `first_model()` loads generation 1's model;
+        `corpus` is generation g's sampled corpus (engine.corpus.CorpusView: a Ray
+        Dataset, or its first rows), None when it was not sampled. Default: nothing."""
         return {}, {}
 
     def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:

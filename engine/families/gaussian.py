@@ -108,8 +108,8 @@ class Gaussian(Family):
             "log_det_cov": float(np.median(np.linalg.slogdet(model.cov)[1])),
         }
 
-    def against_first(self, real: GaussianReal, first_model, model: GaussianModel,
-                      corpus) -> tuple[dict[str, float], dict[str, dict]]:
+    def compare(self, real: GaussianReal, first_model, model: GaussianModel,
+                corpus) -> tuple[dict[str, float], dict[str, dict]]:
         first = first_model()
         trace = np.trace(model.cov, axis1=1, axis2=2) / np.trace(first.cov, axis1=1, axis2=2)
         log_det = np.linalg.slogdet(model.cov)[1] - np.linalg.slogdet(first.cov)[1]

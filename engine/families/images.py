@@ -44,6 +44,46 @@ def load_images(source: str, image_size: int, channels: int, max_images: int | N
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
+def load_labels(source: str, max_images: int | None = None) -> np.ndarray | None:
+    """The class of each image of `source`, in load_images' order, where the source has
+    them: the digits' own; for an MNIST idx3 file, the idx1 file beside it
+    (`train-images-idx3-ubyte` → `train-labels-idx1-ubyte`); None otherwise."""
+    if source == DIGITS:
+        from sklearn.datasets import load_digits
+
+        labels = load_digits().target
+    elif "idx3-ubyte" in Path(split_uri(source)[1]).name:
+        beside = source.replace("images-idx3-ubyte", "labels-idx1-ubyte")
+        try:
+            with open_source(beside) as raw:
+                data = raw.read()
+        except FileNotFoundError:
+            return None
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        magic, n = struct.unpack(">II", data[:8])
+        if magic != 2049:
+            raise ImageDataError(f"{beside}: not an idx1 label file (magic {magic}, "
+                                 "expected 2049)")
+        labels = np.frombuffer(data, dtype=np.uint8, count=n, offset=8)
+    else:
+        return None
+    return np.asarray(labels[:max_images] if max_images is not None else labels, np.int64)
+
+
+def split_labels(source: str, max_images: int | None, n_examples: int, test_n: int,
+                 train_n: int | None, chunks: int, seed: int):
+    """The data's labels split as `split` splits its examples (the same seeded
+    permutation), as engine.families.arrays.RealLabels; None where it has none."""
+    from engine.families.arrays import RealLabels
+
+    labels = load_labels(source, max_images)
+    if labels is None or len(labels) != n_examples:
+        return None
+    train, test, _ = split(labels, source, test_n, train_n, chunks, seed, "", "")
+    return RealLabels(train=train, test=test, seed=seed)
+
+
 def _digits() -> np.ndarray:
     from sklearn.datasets import load_digits
 

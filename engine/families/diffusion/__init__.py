@@ -14,7 +14,9 @@ Metrics: `test_loss` — the reweighted variational bound (L_simple) on REAL hel
 examples, with noise and steps drawn from one fixed generator so every generation is
 scored on the same draws; and diversity of the samples: images `sample_distance`,
 `pixel_variance`; point sets `sample_distance` (RMSD-free mean pairwise distance of the
-centred sets) and `radius_of_gyration`.
+centred sets) and `radius_of_gyration`. Images with labels (digits, MNIST) also get
+`frechet_distance`, `precision` and `recall` against the real test images in a small
+classifier's feature space (engine/families/image_features.py).
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.arrays import (ArrayFamily, NetModel, TrainerConfig, batched,
+from engine.families.arrays import (ArrayFamily, NetModel, RealLabels, TrainerConfig, batched,
                                     image_diversity, image_preview, mean_pairwise_distance,
                                     rows_from_table, rows_table)
 from engine.families.base import ParamError
-from engine.families.images import DIGITS, ImageDataError, load_images, split
+from engine.families.images import DIGITS, ImageDataError, load_images, split, split_labels
 from engine.files import is_remote
 
 GEOM = "geom:"
@@ -40,6 +42,7 @@ class DiffusionReal:
     test: np.ndarray
     train_chunks: list[pa.Table]
     shape: tuple[int, ...]  # one example: (C, H, W) or (n, 3)
+    labels: RealLabels | None = None  # images only: for ArrayFamily.compare's metrics
 
 
 class _LSimple:
@@ -66,7 +69,8 @@ class _Build:
 
 class Diffusion(ArrayFamily):
     name = "diffusion"
-    metrics = ("test_loss", "sample_distance", "pixel_variance", "radius_of_gyration")
+    metrics = ("test_loss", "sample_distance", "pixel_variance", "radius_of_gyration",
+               "frechet_distance", "precision", "recall")
     has_previews = True
     path_fields = ("data",)
     path_keywords = (DIGITS,)
@@ -130,9 +134,12 @@ class Diffusion(ArrayFamily):
             raise ImageDataError(f"family.data: {e}") from None
         train, test, T = split(examples, p.data, p.test_examples, p.train_examples, chunks, seed,
                                "test_examples", "train_examples")
+        labels = None if self.points else split_labels(
+            p.data, p.max_examples, len(examples), p.test_examples, p.train_examples, chunks,
+            seed)
         return DiffusionReal(train=train, test=test, shape=tuple(examples.shape[1:]),
                              train_chunks=[rows_table(self.column, train[k * T:(k + 1) * T])
-                                           for k in range(chunks)])
+                                           for k in range(chunks)], labels=labels)
 
     # -------------------------------------------------------------- model and loops
     def _to_model_space(self, x):

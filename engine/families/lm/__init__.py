@@ -373,8 +373,8 @@ class LanguageModel(Family):
         return run_on_gpu(self.evaluation_gpus(), p.cpus_per_worker, evaluate_checkpoint,
                           model.source, real.test, real.eos, real.pad, p.context, p.threads)
 
-    def against_first(self, real: LMReal, first_model, model: LMModel,
-                      corpus) -> tuple[dict[str, float], dict[str, dict]]:
+    def compare(self, real: LMReal, first_model, model: LMModel,
+                corpus) -> tuple[dict[str, float], dict[str, dict]]:
         from engine.families.lm import first_model as scoring
         from engine.fit import run_on_gpu
 

@@ -18,8 +18,6 @@ evaluation): histogram counts and sums are all it keeps.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import pyarrow as pa
 
@@ -43,8 +41,10 @@ def story_perplexity(model, ids: list[list[int]], eos: int, pad: int, context: i
     return np.exp(nll / tokens), nll
 
 
-def against_first(first_source: str, test: pa.Table, corpus: Callable | None, eos: int,
+def against_first(first_source: str, test: pa.Table, corpus, eos: int,
                   pad: int, context: int, threads: int) -> tuple[dict[str, float], dict]:
+    """(metrics, histograms) of `corpus` (an engine.corpus.CorpusView, or None) under
+    the model at `first_source`, against the real `test` stories."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +65,7 @@ def against_first(first_source: str, test: pa.Table, corpus: Callable | None, eo
     counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
     rows = tail = tokens = 0
     nll_sum = 0.0
-    for batch in corpus(["ids"]).iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow"):
+    for batch in corpus.dataset(["ids"]).iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow"):
         ids = batch.column("ids").to_pylist()
         perplexity, nll = story_perplexity(model, ids, eos, pad, context, batch_tokens)
         counts += histogram(perplexity)

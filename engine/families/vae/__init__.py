@@ -14,7 +14,10 @@ Metrics, every generation: `test_loss` (reconstruction + KL per image on the rea
 images; reconstruction alone for the autoencoder), `reconstruction` (binary
 cross-entropy per image), and two diversity measures of the generation's samples:
 `sample_distance` (mean pairwise Euclidean distance between sampled images) and
-`pixel_variance` (per-pixel variance across samples, averaged over pixels).
+`pixel_variance` (per-pixel variance across samples, averaged over pixels); where the
+data has labels (digits, MNIST), `frechet_distance`, `precision` and `recall` of the
+samples against the real test images in a small classifier's feature space
+(engine/families/image_features.py).
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from engine.families.arrays import (ArrayFamily, NetModel, TrainerConfig, batched,
+from engine.families.arrays import (ArrayFamily, NetModel, RealLabels, TrainerConfig, batched,
                                     image_diversity, image_preview, image_table,
                                     rows_from_table)
 from engine.families.base import ParamError
-from engine.families.images import DIGITS, ImageDataError, load_images, split
+from engine.families.images import DIGITS, ImageDataError, load_images, split, split_labels
 from engine.files import is_remote
 
 
@@ -39,6 +42,7 @@ class ImageReal:
     test: np.ndarray
     train_chunks: list[pa.Table]
     shape: tuple[int, int, int]
+    labels: RealLabels | None = None  # for the feature-space metrics (ArrayFamily.compare)
 
 
 def _negative_elbo(model, x, generator):
@@ -50,7 +54,8 @@ def _negative_elbo(model, x, generator):
 
 class VAE(ArrayFamily):
     name = "vae"
-    metrics = ("test_loss", "reconstruction", "sample_distance", "pixel_variance")  # headline first
+    metrics = ("test_loss", "reconstruction", "sample_distance", "pixel_variance",
+               "frechet_distance", "precision", "recall")  # headline first
     has_previews = True
     path_fields = ("data",)
     path_keywords = (DIGITS,)
@@ -108,7 +113,9 @@ class VAE(ArrayFamily):
                                "test_images", "train_images")
         return ImageReal(train=train, test=test, shape=tuple(images.shape[1:]),
                          train_chunks=[image_table(train[k * T:(k + 1) * T])
-                                       for k in range(chunks)])
+                                       for k in range(chunks)],
+                         labels=split_labels(p.data, p.max_images, len(images), p.test_images,
+                                             p.train_images, chunks, seed))
 
     # -------------------------------------------------------------- model and loops
     def network(self, architecture: dict):
