@@ -247,6 +247,7 @@ resources: {{cpus_per_trial: 0.5}}
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~2 min on a slow 2-core machine: four chains; make test-heavy)
 def test_generation_1_is_fit_once_per_model_and_sampled_once_per_temperature(tmp_path):
     """Four chains (two strategies × two temperatures) of one model: generation 1 reads
     neither the strategy nor, for its fit, the temperature, so it is fit once and its

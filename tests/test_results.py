@@ -43,11 +43,12 @@ def test_table_is_tidy_with_one_column_per_axis(finished):
     table = engine.load_results(out)
     assert list(table.columns) == results.FIXED_COLUMNS + ["d"]
     assert set(table.metric) == {"variance_ratio", "mean_error", "fitted_variance",
-                                 "w2_squared", "log_det_cov", "theory"}
+                                 "w2_squared", "log_det_cov", "trace_vs_first",
+                                 "log_det_vs_first", "theory"}
     # every (strategy, d, seed, generation, metric) exactly once
     key = ["strategy", "d", "seed", "generation", "metric"]
     assert not table.duplicated(key).any()
-    assert len(table) == 2 * 2 * 2 * 3 * 6
+    assert len(table) == 2 * 2 * 2 * 3 * 8  # strategies × d × seeds × generations × metrics
     assert table.temperature.isna().all() and set(table.model) == {"gaussian-1d", "gaussian-2d"}
     csv = pd.read_csv(out / "results.csv")
     assert np.allclose(csv["value"], table["value"])
@@ -134,7 +135,7 @@ def test_report_is_one_page_a_browser_renders_with_every_view(finished, tmp_path
     metrics = re.findall(r"<h3>([^<]+)</h3>", dom.split('id="every-metric"')[1]
                          .split('id="samples"')[0])
     assert metrics == ["variance_ratio", "mean_error", "fitted_variance", "w2_squared",
-                       "log_det_cov", "theory"]
+                       "log_det_cov", "log_det_vs_first", "theory", "trace_vs_first"]
     # the collapse profile of the headline metric, per strategy and d
     assert "<h3>Collapse profile</h3>" in dom and "lowest AICc" in dom
     # the cell `collapse table` prints, with its interval over the two seeds
