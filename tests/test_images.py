@@ -1,6 +1,7 @@
 """The image families (vae, ae): loaders on files the tests write, bad input, and tiny
 chains end to end through the same chain, store and results code as every family."""
 import gzip
+import struct
 
 import numpy as np
 import pytest
@@ -27,6 +28,15 @@ def test_mnist_idx_files_plain_and_gzipped(tmp_path):
     gz.write_bytes(gzip.compress((tmp_path / "t10k-images-idx3-ubyte").read_bytes()))
     assert load_images(str(gz), 28, 1, max_images=3).shape == (3, 1, 28, 28)
     assert load_images(f"file://{gz}", 14, 1).shape == (7, 1, 14, 14)  # a URI, resized
+    # labels: the idx1 file beside the images (magic 2049, count, then one byte each)
+    from engine.families.images import load_labels
+
+    assert load_labels(str(tmp_path / "t10k-images-idx3-ubyte")) is None  # none beside
+    classes = np.array([3, 1, 4, 1, 5, 9, 2], dtype=np.uint8)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(
+        struct.pack(">II", 2049, 7) + classes.tobytes())
+    assert load_labels(str(tmp_path / "t10k-images-idx3-ubyte")).tolist() == classes.tolist()
+    assert load_labels(str(tmp_path / "t10k-images-idx3-ubyte"), 3).tolist() == [3, 1, 4]
 
 
 def test_image_folder_is_centre_cropped_and_resized(tmp_path):
