@@ -276,13 +276,14 @@ class LanguageModel(Family):
     def data_view(self) -> str:
         return "dataset" if self.config.trainer == "ray" else "table"
 
-    # What only sampling reads, or only where a fit runs: left out of fit_params, so that
-    # the grid points of one model at several temperatures share its generation 1.
-    NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "beams", "prompt", "prefix_tokens", "max_new_tokens",
-               "sampler", "sampler_actors", "sampler_cpus", "sampler_gpus",
-               "sample_batch_size", "threads", "cpus_per_worker", "worker_resources",
-               "max_failures", "checkpoint_minutes", "min_workers", "curate", "perplexity_band",
-               "score_under_first", "start")  # generation 1 starts from scratch either way: shared by both
+    # What only sampling or scoring reads, or only where a fit runs: left out of
+    # fit_params, so that the grid points of one model at several temperatures share its
+    # generation 1. (`start` too: generation 1 starts from scratch either way.)
+    NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "beams", "prompt",
+               "prefix_tokens", "max_new_tokens", "sampler", "sampler_actors", "sampler_cpus",
+               "sampler_gpus", "sample_batch_size", "threads", "cpus_per_worker",
+               "worker_resources", "max_failures", "checkpoint_minutes", "min_workers",
+               "curate", "perplexity_band", "score_under_first", "start")
 
     def _workers(self):
         from engine.fit import Workers
