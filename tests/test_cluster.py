@@ -173,6 +173,7 @@ def _kill_ray_started_in(temp_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~40 s here: a Ray head of its own plus a job; make test-heavy)
 def test_collapse_submit_runs_a_study_as_a_ray_job(tmp_path):
     # A real Ray head with its job server on loopback, started the way `ray up` does.
     bin_dir = str(Path(sys.executable).parent)

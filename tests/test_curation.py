@@ -138,6 +138,7 @@ out: {out}
 """
 
 
+@pytest.mark.heavy  # (~1 min: an LM study; the filters' units run in the default suite)
 def test_a_curated_corpus_is_topped_up_to_its_size_with_what_each_filter_removed(tmp_path):
     """Through the chain: the stored corpus holds T stories that pass every filter, the
     first in request order, numbered 0..T-1; the manifest says what each filter took."""

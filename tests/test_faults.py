@@ -150,7 +150,7 @@ def test_a_finished_study_and_an_unwritable_out_need_no_ray(finished, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)])
 def test_an_interrupt_exits_non_zero_says_how_to_resume_and_keeps_the_work(tmp_path, signum):
     out = tmp_path / "out"
     study = write_study(tmp_path / "s.yaml", LINEAR.format(generations=60, out=out))
@@ -179,6 +179,7 @@ def test_an_interrupt_exits_non_zero_says_how_to_resume_and_keeps_the_work(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~40 s: a second Ray head on this machine; make test-heavy)
 def test_without_an_address_collapse_runs_on_a_ray_of_its_own(tmp_path):
     """A Ray already running on this machine (`ray start --head`, one CPU, the default
     temp dir, where ray.init() would find it) is not joined: a study whose chains need

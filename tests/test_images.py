@@ -126,6 +126,7 @@ def test_image_family_chain_end_to_end(tmp_path, family):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~1 min; the LM study in the default suite fits on Ray Train)
 def test_image_fit_on_ray_train_workers(tmp_path, ray_local):
     """`trainer: ray`: the same DeepSpeed loop on two Ray Train workers, each on its half
     of the mix, gradients averaged; the chain gets the trained network back."""

@@ -188,7 +188,7 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # (1.5 min; tests/test_resume.py kills and resumes a study in the default suite)
+@pytest.mark.heavy  # (1.5 min; tests/test_faults.py interrupts and resumes a study in the default suite)
 def test_kill_9_mid_training_and_mid_sampling_then_resume(tmp_path):
     out = tmp_path / "out"
     study = write_study(tmp_path / "lm.yaml", RESUME.format(out=out))

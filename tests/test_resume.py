@@ -46,6 +46,7 @@ def sorted_table(out: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~2 min: four runs; tests/test_faults.py interrupts and resumes a study in the default suite)
 def test_kill_9_then_rerun_gives_the_uninterrupted_table(tmp_path):
     reference = write_study(tmp_path / "ref.yaml", STUDY.format(out=tmp_path / "ref"))
     r = collapse("run", reference)

@@ -51,6 +51,7 @@ def _key(item) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~1 min; make test-heavy, CI runs it)
 def test_mlflow_and_wandb_hold_a_run_per_chain_with_its_generations(tmp_path, monkeypatch):
     import mlflow
 
