@@ -210,3 +210,48 @@ def test_feature_space_metrics_tell_real_from_noise_and_a_collapse():
     # Fréchet distance of a set to itself: 0
     feats = F.features(net, test)
     assert abs(F.frechet_distance(feats, feats)) < 1e-6
+
+
+def test_images_without_classes_get_the_metrics_in_a_rotation_nets_feature_space():
+    """A folder of images has no classes: the network learns each real image's quarter
+    turn instead (self-supervised), and its features tell real from noise and a collapse
+    as the classifier's do."""
+    from engine.families import image_features as F
+    from engine.families.images import DIGITS, load_images
+
+    images = load_images(DIGITS, 8, 1)
+    order = np.random.default_rng(0).permutation(len(images))
+    test, train = images[order[:300]], images[order[300:]]
+    turns = np.array([0, 1, 2, 3])
+    assert np.array_equal(F.rotated(test[:4], turns)[1], np.rot90(test[1], 1, axes=(1, 2)))
+    net = F.train_rotation_net(train, seed=0)
+    assert F.rotation_accuracy(net, test, seed=1) > 0.8  # it learned the task (chance: 0.25)
+    real = F.sample_quality(net, test, train)
+    noise = F.sample_quality(net, test, np.random.default_rng(1).random(train.shape))
+    collapsed = F.sample_quality(net, test, np.repeat(train[:5], len(train) // 5, axis=0))
+    assert real["frechet_distance"] < noise["frechet_distance"] / 10, (real, noise)
+    assert real["frechet_distance"] < collapsed["frechet_distance"] / 3, (real, collapsed)
+    assert real["precision"] > 0.7 and real["recall"] > 0.7, real
+    assert noise["precision"] < 0.3 and noise["recall"] < 0.2, noise
+    assert collapsed["precision"] > 0.5 and collapsed["recall"] < 0.2, collapsed
+    with pytest.raises(ValueError, match="8×6 images are not square"):
+        F.train_rotation_net(train[:, :, :, :6], seed=0)
+
+
+def test_a_folder_of_images_gets_the_feature_space_metrics(tmp_path, caplog):
+    from PIL import Image
+
+    from engine.families.images import DIGITS, load_images
+
+    folder = tmp_path / "digit-pngs"
+    folder.mkdir()
+    for i, image in enumerate(load_images(DIGITS, 8, 1)[:600]):
+        Image.fromarray((image[0] * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
+    family = TINY.replace("name: %s", f"name: vae, data: {folder}")
+    with caplog.at_level("WARNING"):
+        table = run_in_process(tmp_path, family, "[replace]", 2)
+    assert "to tell each image's quarter turn (the data has no classes)" in caplog.text
+    per_gen = table[table.step.isna()]
+    fd = per_gen[per_gen.metric == "frechet_distance"].set_index("generation").value
+    assert sorted(fd.index) == [1, 2] and (fd > 0).all()
+    assert per_gen[per_gen.metric.isin(["precision", "recall"])].value.between(0, 1).all()

@@ -166,22 +166,39 @@ class ArrayFamily(Family):
     def compare(self, real, first_model, model, corpus) -> tuple[dict[str, float], dict]:
         """Image corpora against the real test images in the feature space of a small
         classifier trained on the real training images (engine/families/image_features.py):
-        frechet_distance, precision, recall. Needs the data's labels (`real.labels`)."""
+        frechet_distance, precision, recall. The classifier learns the data's classes
+        (`real.labels`) where it has them, else each image's quarter turn. Point clouds
+        (examples that are not (C, H, W) images) get none of these."""
         from engine.families import image_features
 
-        labels: RealLabels | None = getattr(real, "labels", None)
-        if corpus is None or labels is None:
+        if corpus is None or len(real.shape) != 3:
             return {}, {}
         if getattr(self, "_classifier", None) is None:  # once per chain process
-            self._classifier = image_features.train_classifier(real.train, labels.train,
-                                                               labels.seed)
-            accuracy = image_features.accuracy(self._classifier, real.test, labels.test)
-            log.warning("image features: a classifier trained on the %d real training "
-                        "images (accuracy %.3f on the %d real test images)", len(real.train),
-                        accuracy, len(real.test))
+            self._classifier = self._feature_net(real)
         samples = rows_from_table(corpus.head(image_features.MAX_EXAMPLES), self.column,
                                   real.shape)
         return image_features.sample_quality(self._classifier, real.test, samples), {}
+
+    @staticmethod
+    def _feature_net(real):
+        from engine.families import image_features
+
+        labels: RealLabels | None = getattr(real, "labels", None)
+        if labels is not None:
+            net = image_features.train_classifier(real.train, labels.train, labels.seed)
+            accuracy = image_features.accuracy(net, real.test, labels.test)
+            task = "the data's classes"
+        else:
+            # The same network for every chain and seed of a study: one measuring
+            # instrument (the labelled case's differs with the seed's split anyway).
+            net = image_features.train_rotation_net(real.train, seed=0)
+            accuracy = image_features.rotation_accuracy(net, real.test, seed=1)
+            task = "each image's quarter turn (the data has no classes)"
+        log.warning("image features: a classifier trained on the %d real training images "
+                    "to tell %s (accuracy %.3f on the %d real test images)",
+                    min(len(real.train), image_features.MAX_TRAINING), task, accuracy,
+                    len(real.test))
+        return net
 
     @abstractmethod
     def network(self, architecture: dict) -> Any:

@@ -14,9 +14,9 @@ Metrics: `test_loss` — the reweighted variational bound (L_simple) on REAL hel
 examples, with noise and steps drawn from one fixed generator so every generation is
 scored on the same draws; and diversity of the samples: images `sample_distance`,
 `pixel_variance`; point sets `sample_distance` (RMSD-free mean pairwise distance of the
-centred sets) and `radius_of_gyration`. Images with labels (digits, MNIST) also get
-`frechet_distance`, `precision` and `recall` against the real test images in a small
-classifier's feature space (engine/families/image_features.py).
+centred sets) and `radius_of_gyration`. Images also get `frechet_distance`, `precision`
+and `recall` against the real test images in a small classifier's feature space
+(engine/families/image_features.py).
 """
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ Metrics, every generation: `test_loss` (reconstruction + KL per image on the rea
 images; reconstruction alone for the autoencoder), `reconstruction` (binary
 cross-entropy per image), and two diversity measures of the generation's samples:
 `sample_distance` (mean pairwise Euclidean distance between sampled images) and
-`pixel_variance` (per-pixel variance across samples, averaged over pixels); where the
-data has labels (digits, MNIST), `frechet_distance`, `precision` and `recall` of the
-samples against the real test images in a small classifier's feature space
-(engine/families/image_features.py).
+`pixel_variance` (per-pixel variance across samples, averaged over pixels); and
+`frechet_distance`, `precision` and `recall` of the samples against the real test images
+in a small classifier's feature space (engine/families/image_features.py: the data's
+classes where it has them, digits and MNIST; each image's quarter turn otherwise).
 """
 from __future__ import annotations
 
