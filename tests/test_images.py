@@ -141,6 +141,26 @@ def test_image_fit_on_ray_train_workers(tmp_path, ray_local):
     assert steps.max() == 16
 
 
+def test_a_list_valued_axis_is_a_column_the_table_groups_and_pivots(tmp_path):
+    """`widths: [[8, 16], [8]]` is a grid axis of two conv stacks: its table column holds
+    each value as the trial id writes it, and the pivot, summary, profile and plots
+    group by it (a list in a cell would be unhashable)."""
+    from engine import results
+
+    family = TINY.replace("widths: [8, 16]", "widths: [[8, 16], [8]]") % "ae"
+    table = run_in_process(tmp_path, family, "[replace]", 2)
+    assert sorted(table.widths.unique()) == ["[8, 16]", "[8]"]
+    assert sorted(table.trial.unique()) == ["replace__widths=[8, 16]__seed=0",
+                                            "replace__widths=[8]__seed=0"]
+    pivot = results.pivot(table, "test_loss")
+    assert list(pivot.columns) == [1, 2] and len(pivot) == 2
+    assert pivot.notna().all().all()
+    assert len(results.summary(table)) == 2
+    results.write(table, tmp_path / "out")  # Parquet keeps the strings
+    assert results.load_results(tmp_path / "out").widths.tolist() == table.widths.tolist()
+    assert results.plot(table, tmp_path / "plots")
+
+
 def test_the_last_generation_samples_only_when_asked_and_an_extension_fills_it_in(tmp_path):
     """sample_last: false (the default) stores no corpus for the last generation, whose
     samples would train nothing; extending the study samples it then, and the table

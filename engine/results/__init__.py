@@ -34,7 +34,11 @@ def collect(study: Study) -> pd.DataFrame:
                  "model": family.model_name(), "strategy": trial.strategy,
                  "temperature": float("nan") if temperature is None else temperature,
                  "seed": trial.seed}
-        axes = {k: v for k, v in trial.axes.items() if k not in FIXED_COLUMNS}
+        # A list-valued axis (an image family's `widths`, the LM's `curate`) is written as
+        # its trial id writes it, `['ungrammatical']`: pandas groups and pivots strings, and
+        # a list in a cell is unhashable.
+        axes = {k: str(v) if isinstance(v, list) else v
+                for k, v in trial.axes.items() if k not in FIXED_COLUMNS}
         for record in read_metrics(study.out, trial, trial.generations):
             g = record["generation"]
             for metric, value in record["metrics"].items():
