@@ -52,7 +52,8 @@ def finished(finished_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+# flip (~1 min: it also deletes the shard and resamples it) runs in make test-heavy
+@pytest.mark.parametrize("damage", [pytest.param("flip", marks=pytest.mark.heavy), "truncate"])
 def test_a_damaged_shard_stops_the_chain_in_one_line_and_deleting_it_samples_it_again(
         tmp_path, finished, damage):
     import shutil

@@ -303,6 +303,7 @@ def test_each_story_depends_only_on_its_own_seed(trained_tiny):
     assert greedy[0]["ids"] == greedy[1]["ids"] == greedy[2]["ids"]  # why BOS + T=0 warns
 
 
+@pytest.mark.heavy  # (~30 s: actors started and one killed; make test-heavy)
 def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_path, monkeypatch):
     """An hf sampler actor dies (its process exits, as when its node goes) on its second
     batch. Ray Data restarts it and runs that batch again; batches already decoded are
