@@ -43,24 +43,31 @@ def build(channels: int, classes: int):
         nn.Linear(FEATURES, classes))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int = 30):
-    """The real training images' classifier (the first MAX_TRAINING of them): Adam,
-    full passes in batches of 128, seeded (the same network in every chain of a study)."""
+def _train(channels: int, classes: int, seed: int, epochs: int, epoch_data):
+    """The feature network fit to `epoch_data()`'s (images, labels) afresh each epoch:
+    Adam, full passes in batches of 128, seeded (the same network in every chain)."""
     import torch
 
-    images, labels = images[:MAX_TRAINING], labels[:MAX_TRAINING]
     torch.manual_seed(seed)
-    net = build(images.shape[1], int(labels.max()) + 1)
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    y = torch.from_numpy(labels.astype(np.int64))
+    net = build(channels, classes)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
+        images, labels = epoch_data()
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        y = torch.from_numpy(labels.astype(np.int64))
         for idx in torch.randperm(len(x), generator=order).split(128):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
     return net.eval()
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int = 30):
+    """The real training images' classifier (the first MAX_TRAINING of them)."""
+    images, labels = images[:MAX_TRAINING], labels[:MAX_TRAINING]
+    return _train(images.shape[1], int(labels.max()) + 1, seed, epochs,
+                  lambda: (images, labels))
 
 
 ROTATIONS = 4  # quarter turns: the self-supervised task's four classes
@@ -80,26 +87,17 @@ def train_rotation_net(images: np.ndarray, seed: int, epochs: int = 30):
     """For images without classes: the classifier's network trained to tell each real
     training image's quarter turn, one drawn afresh per image and epoch (seeded), so an
     epoch costs what the classifier's does."""
-    import torch
-
     images = images[:MAX_TRAINING]
     if images.shape[2] != images.shape[3]:
         raise ValueError(f"image features: {images.shape[2]}×{images.shape[3]} images are "
                          "not square; the rotation task needs square images")
-    torch.manual_seed(seed)
-    net = build(images.shape[1], ROTATIONS)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     draws = np.random.default_rng(seed)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+
+    def turned():
         turns = draws.integers(ROTATIONS, size=len(images))
-        x = torch.from_numpy(np.ascontiguousarray(rotated(images, turns), dtype=np.float32))
-        y = torch.from_numpy(turns.astype(np.int64))
-        for idx in torch.randperm(len(x), generator=order).split(128):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net.eval()
+        return rotated(images, turns), turns
+
+    return _train(images.shape[1], ROTATIONS, seed, epochs, turned)
 
 
 def rotation_accuracy(net, images: np.ndarray, seed: int) -> float:
