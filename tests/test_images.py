@@ -206,6 +206,20 @@ def test_warm_start_trains_each_generation_from_the_previous_generations_network
     assert "warm start from" in log
 
 
+def _tells_real_from_noise_and_a_collapse(net, test, train, noise_recall):
+    from engine.families import image_features as F
+
+    real = F.sample_quality(net, test, train)  # real training images as the "samples"
+    noise = F.sample_quality(net, test, np.random.default_rng(1).random(train.shape))
+    # collapse to five modes: copies of five real images
+    collapsed = F.sample_quality(net, test, np.repeat(train[:5], len(train) // 5, axis=0))
+    assert real["frechet_distance"] < noise["frechet_distance"] / 10, (real, noise)
+    assert real["frechet_distance"] < collapsed["frechet_distance"] / 3, (real, collapsed)
+    assert real["precision"] > 0.7 and real["recall"] > 0.7, real
+    assert noise["precision"] < 0.3 and noise["recall"] < noise_recall, noise
+    assert collapsed["precision"] > 0.5 and collapsed["recall"] < 0.2, collapsed
+
+
 def test_feature_space_metrics_tell_real_from_noise_and_a_collapse():
     """Fréchet distance, precision and recall in the feature space of a classifier
     trained on the real digits (engine/families/image_features.py)."""
@@ -218,15 +232,7 @@ def test_feature_space_metrics_tell_real_from_noise_and_a_collapse():
     test, train = images[order[:300]], images[order[300:]]
     net = F.train_classifier(train, labels.train, seed=0)
     assert F.accuracy(net, test, labels.test) > 0.9  # labels aligned with the images
-    real = F.sample_quality(net, test, train)  # real training images as the "samples"
-    noise = F.sample_quality(net, test, np.random.default_rng(1).random(train.shape))
-    # collapse to five modes: copies of five real images
-    collapsed = F.sample_quality(net, test, np.repeat(train[:5], len(train) // 5, axis=0))
-    assert real["frechet_distance"] < noise["frechet_distance"] / 10, (real, noise)
-    assert real["frechet_distance"] < collapsed["frechet_distance"] / 3, (real, collapsed)
-    assert real["precision"] > 0.7 and real["recall"] > 0.7, real
-    assert noise["precision"] < 0.3 and noise["recall"] < 0.1, noise
-    assert collapsed["precision"] > 0.5 and collapsed["recall"] < 0.2, collapsed
+    _tells_real_from_noise_and_a_collapse(net, test, train, noise_recall=0.1)
     # Fréchet distance of a set to itself: 0
     feats = F.features(net, test)
     assert abs(F.frechet_distance(feats, feats)) < 1e-6
@@ -246,14 +252,7 @@ def test_images_without_classes_get_the_metrics_in_a_rotation_nets_feature_space
     assert np.array_equal(F.rotated(test[:4], turns)[1], np.rot90(test[1], 1, axes=(1, 2)))
     net = F.train_rotation_net(train, seed=0)
     assert F.rotation_accuracy(net, test, seed=1) > 0.8  # it learned the task (chance: 0.25)
-    real = F.sample_quality(net, test, train)
-    noise = F.sample_quality(net, test, np.random.default_rng(1).random(train.shape))
-    collapsed = F.sample_quality(net, test, np.repeat(train[:5], len(train) // 5, axis=0))
-    assert real["frechet_distance"] < noise["frechet_distance"] / 10, (real, noise)
-    assert real["frechet_distance"] < collapsed["frechet_distance"] / 3, (real, collapsed)
-    assert real["precision"] > 0.7 and real["recall"] > 0.7, real
-    assert noise["precision"] < 0.3 and noise["recall"] < 0.2, noise
-    assert collapsed["precision"] > 0.5 and collapsed["recall"] < 0.2, collapsed
+    _tells_real_from_noise_and_a_collapse(net, test, train, noise_recall=0.2)
     with pytest.raises(ValueError, match="8×6 images are not square"):
         F.train_rotation_net(train[:, :, :, :6], seed=0)
 
