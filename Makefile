@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install quickstart test test-heavy bench
+.PHONY: install quickstart test test-heavy bench gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -39,3 +39,22 @@ bench: install
 	$(BIN)/python bench/linear_speed.py
 	$(BIN)/python bench/lm_fit_speed.py
 	$(BIN)/python bench/lm_sample_speed.py
+
+# What bench/gpu_check.py needs on an offline GPU machine that has torch and
+# transformers (Python $(GPU_PYTHON), x86-64): DeepSpeed built as a pure-Python wheel (its
+# CUDA ops compile there on first use, or not at all: the check uses torch's AdamW) and
+# its dependencies such an image lacks, at the versions installed here. There:
+#   pip install --no-index --no-deps gpu-wheels/*.whl
+#   PYTHONPATH=. python bench/gpu_check.py --json gpu_check.json
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= gpu-wheels
+GPU_WHEEL_DEPS = hjson pydantic pydantic_core annotated-types typing-inspection
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation \
+		-w $(GPU_WHEELS) "$$($(BIN)/python -m pip freeze | grep -i '^deepspeed==')"
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+		$$($(BIN)/python -m pip freeze | grep -iE '^($(shell echo $(GPU_WHEEL_DEPS) | tr ' ' '|'))==')
+	@ls -1 $(GPU_WHEELS) && du -ch $(GPU_WHEELS)/*.whl | tail -1 | sed 's/total/total size of the wheels/'

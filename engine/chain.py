@@ -251,7 +251,7 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                      trial.trial_id, shared.root)
         store.link(synth, StoredRows(shared.root.uri, synth, 0, n))
 
-    def fit(g: int, data: Any) -> None:
+    def fit(g: int, data: Any, mix_size: Callable[[str], tuple[int, int]]) -> None:
         """Generation g's model into models/gen-g. Generation 1 trains on the real data
         alone: it is fit once for every chain whose fit reads the same, and copied."""
         def train(into: Location) -> None:
@@ -268,7 +268,7 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                           paths.progress):
                 trained = family.fit(real, mix, derive_seed(*fit_point, g, "fit"),
                                      FitContext(workdir=workdir, callbacks=fit_callbacks,
-                                                progress=progress,
+                                                progress=progress, mix_size=mix_size,
                                                 previous_model=paths.model(g - 1)
                                                 if g > 1 else None))
             write_directory(into, lambda d: family.save_model(trained, d))
@@ -324,7 +324,8 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                                       {**store.entry(part.source).stats, **compared}, histograms)
             seed = derive_seed(*point, g, "mix")
             fit(g, lambda: store.read(mix, seed) if family.data_view() == "table"
-                else store.dataset(mix, seed))
+                else store.dataset(mix, seed, shuffle_files=True),
+                lambda column: store.mix_size(mix, seed, column))
             # Go on from the checkpoint, as a resumed run would: both see the same model.
             model = family.load_model(model_dir)
             timings["fit"] = time.perf_counter() - start

@@ -27,10 +27,10 @@ def _run(args: argparse.Namespace) -> int:
 
     study = engine.load_study(args.study, args.set)
     if args.dry_run:
-        from engine.plan import describe
+        from engine.plan import describe, parse_rates
 
-        print(describe(study, gpu=args.gpu, mfu=args.mfu, decode=args.decode_tps,
-                       startup=args.startup_seconds))
+        print(describe(study, parse_rates(args.gpu, args.decode_tps, args.mfu, args.rates,
+                                          args.startup_seconds)))
         return 0
     import signal
 
@@ -170,13 +170,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", default="H100", choices=["H100", "H200", "A100", "L40S", "A10G",
                                                        "L4", "B200"],
                      help="GPU for the dry run's GPU-hours (default H100)")
-    run.add_argument("--decode-tps", type=float, default=None,
-                     help="sampling tokens/s per GPU for the dry run (default: an assumed "
-                          "figure by model size; bench/gpu_check.py measures it)")
-    run.add_argument("--startup-seconds", type=float, default=60.0,
-                     help="fixed seconds per generation for the dry run (default 60)")
-    run.add_argument("--mfu", type=float, default=0.4,
-                     help="model FLOPs utilisation for the dry run (default 0.4)")
+    run.add_argument("--decode-tps", default=None, metavar="N|MODEL=N,...",
+                     help="sampling tokens/s per GPU for the dry run, for every model or "
+                          "per model (default: measured with --rates, else assumed by size)")
+    run.add_argument("--mfu", default=None, metavar="X|MODEL=X,...",
+                     help="training's model FLOPs utilisation for the dry run, for every "
+                          "model or per model (default: measured with --rates, else assumed "
+                          "by size: 15%% up to 20M parameters, 25%% to 50M, 40%% above)")
+    run.add_argument("--rates", default=None, metavar="GPU_CHECK.json",
+                     help="decode rates and MFU measured by bench/gpu_check.py --json")
+    run.add_argument("--startup-seconds", type=float, default=None,
+                     help="fixed seconds per generation for the dry run (default: the "
+                          "engine's start-ups measured on a CPU, engine/plan.py)")
     run.set_defaults(func=_run)
 
     table = sub.add_parser("table", help="print a study's results as a pivot table")

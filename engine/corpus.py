@@ -55,6 +55,9 @@ class ShardFile:
     sha256: str
     first_row: int = 0  # the smallest and largest `_row` in the file
     last_row: int = -1
+    # sums of the file's integer count columns (`n_tokens`): what a fit's step count
+    # needs, without reading the file (CorpusStore.mix_size)
+    sums: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,14 +102,21 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
                    write_statistics=False)
 
 
+# Count columns whose per-file sums the manifest keeps (a language model's tokens).
+SUMMED = ("n_tokens",)
+
+
 def _shard(where: Location, rel: str) -> ShardFile:
     """A written shard's manifest record: rows, checksum, the range of its `_row`s."""
     fs, path = where.arrow()
-    rows = pq.read_table(path, columns=[ROW], partitioning=None, filesystem=fs).column(ROW)
+    counted = [c for c in SUMMED if c in pq.read_schema(path, filesystem=fs).names]
+    table = pq.read_table(path, columns=[ROW] + counted, partitioning=None, filesystem=fs)
+    rows = table.column(ROW)
+    sums = {c: int(pa.compute.sum(table.column(c)).as_py() or 0) for c in counted}
     if len(rows) == 0:
-        return ShardFile(rel, 0, _sha256(where), 0, -1)
+        return ShardFile(rel, 0, _sha256(where), 0, -1, sums)
     return ShardFile(rel, len(rows), _sha256(where), int(pa.compute.min(rows).as_py()),
-                     int(pa.compute.max(rows).as_py()))
+                     int(pa.compute.max(rows).as_py()), sums)
 
 
 def write_table_into(table: pa.Table, directory: Location) -> None:
@@ -374,29 +384,63 @@ class CorpusStore:
         return raydata.read_parquet_files([p.path for p in paths], paths[0].arrow()[0],
                                           columns + [ROW])
 
-    def dataset(self, mix: Mix, seed: int) -> "ray.data.Dataset":
-        """The same rows as read(), as a Ray Dataset streamed from the shards."""
+    def dataset(self, mix: Mix, seed: int, shuffle_files: bool = False) -> "ray.data.Dataset":
+        """The same rows as read(), as a Ray Dataset streamed from the shards, a block
+        per file. `shuffle_files`: the files of every part in one order drawn from
+        `seed` (each file its block), so that a reader streaming the blocks meets the
+        parts' rows mixed from its first batch, without an all-to-all pass (Ray Data's
+        randomize_block_order waits for every block of the mix before it yields one)."""
         from engine import raydata
 
         raydata.quiet()
         selections = self.select(mix, seed)
         columns = self._common_columns(selections)
-        parts = []
-        for sel in selections:
-            # partitioning=None: chain directories are named like `replace__seed=0`,
-            # which Ray Data would otherwise read as a Hive partition column.
+        files, keeps = [], []
+        for k, sel in enumerate(selections):
             paths = self._verified_paths(sel.source)
             entry = self.entry(sel.source)
-            ds = raydata.read_parquet_files([p.path for p in paths], paths[0].arrow()[0],
-                                            columns + [ROW])
             counts = np.bincount(sel.rows, minlength=entry.rows)
             stored = sum(f.rows for f in entry.files)
-            if not (counts == 1).all() or stored != entry.rows:
-                ds = ds.map_batches(_KeepRows(counts, entry.offset), batch_format="pyarrow",
-                                    num_cpus=raydata.CHAIN_TASK_CPUS)
-            parts.append(ds)
-        mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        return mixed.drop_columns([ROW], num_cpus=raydata.CHAIN_TASK_CPUS)
+            whole = (counts == 1).all() and stored == entry.rows
+            keeps.append(None if whole else _KeepRows(counts, entry.offset))
+            files += [(p.path, k) for p in paths]
+        if shuffle_files:
+            order = np.random.default_rng(seed).permutation(len(files))
+            files = [files[i] for i in order]
+        # partitioning=None inside: chain directories are named like `replace__seed=0`,
+        # which Ray Data would otherwise read as a Hive partition column.
+        first = self._verified_paths(selections[0].source)[0]
+        ds = raydata.read_parquet_files(
+            [f for f, _ in files], first.arrow()[0], columns + [ROW],
+            parts=[k for _, k in files], keep=keeps).drop_columns(
+            [ROW], num_cpus=raydata.CHAIN_TASK_CPUS)
+        if shuffle_files:  # the drawn order is the order read, whichever read ends first
+            ds.context.execution_options.preserve_order = True
+        return raydata.bounded(ds)
+
+    def mix_size(self, mix: Mix, seed: int, column: str) -> tuple[int, int]:
+        """(the sum of `column` over the mix's rows, its rows), from the manifest where
+        a part takes whole files whose sums it records, else from that column of the
+        files alone, file by file: a count before a fit that reads neither the mix nor
+        the rest of its columns."""
+        total = rows = 0
+        for sel in self.select(mix, seed):
+            entry = self.entry(sel.source)
+            counts = np.bincount(sel.rows, minlength=entry.rows)
+            rows += int(counts.sum())
+            for f, where in zip(entry.files, self._verified_paths(sel.source)):
+                first, last = f.first_row - entry.offset, f.last_row - entry.offset
+                inside = first >= 0 and last < entry.rows
+                if inside and f.sums.get(column) is not None and \
+                        (counts[first:last + 1] == 1).all() and f.rows == last - first + 1:
+                    total += f.sums[column]
+                    continue
+                table = _read(where, [column, ROW])
+                local = table.column(ROW).to_numpy() - entry.offset
+                keep = (local >= 0) & (local < entry.rows)
+                values = table.column(column).to_numpy()[keep]
+                total += int((values * counts[local[keep]]).sum())
+        return total, rows
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> list[str]:

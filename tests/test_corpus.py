@@ -96,6 +96,9 @@ def test_ray_dataset_view_serves_exactly_the_same_rows(store, ray_local):
             in_memory = sorted(store.read(mix, seed=3).column("v").to_pylist())
             streamed = sorted(r["v"] for r in store.dataset(mix, seed=3).iter_rows())
             assert streamed == in_memory, name
+            shuffled = [r["v"] for r in store.dataset(mix, seed=3, shuffle_files=True)
+                        .iter_rows()]
+            assert sorted(shuffled) == in_memory, name
     finally:
         ray.kill(holder)
 
@@ -107,3 +110,36 @@ def test_a_mix_of_corpora_with_different_columns_keeps_the_common_ones(tmp_path)
     s.write(S.synthetic(1), pa.table({"v": [3, 4], "logprob": [-0.5, -0.1]}), model="g1")
     table = s.read(S.get("accumulate").mix(2, 2), seed=0)
     assert table.column_names == ["v"] and table.column("v").to_pylist() == [1, 2, 3, 4]
+
+
+def test_files_shuffled_across_parts_stream_in_a_seeded_order(tmp_path, ray_local):
+    """The order a fit streams the mix in: files of every part interleaved, drawn from
+    the seed, each file its own block (no all-to-all pass before the first batch)."""
+    from engine import corpus
+
+    s = CorpusStore(tmp_path / "corpus")
+    old = corpus.ROWS_PER_FILE
+    corpus.ROWS_PER_FILE = 5  # several files per corpus
+    try:
+        s.write(S.real(1), table(20, 0), model="real data")
+        s.write(S.synthetic(1), table(20, 100), model="g1")
+    finally:
+        corpus.ROWS_PER_FILE = old
+    mix = S.get("accumulate").mix(2, 20)
+    runs = [[r["v"] for r in s.dataset(mix, seed=k, shuffle_files=True).iter_rows()]
+            for k in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]  # seeded
+    assert sorted(runs[0]) == list(range(20)) + list(range(100, 120))
+    firsts = [v // 100 for v in runs[0][::5]]  # one file's first row each: 0 real, 1 synthetic
+    assert firsts != sorted(firsts)  # the parts' files interleave
+
+
+def test_mix_size_counts_from_the_manifest_and_the_column(store, tmp_path):
+    s = CorpusStore(tmp_path / "counted")
+    s.write(S.real(1), pa.table({"n_tokens": pa.array(np.arange(10))}), model="real data")
+    s.write(S.synthetic(1), pa.table({"n_tokens": pa.array(np.arange(10) * 3)}), model="g1")
+    assert s.entry(S.real(1)).files[0].sums == {"n_tokens": 45}
+    for name, seed in (("accumulate", 0), ("subsample", 4), ("subsample_with_replacement", 2)):
+        mix = S.get(name).mix(2, 10)
+        read = s.read(mix, seed).column("n_tokens").to_numpy()
+        assert s.mix_size(mix, seed, "n_tokens") == (int(read.sum()), len(read)), name

@@ -1,23 +1,62 @@
-"""bench/gpu_check.py's CPU path: the glue between the chain and the families' loops
-(fit on a Ray Train worker, evaluation, hf sampling) runs end to end, so a break in it
-shows here and not first on a GPU. To keep the suite short it runs lm (sequences) and
-diffusion (arrays) and leaves out what other tests already run through the same code:
-vae on Ray Train workers (test_images) and vLLM sampling in a chain (test_object_store)."""
+"""bench/gpu_check.py's CPU path. Its inner layer (the fit loop, evaluation and both
+samplers without Ray) must run where Ray is not installed, as on an offline GPU machine
+that has only torch, transformers and DeepSpeed's wheels; its chain layer runs the glue
+between the chain and the families' loops end to end, so a break in it shows here and
+not first on a GPU."""
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from conftest import REPO
 
+# Ray and vLLM made unimportable, as on a machine without them.
+WITHOUT_RAY = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    class Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("ray", "vllm"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Hide())
+    sys.argv = ["bench/gpu_check.py", *sys.argv[1:]]
+    runpy.run_path("bench/gpu_check.py", run_name="__main__")
+    assert not any(m.split(".")[0] in ("ray", "vllm") for m in sys.modules)
+""")
+
+
+@pytest.mark.slow
+def test_the_inner_layer_runs_without_ray(tmp_path):
+    out = tmp_path / "figures.json"
+    r = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Ray not installed" in r.stdout and "skipped, Ray is not installed" in r.stdout
+    figures = json.loads(out.read_text())
+    inner = figures["inner"]
+    assert inner["fit"][0]["tokens_per_s"] > 0 and inner["fit"][0]["timed_steps"] == 5
+    assert inner["evaluation"]["tokens_per_s"] > 0
+    d = inner["decoding"][0]
+    assert d["engine_tokens_per_s"] > 0 and d["transformers_tokens_per_s"] > 0
+    assert inner["decode_tps"] == {"tiny": round(d["engine_tokens_per_s"])}
+    assert "decode rates for `collapse run --dry-run --decode-tps`: tiny=" in r.stdout
+    assert "results" not in figures
+
 
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_gpu_check_runs_on_this_machine(tmp_path):
+    """To keep the suite short the chain layer runs lm (sequences) and diffusion
+    (arrays) and leaves out what other tests already run through the same code: vae on
+    Ray Train workers (test_images) and vLLM sampling in a chain (test_object_store)."""
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--quick",
-                        "--families", "lm,diffusion", "--no-vllm", "--json", str(out)],
+                        "--layers", "chain", "--families", "lm,diffusion", "--no-vllm",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(out.read_text())

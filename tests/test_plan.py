@@ -37,6 +37,34 @@ def test_paper_grid_dry_run_works_offline_and_writes_nothing(tmp_path):
     assert "shared: generation 1 is fit once per model" in r.stdout
     assert "sampling" in r.stdout and "--decode-tps" in r.stdout
     assert not (tmp_path / "out").exists()
+    # the critical path: the longest chain, replace_multiple at the largest model,
+    # samples and trains one generation after another
+    path = next(line for line in r.stdout.splitlines() if line.startswith("critical path:"))
+    assert "chain replace_multiple__model=llama2-126m" in path, path
+    assert "llama2-126m: decoding 15,774 tokens/s per GPU (assumed by model size), " \
+        "training at 50% MFU (--mfu)" in r.stdout  # the H100 figure scaled to an A100
+
+
+def test_dry_run_takes_rates_measured_by_the_gpu_check(tmp_path):
+    """bench/gpu_check.py's JSON (--rates): its decode rate and MFU per model replace the
+    assumptions for those models, named with the device and date; per-model flags win."""
+    import json
+
+    figures = {"device": "NVIDIA H200", "date": "2026-12-24",
+               "inner": {"decode_tps": {"llama2-126m": 400000.0},
+                         "mfu": {"llama2-126m": 0.31, "gpt2-9m": None}}}
+    (tmp_path / "gpu.json").write_text(json.dumps(figures))
+    r = collapse("run", "studies/tinystories_paper.yaml", "--dry-run", "--gpu", "H200",
+                 "--rates", tmp_path / "gpu.json", "--decode-tps", "gpt2-9m=250000")
+    assert r.returncode == 0, r.stderr
+    assert "llama2-126m: decoding 400,000 tokens/s per GPU (measured by bench/gpu_check.py " \
+        "on NVIDIA H200, 2026-12-24), training at 31% MFU (measured by bench/gpu_check.py " \
+        "on NVIDIA H200, 2026-12-24)" in r.stdout
+    assert "gpt2-9m: decoding 250,000 tokens/s per GPU (stated on the command line), " \
+        "training at 15% MFU (assumed by model size)" in r.stdout
+    faster = float(r.stdout.split("critical path: ")[1].split(" h")[0])
+    slower = collapse("run", "studies/tinystories_paper.yaml", "--dry-run", "--gpu", "H200")
+    assert float(slower.stdout.split("critical path: ")[1].split(" h")[0]) > 1.5 * faster
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ class TrainerConfig:
     cpus_per_worker: float = 1.0  # CPUs each Ray Train worker holds
     gpus_per_worker: float = 0.0  # GPUs each Ray Train worker holds; > 0 evaluates on a GPU too
     threads: int = 0  # torch CPU threads of the fit; 0: torch's default
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that have it (TF32 matmuls where fp32), fp32 on CPUs
     start: Literal["scratch", "warm"] = "scratch"  # scratch: fresh weights every generation (the paper); warm: the previous generation's (Bertrand et al. 2024)
 
 
@@ -226,7 +227,10 @@ class ArrayFamily(Family):
         steps = max(1, int(round(p.epochs * (per_worker // p.batch_size))))
         loop = LoopConfig(steps=steps, batch_size=p.batch_size, lr=p.lr, warmup=0.05,
                           min_lr_ratio=0.05, weight_decay=getattr(p, "weight_decay", 0.0),
-                          seed=seed, log_every=max(1, steps // 50), threads=p.threads)
+                          seed=seed, log_every=max(1, steps // 50), threads=p.threads,
+                          # conv nets: bf16 as autocast over fp32 weights (DeepSpeed's
+                          # bf16 mode would hold the weights themselves in bf16)
+                          precision=p.precision, autocast=True)
         with tempfile.TemporaryDirectory(prefix="collapse-fit-") as d:
             out = Path(d)
             if p.trainer == "local":

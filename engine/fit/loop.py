@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 
 from engine.fit.device import current_device, resolve_precision, use_threads
 
@@ -46,6 +45,9 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 10  # a curve point every this many steps
     threads: int = 0  # torch CPU threads; 0: torch's default
+    # bf16 as torch.autocast over fp32 weights and optimizer (the image families' conv
+    # nets), instead of DeepSpeed's bf16 mode, which holds the weights in bf16
+    autocast: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,12 +152,17 @@ def train(build: Callable[[], Any], batches: Iterable, loss: Loss, cfg: LoopConf
     torch.manual_seed(cfg.seed % 2**31)  # the initial weights come from the seed
     model = build()
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (TF32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = precision == "bf16" and cfg.autocast
     # device_rank: DeepSpeed would otherwise take the GPU numbered LOCAL_RANK, which need
     # not be the one Ray Train assigned this worker.
     args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
     engine, _, _, _ = deepspeed.initialize(args=args, model=model,
                                            model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, precision))
+                                           config=deepspeed_config(
+                                               cfg, "fp32" if autocast else precision))
     engine.train()
     generator = torch.Generator().manual_seed((cfg.seed + 1) % 2**31)
     step, curve = 0, []
@@ -169,23 +176,28 @@ def train(build: Callable[[], Any], batches: Iterable, loss: Loss, cfg: LoopConf
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={
             "step": step, "curve": [list(c) for c in curve], "generator": generator.get_state()})
 
-    window: list[float] = []
+    # The losses since the last curve point are summed on the device and read once per
+    # point: reading every step's loss would wait for the device each step.
+    window_sum, window_steps = None, 0
     started = time.perf_counter()
     for batch in batches:
         if step >= cfg.steps:
             break
-        value = loss(engine, batch.to(engine.device, non_blocking=True), generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            value = loss(engine, batch.to(engine.device, non_blocking=True), generator)
         engine.backward(value)
         engine.step()
         step += 1
-        window.append(float(value.detach()))
+        value = value.detach().double()
+        window_sum = value if window_sum is None else window_sum + value
+        window_steps += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            curve.append((step, float(np.mean(window))))
-            window = []
+            curve.append((step, float(window_sum) / window_steps))
+            window_sum, window_steps = None, 0
         if on_step is not None:
             on_step(step, curve, save)
-    if window:
-        curve.append((step, float(np.mean(window))))
+    if window_steps:
+        curve.append((step, float(window_sum) / window_steps))
     if step < cfg.steps:
         raise RuntimeError(f"the batches ran out after {step} of {cfg.steps} steps")
     if engine.device.type == "cuda":

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from engine.files import Location
 
 FIT_RECORD = "fit.json"  # steps, workers at the end, the step a restored fit resumed at
-CHECK_STEPS = 5  # how often workers agree whether a checkpoint is due
+CHECK_STEPS = 5  # the fewest steps between the workers' agreements on a checkpoint
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class FitContext:
     callbacks: tuple = ()
     progress: "Location | None" = None  # where the fit's rank 0 writes how far it got
     previous_model: "Location | None" = None  # the previous generation's (a warm start's)
+    # (sum of a count column, rows) of the mix, from the store's manifest
+    # (CorpusStore.mix_size): a step count that does not read the mix first
+    mix_size: "Callable[[str], tuple[int, int]] | None" = None
 
 
 def _write_record(out: Path, trained: Trained, steps: int, world_size: int,
@@ -127,17 +130,20 @@ def _worker(config: dict[str, Any]) -> None:
     progress = StepProgress(config["progress"] if rank == 0 else None, steps)
 
     last_checkpoint = last_report = time.monotonic()
+    # at the loop's curve points, where it reads the loss from the device anyway: the
+    # agreement below waits for the device too
+    check_every = max(CHECK_STEPS, job.loop.log_every)
 
     def checkpoint(step: int, curve: Curve, save: Callable[[str], None]) -> None:
         """Every `every` seconds, a checkpoint; every TUNE_REPORT_SECONDS, the fit's
         progress (step, rate, ETA, latest train loss) to the chain's Tune trial. Only
         then: a report is collective, and Ray Train takes one report per worker every
         2 s, so reporting every few steps holds training back. Whether either is due is
-        agreed every CHECK_STEPS steps (the slowest worker's clock decides): workers
+        agreed every `check_every` steps (the slowest worker's clock decides): workers
         whose clocks disagreed would wait for each other forever."""
         nonlocal last_checkpoint, last_report
         progress(step)
-        if step % CHECK_STEPS or step >= steps:
+        if step % check_every or step >= steps:
             return
         now = time.monotonic()
         due = torch.tensor([float(bool(every) and now - last_checkpoint >= every),

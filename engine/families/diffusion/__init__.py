@@ -168,17 +168,12 @@ class Diffusion(ArrayFamily):
                           test, model.net, self.config.steps, self.points)
 
     def sample(self, real: DiffusionReal, model: NetModel, n: int, seed: int) -> pa.Table:
-        import torch
+        """Ancestral sampling where the study's GPUs are (a GPU Ray reserved,
+        engine/fit/device.py); every draw from a CPU generator seeded here."""
+        from engine.fit import run_on_gpu
 
-        from engine.families.diffusion.model import ancestral_sample
-        from engine.fit import current_device
-
-        device = current_device()
-        net = model.net.to(device)
-        g = torch.Generator().manual_seed(seed % 2**63)
-        out = [ancestral_sample(net, (min(512, n - s), *real.shape), g).cpu().numpy()
-               for s in range(0, n, 512)]
-        x = np.concatenate(out) if out else np.zeros((0, *real.shape), np.float32)
+        x = run_on_gpu(self.evaluation_gpus(), self.config.cpus_per_worker, _sample,
+                       model.net, n, tuple(real.shape), seed)
         if not self.points:
             x = np.clip((x + 1) / 2, 0, 1)
         return rows_table(self.column, x)
@@ -210,6 +205,20 @@ class Diffusion(ArrayFamily):
 
     def model_name(self) -> str:
         return f"ddpm-{'points' if self.points else 'images'}-w{self.config.width}-s{self.config.steps}"
+
+
+def _sample(net, n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """n examples by ancestral sampling on this process's device, 512 at a time."""
+    import torch
+
+    from engine.families.diffusion.model import ancestral_sample
+    from engine.fit import current_device
+
+    net = net.to(current_device())
+    g = torch.Generator().manual_seed(seed % 2**63)
+    out = [ancestral_sample(net, (min(512, n - s), *shape), g).cpu().numpy()
+           for s in range(0, n, 512)]
+    return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
 
 
 def _diffusion_scores(test: np.ndarray, net, steps: int, points: bool) -> dict[str, float]:

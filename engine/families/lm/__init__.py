@@ -331,22 +331,16 @@ class LanguageModel(Family):
         else:
             from engine.raydata import CHAIN_TASK_CPUS
 
-            # One pass for both sums, per block where the data is (not Dataset.aggregate:
-            # its shuffle tasks ask for a whole CPU, which a busy small machine lacks).
-            sums = mix.select_columns(["n_tokens"], num_cpus=CHAIN_TASK_CPUS).map_batches(
-                _token_count, batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
-            tokens = stories_in_mix = 0
-            for row in sums.iter_rows():
-                tokens, stories_in_mix = tokens + row["tokens"], stories_in_mix + row["rows"]
+            tokens, stories_in_mix = self._mix_size(mix, context)
             # Steps are fixed from the most workers; a group restarted with fewer after a
             # failure takes the remaining steps with a smaller global batch.
             steps = train.total_steps(int(tokens), int(stories_in_mix),
                                       p.context, p.batch_size, p.epochs, p.workers,
                                       p.token_budget)
-            # No global shuffle: a seeded block order, then each worker's shuffle window
+            # No global shuffle: the chain streams the mix's files in a seeded order
+            # (CorpusStore.dataset), then each worker's shuffle window
             # (engine/families/lm/train.py).
-            stories = mix.select_columns(["ids"], num_cpus=CHAIN_TASK_CPUS) \
-                .randomize_block_order(seed=seed)
+            stories = mix.select_columns(["ids"], num_cpus=CHAIN_TASK_CPUS)
             job = FitJob(build, train.ShardBlocks(p.context, real.eos, p.batch_size, seed),
                          train.lm_loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
@@ -358,6 +352,23 @@ class LanguageModel(Family):
                             "with %d worker(s)", record["resumed_at_step"], record["world_size"])
         load_tokenizer(real.tokenizer_dir).save_pretrained(out)
         return LMModel(path=str(out), source=str(out), curve=train.read_curve(out))
+
+    @staticmethod
+    def _mix_size(mix, context) -> tuple[int, int]:
+        """(tokens, stories) of the mix: from the store's manifest where the chain gives
+        it, else one pass over the mix's `n_tokens` where the data is (not
+        Dataset.aggregate: its shuffle tasks ask for a whole CPU, which a busy small
+        machine lacks)."""
+        from engine.raydata import CHAIN_TASK_CPUS
+
+        if getattr(context, "mix_size", None) is not None:
+            return context.mix_size("n_tokens")
+        sums = mix.select_columns(["n_tokens"], num_cpus=CHAIN_TASK_CPUS).map_batches(
+            _token_count, batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
+        tokens = stories = 0
+        for row in sums.iter_rows():
+            tokens, stories = tokens + row["tokens"], stories + row["rows"]
+        return tokens, stories
 
     def evaluation_gpus(self) -> float:
         """Evaluation runs where the study's GPUs are: the trainer workers' or, failing

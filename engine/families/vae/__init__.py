@@ -140,20 +140,14 @@ class VAE(ArrayFamily):
                           real.test, model.net)
 
     def sample(self, real: ImageReal, model: NetModel, n: int, seed: int) -> pa.Table:
-        import torch
+        """Latents drawn here (seeded), decoded where the study's GPUs are (a GPU Ray
+        reserved, engine/fit/device.py)."""
+        from engine.fit import run_on_gpu
 
-        from engine.fit import current_device
-
-        rng = np.random.default_rng(seed)
-        z = self._latents(rng, model, n)
-        device = current_device()
-        net = model.net.to(device)
-        out = []
-        with torch.no_grad():
-            for start in range(0, n, 1024):
-                batch = torch.from_numpy(z[start:start + 1024]).float().to(device)
-                out.append(net.decode(batch).cpu().numpy())
-        return image_table(np.concatenate(out) if out else np.zeros((0, *real.shape), np.float32))
+        z = self._latents(np.random.default_rng(seed), model, n)
+        images = run_on_gpu(self.evaluation_gpus(), self.config.cpus_per_worker, _decode,
+                            model.net, z)
+        return image_table(images if n else np.zeros((0, *real.shape), np.float32))
 
     def _latents(self, rng: np.random.Generator, model: NetModel, n: int) -> np.ndarray:
         """Latents to decode: the VAE's prior N(0, I)."""
@@ -186,6 +180,22 @@ class _Build:
 
     def __call__(self):
         return self.family.network(self.architecture)
+
+
+def _decode(net, z: np.ndarray) -> np.ndarray:
+    """Images from latents, on this process's device, 1,024 at a time."""
+    import torch
+
+    from engine.fit import current_device
+
+    device = current_device()
+    net = net.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(z), 1024):
+            batch = torch.from_numpy(z[start:start + 1024]).float().to(device)
+            out.append(net.decode(batch).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def _vae_scores(test: np.ndarray, net) -> dict[str, float]:
