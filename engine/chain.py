@@ -323,8 +323,10 @@ def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter |
                     _add_sample_stats(paths.metrics(k),
                                       {**store.entry(part.source).stats, **compared}, histograms)
             seed = derive_seed(*point, g, "mix")
-            fit(g, lambda: store.read(mix, seed) if family.data_view() == "table"
-                else store.dataset(mix, seed, shuffle_files=True),
+            view = family.data_view()
+            fit(g, lambda: store.read(mix, seed) if view == "table" else
+                store.stream(mix, seed) if view == "stream" else
+                store.dataset(mix, seed, shuffle_files=True),
                 lambda column: store.mix_size(mix, seed, column))
             # Go on from the checkpoint, as a resumed run would: both see the same model.
             model = family.load_model(model_dir)

@@ -418,6 +418,19 @@ class CorpusStore:
             ds.context.execution_options.preserve_order = True
         return raydata.bounded(ds)
 
+    def stream(self, mix: Mix, seed: int) -> "MixStream":
+        """The same rows as read(), for a reader in this process that takes them file by
+        file (a fit in the chain's own process): no process holds the mix."""
+        selections = self.select(mix, seed)
+        files = []
+        for sel in selections:
+            entry = self.entry(sel.source)
+            counts = np.bincount(sel.rows, minlength=entry.rows)
+            whole = (counts == 1).all() and sum(f.rows for f in entry.files) == entry.rows
+            keep = None if whole else _KeepRows(counts, entry.offset)
+            files += [(where, keep) for where in self._verified_paths(sel.source)]
+        return MixStream(tuple(files), tuple(self._common_columns(selections)))
+
     def mix_size(self, mix: Mix, seed: int, column: str) -> tuple[int, int]:
         """(the sum of `column` over the mix's rows, its rows), from the manifest where
         a part takes whole files whose sums it records, else from that column of the
@@ -495,6 +508,23 @@ class _KeepRows:
         repeat = np.zeros(len(local), dtype=np.int64)
         repeat[inside] = self.counts[local[inside]]
         return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), repeat)))
+
+
+@dataclass(frozen=True)
+class MixStream:
+    """A training mix as its verified files, each with the filter its part's rows pass
+    (CorpusStore.stream): read one file at a time, in an order a seed draws."""
+
+    files: tuple  # (Location, _KeepRows or None)
+    columns: tuple[str, ...]
+
+    def tables(self, columns: list[str], seed: int):
+        """The mix's rows as tables of one file each, the files in an order drawn from
+        `seed`."""
+        for i in np.random.default_rng(seed).permutation(len(self.files)):
+            where, keep = self.files[i]
+            table = _read(where, list(columns) + [ROW])
+            yield (keep(table) if keep is not None else table).drop_columns([ROW])
 
 
 @dataclass(frozen=True)

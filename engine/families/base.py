@@ -261,8 +261,9 @@ class Family(ABC):
         tokenizer). None: the report shows no samples of this family as text."""
         return None
 
-    def data_view(self) -> Literal["table", "dataset"]:
-        """How fit() wants its mix: a pyarrow Table in memory, or a streamed Ray Dataset."""
+    def data_view(self) -> Literal["table", "dataset", "stream"]:
+        """How fit() wants its mix: a pyarrow Table in memory, a streamed Ray Dataset,
+        or its files read one at a time in this process (engine.corpus.MixStream)."""
         return "table"
 
     def placement(self) -> list[Bundle]:

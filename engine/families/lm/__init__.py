@@ -274,7 +274,7 @@ class LanguageModel(Family):
 
     # -------------------------------------------------------------- model and loops
     def data_view(self) -> str:
-        return "dataset" if self.config.trainer == "ray" else "table"
+        return "dataset" if self.config.trainer == "ray" else "stream"
 
     # What only sampling or scoring reads, or only where a fit runs: left out of
     # fit_params, so that the grid points of one model at several temperatures share its
@@ -321,10 +321,10 @@ class LanguageModel(Family):
         out = Path(tempfile.mkdtemp(prefix="collapse-lm-"))
         settings = train.fit_settings(p)
         if p.trainer == "local":
-            tokens = int(pa.compute.sum(mix.column("n_tokens")).as_py())
-            steps = train.total_steps(tokens, mix.num_rows, p.context, p.batch_size, p.epochs,
-                                      1, p.token_budget)
-            job = FitJob(build, train.TableBlocks(mix, p.context, real.eos, p.batch_size, seed),
+            tokens, stories_in_mix = self._mix_size(mix, context)
+            steps = train.total_steps(tokens, stories_in_mix, p.context, p.batch_size,
+                                      p.epochs, 1, p.token_budget)
+            job = FitJob(build, train.StreamBlocks(mix, p.context, real.eos, p.batch_size, seed),
                          train.lm_loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
             record = fit_here(job, out, context.progress)
@@ -356,13 +356,19 @@ class LanguageModel(Family):
     @staticmethod
     def _mix_size(mix, context) -> tuple[int, int]:
         """(tokens, stories) of the mix: from the store's manifest where the chain gives
-        it, else one pass over the mix's `n_tokens` where the data is (not
-        Dataset.aggregate: its shuffle tasks ask for a whole CPU, which a busy small
-        machine lacks)."""
+        it, else one pass over the mix's `n_tokens` (a stream file by file; a Dataset
+        where the data is: not Dataset.aggregate, whose shuffle tasks ask for a whole
+        CPU, which a busy small machine lacks)."""
         from engine.raydata import CHAIN_TASK_CPUS
 
         if getattr(context, "mix_size", None) is not None:
             return context.mix_size("n_tokens")
+        if hasattr(mix, "tables"):  # a MixStream
+            tokens = stories = 0
+            for table in mix.tables(["n_tokens"], 0):
+                tokens += int(pa.compute.sum(table.column("n_tokens")).as_py() or 0)
+                stories += table.num_rows
+            return tokens, stories
         sums = mix.select_columns(["n_tokens"], num_cpus=CHAIN_TASK_CPUS).map_batches(
             _token_count, batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
         tokens = stories = 0

@@ -3,13 +3,13 @@ factory and how the trained model is saved. The loop itself is engine/fit/loop.p
 
 Stories are concatenated as [EOT] s1 [EOT] s2 ... and cut into blocks of `context`
 tokens; every block is one training row. In this process (`trainer: local`) the blocks
-come from the mix in memory (`TableBlocks`); on Ray Train workers each worker streams
-its shard of the mix's stories and packs them itself (`ShardBlocks`).
+come from the mix's files read one at a time (`StreamBlocks`); on Ray Train workers
+each worker streams its shard of the mix's stories and packs them itself
+(`ShardBlocks`). Either way no process holds the mix.
 
 The mix is never shuffled globally (an all-to-all pass over the whole corpus, every
-generation): the order of its Ray Data blocks is randomized (seeded) and each worker
-shuffles the stories it streams in a window of SHUFFLE_STORIES (seeded, a new order
-every epoch). Stories within a stored corpus are already in random order (i.i.d.
+generation): its files are read in a seeded order and the stories shuffled in a window
+of SHUFFLE_STORIES (seeded, a new order every epoch). Stories within a stored corpus are already in random order (i.i.d.
 samples; the real split's stories in source order), so the window mixes corpora and
 neighbours; what it cannot do is put the corpus's first and last stories in one batch.
 """
@@ -97,61 +97,85 @@ def save_model(module, curve: list[tuple[int, float]], out: Path) -> None:
     (out / TRAIN_CURVE).write_text(json.dumps(curve))
 
 
-class TableBlocks:
-    """In-process batches: shuffled stories, packed, shuffled blocks, repeated per epoch
-    until the loop has its steps."""
+def packed_batches(stories_of_epoch, context: int, eos: int, batch_size: int) -> Iterator:
+    """Batches of `batch_size` blocks of `context` tokens from one continuous stream
+    [EOT] s1 [EOT] s2 ... (no tokens dropped between batches), epoch after epoch:
+    `stories_of_epoch(epoch)` yields the epoch's stories as tables with an `ids` column."""
+    import torch
 
-    def __init__(self, table: pa.Table, context: int, eos: int, batch_size: int, seed: int):
-        self.ids = table.column("ids").to_pylist()
-        self.context, self.eos, self.batch_size, self.seed = context, eos, batch_size, seed
+    per_batch = batch_size * context
+    epoch = 0
+    while True:
+        pending = np.zeros(0, dtype=np.int64)
+        for stories in stories_of_epoch(epoch):
+            ids = stories.column("ids").combine_chunks()
+            if len(ids) == 0:
+                continue
+            lengths = ids.value_lengths().to_numpy(zero_copy_only=False)
+            tokens = ids.flatten().to_numpy(zero_copy_only=False)
+            # [EOT] before every story: a stream [EOT] s1 [EOT] s2 ...
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            stream = np.insert(tokens.astype(np.int64), starts, eos)
+            pending = np.concatenate([pending, stream])
+            while len(pending) >= per_batch:
+                yield torch.from_numpy(pending[:per_batch].reshape(batch_size, context).copy())
+                pending = pending[per_batch:]
+        epoch += 1
+
+
+def window_shuffled(tables, window: int, rng: np.random.Generator, size: int = 1024):
+    """Tables of stories in a seeded shuffle within a window of `window` stories (as
+    Ray Data's local shuffle buffer does for Ray Train workers): at most the window and
+    one incoming table are held."""
+    buffer = None
+    for table in tables:
+        buffer = table if buffer is None else pa.concat_tables([buffer, table])
+        while buffer.num_rows >= window + size:
+            picked = np.zeros(buffer.num_rows, dtype=bool)
+            picked[rng.choice(buffer.num_rows, size, replace=False)] = True
+            yield buffer.filter(pa.array(picked))
+            buffer = buffer.filter(pa.array(~picked)).combine_chunks()
+    if buffer is not None and buffer.num_rows:
+        yield buffer.take(pa.array(rng.permutation(buffer.num_rows)))
+
+
+class StreamBlocks:
+    """In this process (trainer: local): the mix's files streamed in a seeded order
+    each epoch (engine.corpus.MixStream), its stories shuffled in a window of
+    SHUFFLE_STORIES, packed: the chain's process never holds the mix."""
+
+    def __init__(self, mix, context: int, eos: int, batch_size: int, seed: int):
+        self.mix, self.context, self.eos, self.batch_size, self.seed = \
+            mix, context, eos, batch_size, seed
 
     def __call__(self, rank: int, world: int) -> Iterator:
-        import torch
+        def stories(epoch: int):
+            order_seed = self.seed + 7919 * epoch
+            return window_shuffled(self.mix.tables(["ids"], order_seed), SHUFFLE_STORIES,
+                                   np.random.default_rng(order_seed))
 
-        rng = np.random.default_rng(self.seed)
-        while True:
-            order = rng.permutation(len(self.ids))
-            blocks = pack_blocks([self.ids[i] for i in order], self.context, self.eos)
-            if len(blocks) < self.batch_size:
-                raise ValueError(f"the mix packs into {len(blocks)} blocks of {self.context} "
-                                 f"tokens, fewer than one batch of {self.batch_size}")
-            blocks = blocks[rng.permutation(len(blocks))]
-            for start in range(0, len(blocks) - self.batch_size + 1, self.batch_size):
-                yield torch.from_numpy(blocks[start:start + self.batch_size])
+        return packed_batches(stories, self.context, self.eos, self.batch_size)
 
 
 class ShardBlocks:
     """On a Ray Train worker: its shard of the mix's stories ("train"), shuffled in a
-    seeded window, packed into one continuous stream of blocks (no tokens dropped
-    between batches), batch after batch, epoch after epoch."""
+    seeded window, packed into one continuous stream of blocks, batch after batch,
+    epoch after epoch."""
 
     def __init__(self, context: int, eos: int, batch_size: int, seed: int):
         self.context, self.eos, self.batch_size, self.seed = context, eos, batch_size, seed
 
     def __call__(self, rank: int, world: int) -> Iterator:
         import ray.train
-        import torch
 
         shard = ray.train.get_dataset_shard("train")
-        per_batch = self.batch_size * self.context
-        epoch = 0
-        while True:
-            pending = np.zeros(0, dtype=np.int64)
-            for stories in shard.iter_batches(batch_size=1024, batch_format="pyarrow",
-                                              local_shuffle_buffer_size=SHUFFLE_STORIES,
-                                              local_shuffle_seed=self.seed + 7919 * epoch + rank):
-                ids = stories.column("ids")
-                lengths = ids.combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-                tokens = ids.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                # [EOT] before every story: a stream [EOT] s1 [EOT] s2 ...
-                starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-                stream = np.insert(tokens.astype(np.int64), starts, self.eos)
-                pending = np.concatenate([pending, stream])
-                while len(pending) >= per_batch:
-                    yield torch.from_numpy(pending[:per_batch].reshape(self.batch_size,
-                                                                       self.context).copy())
-                    pending = pending[per_batch:]
-            epoch += 1
+
+        def stories(epoch: int):
+            return shard.iter_batches(batch_size=1024, batch_format="pyarrow",
+                                      local_shuffle_buffer_size=SHUFFLE_STORIES,
+                                      local_shuffle_seed=self.seed + 7919 * epoch + rank)
+
+        return packed_batches(stories, self.context, self.eos, self.batch_size)
 
 
 def read_curve(directory: Path) -> list[tuple[int, float]]:
