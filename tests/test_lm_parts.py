@@ -303,6 +303,22 @@ def test_each_story_depends_only_on_its_own_seed(trained_tiny):
     assert greedy[0]["ids"] == greedy[1]["ids"] == greedy[2]["ids"]  # why BOS + T=0 warns
 
 
+def test_a_story_is_the_same_alone_or_in_a_batch_that_sheds_ended_stories(trained_tiny):
+    """A batch drops its ended stories as it goes (sampling/hf.py: COMPACT); each
+    story, its log-probability and whether it ended are those it has decoded alone."""
+    from engine.families.lm.sampling import generate
+
+    model, tok = trained_tiny
+    p, seeds = [tok.eos_token_id], list(range(300, 332))
+    batch = generate(model, [p] * 32, seeds, settings(tok, 1.0))
+    alone = [generate(model, [p], [seed], settings(tok, 1.0))[0] for seed in seeds]
+    assert len({len(r["ids"]) for r in batch}) > 5  # stories ended at many lengths
+    assert [r["ids"] for r in batch] == [r["ids"] for r in alone]
+    assert [r["finished"] for r in batch] == [r["finished"] for r in alone]
+    assert [r["logprob"] for r in batch] == pytest.approx([r["logprob"] for r in alone],
+                                                          abs=1e-4)
+
+
 @pytest.mark.heavy  # (~30 s: actors started and one killed; make test-heavy)
 def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_path, monkeypatch):
     """An hf sampler actor dies (its process exits, as when its node goes) on its second

@@ -121,7 +121,7 @@ class LanguageModel(Family):
         checkpoint_minutes: float = 10.0  # training time between checkpoints (0: none)
         threads: int = 0  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
         sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
-        sampler_actors: int = 1  # sampler processes (vLLM engines or transformers decoders)
+        sampler_actors: int = 1  # sampler processes (vLLM engines or transformers decoders); 0: transformers decoding in the chain's own process (no process start-up per generation: minutes-long CPU studies)
         sampler_cpus: float = 0.5  # CPUs per sampler actor
         sampler_gpus: float = 0.0  # GPUs per sampler actor
         sample_batch_size: int = 64  # stories per sampling batch
@@ -159,7 +159,7 @@ class LanguageModel(Family):
                                            f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
         for name, low in (("stories", 2), ("test_stories", 1), ("context", 8),
                           ("max_new_tokens", 1), ("batch_size", 1), ("workers", 1),
-                          ("sampler_actors", 1), ("sample_batch_size", 1), ("log_every", 1),
+                          ("sampler_actors", 0), ("sample_batch_size", 1), ("log_every", 1),
                           ("prefix_tokens", 1)):
             if getattr(p, name) < low:
                 raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
@@ -182,6 +182,18 @@ class LanguageModel(Family):
                                   if getattr(p, k) < 0), "must be >= 0")
         if p.sampler_cpus <= 0:
             raise ParamError("sampler_cpus", "must be > 0")
+        if p.sampler_actors == 0:
+            here = "sampler_actors: 0 decodes in the chain's own process"
+            if p.sampler == "vllm" or p.beams > 1:
+                raise ParamError("sampler" if p.sampler == "vllm" else "beams",
+                                 f"{here}, with the transformers sampler only; set "
+                                 "sampler_actors >= 1 for vLLM or beam search")
+            if p.curate:
+                raise ParamError("curate", f"{here}; curation's rounds run in sampler "
+                                           "actors: set sampler_actors >= 1")
+            if p.sampler_gpus:
+                raise ParamError("sampler_gpus", f"{here}, which holds no GPU of its own: "
+                                                 "set sampler_actors >= 1")
         if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
             raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
                                             f"got {p.min_workers}")
@@ -421,30 +433,53 @@ class LanguageModel(Family):
             found.extend(zip(rows[keep].tolist(), prefixes))
         return [ids for _, ids in sorted(found)]
 
-    def _sampled(self, real: LMReal, model: LMModel, n: int, seed: int,
-                 progress: "Location | None" = None, start: int = 0):
-        """(the corpus as a lazy Ray Dataset, the backend): stories start..start+n-1."""
-        from engine.families.lm.sampling import Requests, SampleSettings, request_rows, sampled
+    def _settings(self, real: LMReal):
+        from engine.families.lm.sampling import SampleSettings
 
         p = self.config
         prefix = p.prefix_tokens if p.prompt == "real_prefix" else 0
-        settings = SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                  repetition_penalty=p.repetition_penalty, beams=p.beams,
-                                  max_new_tokens=min(p.max_new_tokens, p.context - 1 - prefix),
-                                  eos=real.eos, batch_size=p.sample_batch_size,
-                                  threads=p.threads)
-        if p.prompt == "bos":
-            requests = Requests(n, seed, real.eos, start=start)
-        else:
-            import numpy as np
+        return SampleSettings(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                              repetition_penalty=p.repetition_penalty, beams=p.beams,
+                              max_new_tokens=min(p.max_new_tokens, p.context - 1 - prefix),
+                              eos=real.eos, batch_size=p.sample_batch_size,
+                              threads=p.threads)
 
-            prefixes = self._prefixes(real.train_chunks[0], p.prefix_tokens)
-            if not prefixes:
-                raise DataError(f"family.prefix_tokens: no training story has "
-                                f"{p.prefix_tokens} tokens")
-            order = np.random.default_rng(derive_seed(seed, "prompts")).permutation(len(prefixes))
-            requests = Requests(n, seed, real.eos, np.asarray(prefixes, dtype=np.int32), order,
-                                start)
+    def _requests(self, real: LMReal, n: int, seed: int, start: int = 0):
+        """Which stories to sample: start..start+n-1, each with its seed and prompt."""
+        from engine.families.lm.sampling import Requests
+
+        p = self.config
+        if p.prompt == "bos":
+            return Requests(n, seed, real.eos, start=start)
+        import numpy as np
+
+        prefixes = self._prefixes(real.train_chunks[0], p.prefix_tokens)
+        if not prefixes:
+            raise DataError(f"family.prefix_tokens: no training story has "
+                            f"{p.prefix_tokens} tokens")
+        order = np.random.default_rng(derive_seed(seed, "prompts")).permutation(len(prefixes))
+        return Requests(n, seed, real.eos, np.asarray(prefixes, dtype=np.int32), order, start)
+
+    def _sampled_here(self, real: LMReal, model: LMModel, n: int, seed: int,
+                      progress: "Location | None" = None):
+        """The corpus as tables of up to ROWS_PER_FILE stories, decoded in this process
+        (sampler_actors: 0), in row order."""
+        from engine.families.lm.sampling import here
+        from engine.raydata import ROWS_PER_FILE
+
+        return here.sampled_here(model.source, self._requests(real, n, seed),
+                                 self._settings(real), ROWS_PER_FILE,
+                                 progress.uri if progress else None)
+
+    def _sampled(self, real: LMReal, model: LMModel, n: int, seed: int,
+                 progress: "Location | None" = None, start: int = 0):
+        """(the corpus as a lazy Ray Dataset, the backend): stories start..start+n-1."""
+        from engine.families.lm.sampling import request_rows, sampled
+
+        p = self.config
+        prefix = p.prefix_tokens if p.prompt == "real_prefix" else 0
+        settings = self._settings(real)
+        requests = self._requests(real, n, seed, start)
         return sampled(p.sampler, model.source, request_rows(requests), 1 + prefix, settings,
                        p.sampler_actors, p.sampler_cpus, p.sampler_gpus,
                        progress.uri if progress else None)
@@ -453,6 +488,9 @@ class LanguageModel(Family):
         """The corpus in memory, in row order (benchmarks, tests; chains use sample_to)."""
         from engine.families.lm.sampling import collect
 
+        if self.config.sampler_actors == 0:
+            return pa.concat_tables(self._sampled_here(real, model, n, seed)).drop_columns(
+                ["_row"]).replace_schema_metadata({"sampler": "hf"})
         ds, backend = self._sampled(real, model, n, seed)
         return collect(ds).drop_columns(["_row"]).replace_schema_metadata({"sampler": backend})
 
@@ -463,13 +501,21 @@ class LanguageModel(Family):
         from the written shards and merged (engine/families/lm/metrics.py)."""
         from engine.families.lm.metrics import corpus_stats
         from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
-                                    read_parquet_files)
+                                    read_parquet_files, read_tables)
 
         fs, path = directory.arrow()
         light = {"num_cpus": CHAIN_TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
         if self.config.curate:
             backend, curated = self._curated_sample_to(real, model, n, seed, directory,
                                                        progress)
+        elif self.config.sampler_actors == 0:
+            log.warning("sampler: %d stories with the hf backend in the chain's own process "
+                        "(sampler_actors: 0)", n)
+            backend, curated = "hf", {}
+            import pyarrow.parquet as pq
+
+            for k, table in enumerate(self._sampled_here(real, model, n, seed, progress)):
+                pq.write_table(table, f"{path}/part-{k:05d}.parquet", filesystem=fs)
         else:
             ds, backend = self._sampled(real, model, n, seed, progress)
             log.warning("sampler: %d stories with the %s backend (%d actor%s)", n, backend,
@@ -478,8 +524,12 @@ class LanguageModel(Family):
             ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
                              ray_remote_args=light)
             curated = {}
-        written = read_parquet_files(parquet_files_in(path, fs), fs,
-                                     ["_row", "ids", "n_tokens", "logprob", "finished"])
+        files = parquet_files_in(path, fs)
+        columns = ["_row", "ids", "n_tokens", "logprob", "finished"]
+        # In this process where the corpus was decoded here (no Ray Data task start-up
+        # for a pass over a few files); else a Ray Data pass where the files are.
+        written = (read_tables(files, fs, columns) if self.config.sampler_actors == 0
+                   else read_parquet_files(files, fs, columns))
         # The grammar's stories: the truth is known, so every story is checked against it.
         stats = corpus_stats(written, model.source if self.config.data == GRAMMAR else None,
                              self._real_rare_tokens(real))
@@ -643,14 +693,21 @@ class LanguageModel(Family):
 
     # ------------------------------------------------------------------ placement
     def chain_memory(self) -> int:
-        """The driver holds the test split, a model for CPU evaluation (weights, a load
-        copy, activations: ~16 bytes a parameter) and, with trainer: local, the mix as
-        Python lists (budget 2 GiB more); corpora stream past it."""
+        """The driver holds the test split and a model for CPU evaluation (weights, a
+        load copy, activations: ~16 bytes a parameter); with trainer: local, its shuffle
+        window of the streamed mix and one file of it, with sampler_actors: 0, a file's
+        worth of sampled stories (budget 512 MiB more); corpora stream past it."""
         from engine.families.lm.zoo import parameter_count
 
         p = self.config
-        model = 16 * parameter_count(ZOO[p.model], p.vocab_size, p.context)
-        return (1 << 30) + model + ((2 << 30) if p.trainer == "local" else 0)
+        if p.model in ZOO:
+            model = 16 * parameter_count(ZOO[p.model], p.vocab_size, p.context)
+        else:
+            from engine.families.lm import pretrained
+
+            model = 16 * pretrained.parameter_count(p.model)
+        here = p.trainer == "local" or p.sampler_actors == 0
+        return (1 << 30) + model + ((512 << 20) if here else 0)
 
     def chain_cpus(self) -> float:
         p = self.config

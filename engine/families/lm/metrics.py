@@ -184,7 +184,7 @@ def sample_stats(table: pa.Table) -> dict[str, float]:
 def corpus_stats(dataset, grammar_model: str | None = None,
                  real_rare: np.ndarray | None = None) -> dict[str, float]:
     """The statistics of a sampled corpus on storage (a Ray Dataset of its shards, with
-    their `_row`s):
+    their `_row`s, or its files' tables read in this process):
     partial statistics per batch where the data is, merged here as they arrive; the
     tails and variety (engine/families/lm/tails.py; `real_rare`: the real data's rare
     tokens) in the same pass. With `grammar_model` (the sampling model's directory, for
@@ -192,11 +192,15 @@ def corpus_stats(dataset, grammar_model: str | None = None,
     from engine import raydata
     from engine.families.lm import tails
 
-    parts = dataset.select_columns([ROW, "ids", "n_tokens", "logprob", "finished"],
-                                   num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
-        _partial_row, fn_kwargs={"grammar_model": grammar_model}, batch_format="pyarrow",
-        batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS)
-    rows = [_unpacked(row) for row in parts.iter_rows()]  # one small dict per batch
+    columns = [ROW, "ids", "n_tokens", "logprob", "finished"]
+    if not hasattr(dataset, "map_batches"):  # tables in this process (sampler_actors: 0)
+        parts = [{k: v[0] for k, v in _partial_row(t.select(columns), grammar_model).items()}
+                 for t in dataset]
+    else:
+        parts = dataset.select_columns(columns, num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
+            _partial_row, fn_kwargs={"grammar_model": grammar_model}, batch_format="pyarrow",
+            batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS).iter_rows()
+    rows = [_unpacked(row) for row in parts]  # one small dict per batch
     stats = merge_stats(rows)
     stats.update(tails.merge([json.loads(r["tails"]) for r in rows], real_rare))
     if grammar_model is not None:

@@ -16,6 +16,8 @@ from engine.families.lm.sampling.draws import (draw, filtered_logprobs, greedy, 
 # On a GPU, how many steps pass between looks at whether every story has ended (each
 # look waits for the device); on a CPU the look is free and made every step.
 DONE_CHECK_STEPS = 8
+# A batch sheds its ended stories once no more than this share of it is still going.
+COMPACT = 0.75
 
 
 def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSettings) -> list[dict]:
@@ -35,6 +37,7 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
     tokens = torch.full((n, steps), s.eos, dtype=torch.long, device=device)
     logprob = torch.zeros(n, dtype=torch.float64, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.arange(n, device=device)  # the batch's rows still decoded
     check = 1 if device.type == "cpu" else DONE_CHECK_STEPS
     past, seen = None, None
     with torch.inference_mode():
@@ -50,15 +53,28 @@ def generate(model, prompts: list[list[int]], seeds: list[int], s: SampleSetting
                                    penalise(logits, s.repetition_penalty, seen))
             else:
                 token, lp = draw(filtered_logprobs(logits, s.temperature, s.top_k, s.top_p,
-                                                   s.repetition_penalty, seen), u[:, k])
-            tokens[:, k] = token
-            logprob += torch.where(done, 0.0, lp.double())  # a story's EOT counts, not after
-            done |= token == s.eos
-            if (k + 1) % check == 0 and bool(done.all()):
-                break
+                                                   s.repetition_penalty, seen), u[active, k])
+            tokens[active, k] = token
+            ended = done[active]
+            logprob[active] += torch.where(ended, 0.0, lp.double())  # its EOT counts, not after
+            done[active] = ended | (token == s.eos)
             x = token[:, None]
             if seen is not None:
                 seen.scatter_(1, x, True)
+            if (k + 1) % check:
+                continue
+            going = ~done[active]
+            left = int(going.sum())
+            if left == 0:
+                break
+            if left <= COMPACT * len(active):
+                # Stories that ended leave the batch: the rest decode without them
+                # (stories end at different lengths; a batch otherwise runs to its longest).
+                keep = going.nonzero()[:, 0]
+                active, x = active[keep], x[keep]
+                past.batch_select_indices(keep)
+                if seen is not None:
+                    seen = seen[keep]
     # one copy to the host per batch
     rows, finished, logprob = tokens.tolist(), done.tolist(), logprob.tolist()
     return [{"ids": row[:row.index(s.eos)] if end else row, "logprob": float(lp),
