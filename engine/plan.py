@@ -18,6 +18,12 @@ from engine import strategies
 from engine.families import family_for
 from engine.spec import Study
 
+# HBM bandwidth, bytes/s (vendor datasheets): decoding's floor is reading the weights
+# once a step and every story's KV cache every step.
+GPU_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12,
+                 "A10G": 0.6e12, "L4": 0.3e12, "B200": 8.0e12}
+DECODE_BATCH = 1024  # stories a GPU decodes at once, for the floor
+
 # Dense bf16 peak, FLOP/s (vendor datasheets, without sparsity).
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
                  "A10G": 125e12, "L4": 121e12, "B200": 2250e12}
@@ -139,6 +145,22 @@ def parse_rates(gpu: str, decode: str | float | None = None, mfu: str | float | 
     return rates
 
 
+def decode_floor_tps(model: str, parameters: int, tokens_per_story: float, gpu: str
+                     ) -> float | None:
+    """Decoding's bandwidth floor in tokens/s for a zoo model in bf16: each step reads
+    the weights once for DECODE_BATCH stories and each story's KV cache (2 · depth ·
+    width · 2 bytes a token of context, half a story long on average). None for models
+    whose shape the zoo does not know."""
+    from engine.families.lm.zoo import ZOO
+
+    size = ZOO.get(model)
+    if size is None:
+        return None
+    kv = 2 * size.depth * size.width * 2 * tokens_per_story / 2
+    step_bytes = 2 * parameters + DECODE_BATCH * kv
+    return DECODE_BATCH * GPU_BANDWIDTH[gpu] / step_bytes
+
+
 def decode_tps(parameters: int, gpu: str) -> float:
     scale = GPU_PEAK_BF16[gpu] / GPU_PEAK_BF16["H100"]
     for most, tps in DECODE_TPS_H100:
@@ -193,6 +215,7 @@ def generation_rows(study: Study) -> pd.DataFrame:
                 record.update(train_tokens=train_tokens, sample_tokens=sample_tokens,
                               eval_tokens=eval_tokens, parameters=cost.parameters,
                               model=family.model_name(),
+                              tokens_per_row=cost.tokens_per_row,
                               train_flops=6.0 * cost.parameters * train_tokens,
                               eval_flops=2.0 * cost.parameters * eval_tokens,
                               path_train_flops=6.0 * cost.parameters * path_train,
@@ -274,6 +297,12 @@ def _timing(rows: pd.DataFrame, rates: Rates) -> list[str]:
                  f"one after another on one GPU: training {c['path_train']:.3g} h, sampling "
                  f"{c['path_sampling']:.3g} h, start-up {gens * rates.startup / 3600:.3g} h); "
                  f"with a GPU per chain the grid takes that long")
+    floor = rows.apply(lambda r: decode_floor_tps(r["model"], int(r["parameters"]),
+                                                  r["tokens_per_row"], rates.gpu), axis=1)
+    if floor.notna().all():
+        lines.append(f"sampling's floor: {(rows['sample_tokens'] / floor).sum() / 3600:.3g} "
+                     f"GPU-hours (HBM bandwidth: the weights read once a step of "
+                     f"{DECODE_BATCH} stories, each story's KV cache every step)")
     lines.append(f"rates ({_si(peak)}FLOP/s bf16 peak on {rates.gpu}; measure yours with "
                  "bench/gpu_check.py and pass its JSON with --rates, or state them with "
                  "--decode-tps and --mfu):")

@@ -70,6 +70,7 @@ def test_zero_3_gathers_the_weights_before_saving(tmp_path, ray_local):
     stage 0 trains, evaluated to the same test loss."""
     from safetensors.torch import load_file
 
+    from engine import strategies as S
     from engine.corpus import CorpusStore
     from engine.families import get_family
     from engine.files import Location
@@ -84,7 +85,9 @@ def test_zero_3_gathers_the_weights_before_saving(tmp_path, ray_local):
         family.validate()
         real = family.real_data(0, 1, tmp_path / "real")
         chunk = real.train_chunks[0]  # the whole training split: one chunk
-        mix = CorpusStore(chunk.store).table(chunk.source, ["text", "ids", "n_tokens"])
+        store = CorpusStore(tmp_path / f"corpus{stage}")
+        store.link(S.real(1), chunk)  # as a chain does
+        mix = store.stream(S.get("replace").mix(1, chunk.rows), 0)  # as a local fit reads it
         model = family.fit(real, mix, 0,
                            FitContext(Location(str(tmp_path / f"w{stage}"))))
         weights = load_file(f"{model.path}/model.safetensors")
