@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import strategies
+from engine.errors import CollapseError
 from engine.corpus import CorpusStore, CorpusView, StoredRows, rows_written
 from engine.families import family_for
 from engine.files import (Location, copy_directory, directory_complete, made_once,
@@ -45,13 +46,12 @@ log = logging.getLogger("engine.chain")
 # not resumed (its later generations would draw other numbers).
 SEED_SCHEME = 2
 
-Reporter = Callable[[int, dict[str, float]], None]
-
-
-class ChainError(RuntimeError):
+class ChainError(CollapseError, RuntimeError):
     """A chain stopped, said in one line: the chain, the generation, the step, the cause
     and where its log is. `retry`: whether running the chain again may help (a lost node
     or worker) or not (bad data, a corrupt corpus, a wrong parameter: the user acts first)."""
+
+    exit_code = 1
 
     def __init__(self, message: str, retry: bool = False):
         super().__init__(message, retry)
@@ -130,18 +130,23 @@ def completed_generations(out: Location | Path | str, trial: Trial) -> int:
 
 
 def run_chain(trial: Trial, generations: int, out: Location | Path | str,
-              report: Reporter | None = None, fit_callbacks: tuple = ()) -> None:
+              fit_callbacks: tuple = ()) -> None:
     """Run (or resume) one chain up to `generations`. What the engine logs meanwhile is
     appended to the chain's own chain.log (its driver may run on any node of a cluster,
     where nobody reads the worker's stderr). `fit_callbacks` go to the RunConfig of every
-    Ray Train fit the chain starts (its Tune trial's TuneReportCallback)."""
+    Ray Train fit the chain starts (its Tune trial's TuneReportCallback); Tune learns of
+    each generation from its metrics file (engine/sweep.py)."""
     paths = chain_layout(out, trial)
     paths.root.mkdir()
     step = _Step()
     with _chain_log(paths.log_file) as publish:
         try:
-            _run_chain(trial, generations, Location.of(out), report, publish,
-                       tuple(fit_callbacks), step)
+            chain = Chain(trial, generations, Location.of(out), tuple(fit_callbacks), step)
+            chain.repair()
+            for g in range(1, generations + 1):
+                if not paths.metrics(g).exists():
+                    chain.generation(g)
+                    publish()
         except Exception as e:
             log.exception("%s: chain failed at %s", trial.trial_id, step)
             if isinstance(e, ChainError):
@@ -181,194 +186,257 @@ def _chain_log(where: Location) -> Iterator[Callable[[], None]]:
         publish()
 
 
-def _run_chain(trial: Trial, generations: int, out: Location, report: Reporter | None,
-               publish: Callable[[], None], fit_callbacks: tuple, step: _Step) -> None:
-    family = family_for(trial)
-    strategy = strategies.resolve(trial.strategy, trial.workflow)
-    run = RunLayout(out)
-    paths = run.chain(trial.trial_id)
+class SharedFirst:
+    """Generation 1's model and corpus, made once for every chain of the study that
+    needs the same ones: the first chain to reach one makes it under `out/shared/`, the
+    others wait for it (a lock file) and take it. Generation 1 trains on the real data
+    alone, so its model depends only on what a fit reads (not the strategy, not the
+    temperature), and its corpus on the model, the seeds and how many stories. An
+    object store has no lock to share by: there each chain makes its own."""
 
-    mismatch = recorded_trial_mismatch(out, trial)
-    if mismatch:
-        raise ChainError(f"{paths.trial_file}: this chain was run with other parameters "
-                         f"({mismatch}); use another `out` or delete {paths.root}")
-    if not paths.trial_file.exists():
-        write_json(paths.trial_file, {**trial.to_dict(), "seed_scheme": SEED_SCHEME})
-    paths.progress.remove()  # an earlier run's: not this run's progress
+    def __init__(self, run: RunLayout):
+        self.run = run
+        self.enabled = run.out.is_local
 
-    # The grid point without the strategy: shared by every strategy (see module doc).
-    # Only the parameters stated away from their defaults: a parameter the family gains
-    # later leaves every chain's draws as they were.
-    point = (trial.seed, trial.family, sorted(family.stated(trial.params).items()))
-    # What a fit reads: the point without what only sampling reads (a temperature), so
-    # that every chain of one model trains the same generation 1.
-    fit_point = (trial.seed, trial.family, sorted(family.stated(family.fit_params()).items()))
-    store = CorpusStore(paths.corpus)
-    # Real data depends on the study seed alone (and on whichever parameters the family
-    # says shape it), so every cell of the grid splits and tokenizes the same data.
-    real = family.real_data(real_seed(trial),
-                            strategy.real_chunks(generations), run.real_cache)
-    T = real.train_chunks[0].num_rows
-    for k, chunk in enumerate(real.train_chunks, start=1):
-        if store.has(strategies.real(k)):
-            continue
-        if isinstance(chunk, StoredRows):  # rows of the study's prepared data: linked
-            store.link(strategies.real(k), chunk)
-        else:
-            store.write(strategies.real(k), chunk, model="real data")
-    _save_preview(family, paths.preview("real"), lambda: real.train_chunks[0])
+    def model(self, key: str, make: Callable[[Location], None], into: Location,
+              trial_id: str) -> None:
+        """Generation 1's model into `into`, made by `make(directory)` once."""
+        if not self.enabled:
+            make(into)
+            return
+        shared = self.run.shared_model(key)
+        if not made_once(lambda: directory_complete(shared), lambda: make(shared),
+                         shared.parent / f"{shared.name}.lock"):
+            log.info("%s: generation 1: its model was fit by another chain (%s)",
+                     trial_id, shared)
+        copy_directory(shared, into)
 
-    def sample_into(g: int, model: Any) -> None:
-        """Generation g's corpus, sampled from its model and stored with its statistics.
-        Generation 1's is sampled once for every chain of the study that samples the
-        same model with the same seeds and as many rows, and linked into each store."""
-        n, seed = strategy.sample_size(g, T), derive_seed(*point, g, "sample")
+    def corpus(self, key: str, source, rows: int, make: Callable[[CorpusStore], None],
+               store: CorpusStore, trial_id: str) -> None:
+        """Generation 1's corpus linked into `store`, made by `make(store)` once."""
+        if not self.enabled:
+            make(store)
+            return
+        shared = CorpusStore(self.run.shared_corpus(key))
+        if not made_once(lambda: shared.has(source), lambda: make(shared),
+                         shared.root / "LOCK"):
+            log.info("%s: generation 1: its corpus was sampled by another chain (%s)",
+                     trial_id, shared.root)
+        store.link(source, StoredRows(shared.root.uri, source, 0, rows))
+
+
+class Chain:
+    """One chain's state (its family, strategy, files, real data, seeds) and the steps
+    of a generation, in the order of DESIGN's data flow."""
+
+    def __init__(self, trial: Trial, generations: int, out: Location, fit_callbacks: tuple,
+                 step: _Step):
+        self.trial, self.generations, self.step = trial, generations, step
+        self.family = family_for(trial)
+        self.strategy = strategies.resolve(trial.strategy, trial.workflow)
+        self.run = RunLayout(out)
+        self.paths = self.run.chain(trial.trial_id)
+        self.fit_callbacks = fit_callbacks
+        self.shared = SharedFirst(self.run)
+        mismatch = recorded_trial_mismatch(out, trial)
+        if mismatch:
+            raise ChainError(f"{self.paths.trial_file}: this chain was run with other "
+                             f"parameters ({mismatch}); use another `out` or delete "
+                             f"{self.paths.root}")
+        if not self.paths.trial_file.exists():
+            write_json(self.paths.trial_file, {**trial.to_dict(), "seed_scheme": SEED_SCHEME})
+        self.paths.progress.remove()  # an earlier run's: not this run's progress
+        family = self.family
+        # The grid point without the strategy: shared by every strategy (see module doc).
+        # Only the parameters stated away from their defaults: a parameter the family
+        # gains later leaves every chain's draws as they were.
+        self.point = (trial.seed, trial.family, sorted(family.stated(trial.params).items()))
+        # What a fit reads: the point without what only sampling reads (a temperature),
+        # so that every chain of one model trains the same generation 1.
+        self.fit_point = (trial.seed, trial.family,
+                          sorted(family.stated(family.fit_params()).items()))
+        self.store = CorpusStore(self.paths.corpus)
+        # Real data depends on the study seed alone (and on whichever parameters the
+        # family says shape it), so every cell of the grid splits the same data.
+        self.real = family.real_data(real_seed(trial),
+                                     self.strategy.real_chunks(generations),
+                                     self.run.real_cache)
+        self.T = self.real.train_chunks[0].num_rows
+        self._link_real()
+
+    def _link_real(self) -> None:
+        for k, chunk in enumerate(self.real.train_chunks, start=1):
+            if self.store.has(strategies.real(k)):
+                continue
+            if isinstance(chunk, StoredRows):  # rows of the study's prepared data: linked
+                self.store.link(strategies.real(k), chunk)
+            else:
+                self.store.write(strategies.real(k), chunk, model="real data")
+        _save_preview(self.family, self.paths.preview("real"),
+                      lambda: self.real.train_chunks[0])
+
+    # ------------------------------------------------------------ before the loop
+    def repair(self) -> None:
+        """Corpora that the generations still to fit read but the store lacks: deleted
+        by the user to have them made again, or a finished generation's that was the
+        last and not sampled (sample_last), now that the study was extended. Each is
+        sampled again from its generation's model, with the same seeds."""
+        paths = self.paths
+        for g in range(1, self.generations + 1):
+            if paths.metrics(g).exists() or directory_complete(paths.model(g)):
+                continue
+            for part in self.strategy.mix(g, self.T).parts:
+                k = part.source.index
+                if part.source.kind != "synthetic" or not paths.metrics(k).exists() \
+                        or self.store.has(part.source):
+                    continue
+                if not directory_complete(paths.model(k)):
+                    raise ChainError(f"{paths.corpus / part.source.name} is missing and "
+                                     f"generation {k}'s model too: delete {paths.root} "
+                                     "to run the chain again from the start")
+                log.info("%s: sampling corpus %s from generation %d's model (deleted, or "
+                         "not sampled when generation %d was the last)", self.trial.trial_id,
+                         part.source.name, k, k)
+                self.step.generation, self.step.phase = k, "sampling (a repair)"
+                model = self.family.load_model(paths.model(k))
+                self.sample(k, model)
+                compared, histograms = self.compare(k, model)
+                _add_sample_stats(paths.metrics(k),
+                                  {**self.store.entry(part.source).stats, **compared},
+                                  histograms)
+
+    # ------------------------------------------------------------ one generation
+    def generation(self, g: int) -> None:
+        """mix, fit, evaluate, sample, store, compare, record."""
+        timings: dict[str, float] = {}
+        self.step.generation = g
+        model = self.fit(g, timings)
+        with _timed(timings, "evaluate", self.step, "evaluation"):
+            scores = dict(self.family.evaluate(self.real, model))
+            expected = self.family.theory(self.trial.strategy, g)
+            if expected is not None:
+                scores["theory"] = expected
+        synth = strategies.synthetic(g)
+        # The last generation's corpus would train nothing: sampled only when the study
+        # asks (sample_last); a study extended later samples it then (repair).
+        if g < self.generations or self.trial.sample_last:
+            if not self.store.has(synth):
+                with _timed(timings, "sample", self.step, "sampling"):
+                    self.sample(g, model)
+            scores.update(self.store.entry(synth).stats)
+            _save_preview(self.family, self.paths.preview(synth.name),
+                          lambda: self.store.head(synth, 16))
+        with _timed(timings, "compare", self.step,
+                    "comparing with generation 1 and the real data"):
+            compared, histograms = self.compare(g, model)
+            scores.update(compared)
+        if not (compared or histograms):
+            timings.pop("compare")
+        self.record(g, model, scores, histograms, timings)
+
+    def fit(self, g: int, timings: dict[str, float]):
+        """Generation g's model: trained on the strategy's mix into models/gen-g (the
+        checkpoint a resumed run goes on from), or loaded from it."""
+        model_dir = self.paths.model(g)
+        self.step.phase = "fit"
+        if directory_complete(model_dir):
+            log.info("%s: generation %d: model loaded from checkpoint", self.trial.trial_id, g)
+            return self.family.load_model(model_dir)
+        with _timed(timings, "fit", self.step, "reading the training mix"):
+            mix = self.strategy.mix(g, self.T)
+            seed = derive_seed(*self.point, g, "mix")
+            if g == 1:
+                key = f"{derive_seed(*self.fit_point, self.T, 'generation 1'):016x}"
+                self.shared.model(key, lambda into: self._train(g, mix, seed, into),
+                                  model_dir, self.trial.trial_id)
+            else:
+                self._train(g, mix, seed, model_dir)
+            # Go on from the checkpoint, as a resumed run would: both see the same model.
+            return self.family.load_model(model_dir)
+
+    def _train(self, g: int, mix, seed: int, into: Location) -> None:
+        """A fit of the mix into the model directory `into`. Its scratch space (this
+        chain and generation only, in the run's storage) survives a killed run: what a
+        fit left there (Ray Train's checkpoints) is the family's to resume from. It goes
+        once the model is saved."""
+        view, store = self.family.data_view(), self.store
+        data = (store.read(mix, seed) if view == "table" else
+                store.stream(mix, seed) if view == "stream" else
+                store.dataset(mix, seed, shuffle_files=True))
+        self.step.phase = "fit"
+        workdir, progress = self.paths.scratch(g), self.paths.fit_progress(g)
+        workdir.mkdir()
+        context = FitContext(workdir=workdir, callbacks=self.fit_callbacks, progress=progress,
+                             mix_size=lambda column: store.mix_size(mix, seed, column),
+                             previous_model=self.paths.model(g - 1) if g > 1 else None)
+        with watching(self.trial.trial_id, g, "fit", "steps", lambda: fit_steps(progress),
+                      self.paths.progress):
+            trained = self.family.fit(self.real, data,
+                                      derive_seed(*self.fit_point, g, "fit"), context)
+        write_directory(into, lambda d: self.family.save_model(trained, d))
+        workdir.remove()
+
+    def sample(self, g: int, model: Any) -> None:
+        """Generation g's corpus, sampled from its model and stored with its statistics
+        (generation 1's once for every chain that samples the same)."""
+        n, seed = self.strategy.sample_size(g, self.T), derive_seed(*self.point, g, "sample")
         synth = strategies.synthetic(g)
 
         def fill(directory: Location) -> tuple[dict[str, float], dict[str, str]]:
             # How far sampling got: what the sampler actors say they made, or the rows
             # of the files written so far, whichever is further.
-            counts = paths.sample_progress(g)
+            counts = self.paths.sample_progress(g)
             counts.remove()  # a killed attempt's counts
-            with watching(trial.trial_id, g, "sampling", "stories",
+            with watching(self.trial.trial_id, g, "sampling", "stories",
                           lambda: (max(rows_sampled(counts), rows_written(directory)), n),
-                          paths.progress):
-                stats = family.sample_to(real, model, n, seed, directory, progress=counts)
+                          self.paths.progress):
+                stats = self.family.sample_to(self.real, model, n, seed, directory,
+                                              progress=counts)
             counts.remove()
             return stats
 
-        def sample(into: CorpusStore) -> None:
-            into.write_streamed(synth, fill, model=f"generation {g} ({family.model_name()})",
-                                temperature=family.temperature())
+        def make(into: CorpusStore) -> None:
+            into.write_streamed(synth, fill, temperature=self.family.temperature(),
+                                model=f"generation {g} ({self.family.model_name()})")
 
-        if g != 1 or not out.is_local:  # an object store has no lock to share it by
-            sample(store)
-            return
-        shared = CorpusStore(run.shared_corpus(f"{derive_seed(*point, T, n, seed):016x}"))
-        if not made_once(lambda: shared.has(synth), lambda: sample(shared),
-                         shared.root / "LOCK"):
-            log.info("%s: generation 1: its corpus was sampled by another chain (%s)",
-                     trial.trial_id, shared.root)
-        store.link(synth, StoredRows(shared.root.uri, synth, 0, n))
+        if g == 1:
+            key = f"{derive_seed(*self.point, self.T, n, seed):016x}"
+            self.shared.corpus(key, synth, n, make, self.store, self.trial.trial_id)
+        else:
+            make(self.store)
 
-    def fit(g: int, data: Any, mix_size: Callable[[str], tuple[int, int]]) -> None:
-        """Generation g's model into models/gen-g. Generation 1 trains on the real data
-        alone: it is fit once for every chain whose fit reads the same, and copied."""
-        def train(into: Location) -> None:
-            # Scratch space of this chain and generation only, in the run's storage. It
-            # survives a killed run: what a fit left there (Ray Train's checkpoints) is
-            # the family's to resume from. It goes once the model is saved.
-            step.phase = "reading the training mix"
-            mix = data()
-            step.phase = "fit"
-            workdir = paths.scratch(g)
-            workdir.mkdir()
-            progress = paths.fit_progress(g)
-            with watching(trial.trial_id, g, "fit", "steps", lambda: fit_steps(progress),
-                          paths.progress):
-                trained = family.fit(real, mix, derive_seed(*fit_point, g, "fit"),
-                                     FitContext(workdir=workdir, callbacks=fit_callbacks,
-                                                progress=progress, mix_size=mix_size,
-                                                previous_model=paths.model(g - 1)
-                                                if g > 1 else None))
-            write_directory(into, lambda d: family.save_model(trained, d))
-            workdir.remove()
-
-        if g != 1 or not out.is_local:  # an object store has no lock to share it by
-            train(paths.model(g))
-            return
-        shared = run.shared_model(f"{derive_seed(*fit_point, T, 'generation 1'):016x}")
-        if not made_once(lambda: directory_complete(shared), lambda: train(shared),
-                         shared.parent / f"{shared.name}.lock"):
-            log.info("%s: generation 1: its model was fit by another chain (%s)",
-                     trial.trial_id, shared)
-        copy_directory(shared, paths.model(g))
-
-    def compare(g: int, model: Any) -> tuple[dict[str, float], dict[str, dict]]:
+    def compare(self, g: int, model: Any) -> tuple[dict[str, float], dict[str, dict]]:
         """The family's measures of generation g against generation 1 and the real data,
         on its corpus where it was sampled."""
         synth = strategies.synthetic(g)
-        return family.compare(
-            real, lambda: model if g == 1 else family.load_model(paths.model(1)), model,
-            CorpusView(store, synth) if store.has(synth) else None)
+        first = (lambda: model) if g == 1 else \
+            (lambda: self.family.load_model(self.paths.model(1)))
+        return self.family.compare(self.real, first, model,
+                                   CorpusView(self.store, synth) if self.store.has(synth)
+                                   else None)
 
-    for g in range(1, generations + 1):
-        if paths.metrics(g).exists():
-            continue
-        model_dir = paths.model(g)
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        step.generation, step.phase = g, "fit"
-        if directory_complete(model_dir):
-            model = family.load_model(model_dir)
-            log.info("%s: generation %d: model loaded from checkpoint", trial.trial_id, g)
-        else:
-            step.phase = "reading the training mix"
-            mix = strategy.mix(g, T)
-            # A corpus the user deleted to have it made again, or the last generation's,
-            # not sampled then (sample_last), now that the study was extended.
-            for part in mix.parts:
-                if part.source.kind == "synthetic" and not store.has(part.source):
-                    k = part.source.index
-                    if not directory_complete(paths.model(k)):
-                        raise ChainError(f"{paths.corpus / part.source.name} is missing and "
-                                         f"generation {k}'s model too: delete {paths.root} "
-                                         "to run the chain again from the start")
-                    log.info("%s: sampling corpus %s from generation %d's model (deleted, or "
-                             "not sampled when generation %d was the last)", trial.trial_id,
-                             part.source.name, k, k)
-                    model_k = family.load_model(paths.model(k))
-                    sample_into(k, model_k)
-                    compared, histograms = compare(k, model_k)
-                    _add_sample_stats(paths.metrics(k),
-                                      {**store.entry(part.source).stats, **compared}, histograms)
-            seed = derive_seed(*point, g, "mix")
-            view = family.data_view()
-            fit(g, lambda: store.read(mix, seed) if view == "table" else
-                store.stream(mix, seed) if view == "stream" else
-                store.dataset(mix, seed, shuffle_files=True),
-                lambda column: store.mix_size(mix, seed, column))
-            # Go on from the checkpoint, as a resumed run would: both see the same model.
-            model = family.load_model(model_dir)
-            timings["fit"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        step.phase = "evaluation"
-        scores = dict(family.evaluate(real, model))
-        expected = family.theory(trial.strategy, g)
-        if expected is not None:
-            scores["theory"] = expected
-        timings["evaluate"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        step.phase = "sampling"
-        synth = strategies.synthetic(g)
-        # The last generation's corpus would train nothing: sampled only when the study
-        # asks (sample_last); a study extended later samples it then (see above).
-        if g < generations or trial.sample_last:
-            if not store.has(synth):
-                sample_into(g, model)
-                timings["sample"] = time.perf_counter() - start
-            scores.update(store.entry(synth).stats)
-            _save_preview(family, paths.preview(synth.name), lambda: store.head(synth, 16))
-
-        start = time.perf_counter()
-        step.phase = "comparing with generation 1 and the real data"
-        compared, histograms = compare(g, model)
-        scores.update(compared)
-        if compared or histograms:
-            timings["compare"] = time.perf_counter() - start
-
+    def record(self, g: int, model: Any, scores: dict[str, float],
+               histograms: dict[str, dict], timings: dict[str, float]) -> None:
+        """metrics/gen-g.json: marks generation g done."""
         curves = {name: [[int(step), float(v)] for step, v in curve]
-                  for name, curve in family.curves(model).items()}
+                  for name, curve in self.family.curves(model).items()}
         # Timings stay out of `metrics`: they differ between runs, the table must not.
-        write_json(paths.metrics(g), {"generation": g, "metrics": scores, "curves": curves,
-                                      "histograms": histograms, "seconds": timings})
-        log.info("%s: generation %d/%d done (%s)", trial.trial_id, g, generations,
+        write_json(self.paths.metrics(g), {"generation": g, "metrics": scores,
+                                           "curves": curves, "histograms": histograms,
+                                           "seconds": timings})
+        log.info("%s: generation %d/%d done (%s)", self.trial.trial_id, g, self.generations,
                  ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-        publish()
-        if report is not None:
-            report(g, scores)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str, step: _Step, phase: str) -> Iterator[None]:
+    """Time a phase of a generation into `timings[name]`, saying where the chain is."""
+    step.phase = phase
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
 
 
 def _add_sample_stats(metrics_file: Location, stats: dict[str, float],

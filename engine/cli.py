@@ -156,7 +156,13 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="collapse", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _results_parsers(sub)
+    _job_parsers(sub)
+    return p
 
+
+def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="run or resume a study")
     run.add_argument("study", help="study YAML file, e.g. studies/linear_regression.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -184,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
                           "engine's start-ups measured on a CPU, engine/plan.py)")
     run.set_defaults(func=_run)
 
+
+def _results_parsers(sub) -> None:
     table = sub.add_parser("table", help="print a study's results as a pivot table")
     table.add_argument("dir", help="the study's output directory")
     table.add_argument("--metric", default=None, help="metric (default: the family's headline)")
@@ -214,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     params.add_argument("family", nargs="?", default=None, help="e.g. lm")
     params.set_defaults(func=_params)
 
+
+def _job_parsers(sub) -> None:
     submit = sub.add_parser("submit", help="run a study as a Ray Job on a cluster")
     submit.add_argument("study", help="study YAML file inside the working directory")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -240,29 +250,19 @@ def parser() -> argparse.ArgumentParser:
     stop.add_argument("job_id")
     _add_address(stop)
     stop.set_defaults(func=_stop)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.chain import ChainError
-    from engine.spec import SpecError
+    from engine.errors import CollapseError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as e:
+    except CollapseError as e:  # what the user acts on: one line (a chain that stopped: 1)
         print(e, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ChainError as e:  # a chain stopped: which, where, why, and its log
-        print(e, file=sys.stderr)
-        return EXIT_CHAIN_FAILED
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(e.args[0] if e.args else e, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ConnectionError as e:  # raised by ray.init for an unreachable --address
-        print(f"collapse: cannot reach the Ray cluster: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
+    # Anything else is a bug, in the engine or a library: its traceback, exit 1.
 
 
 if __name__ == "__main__":

@@ -11,8 +11,15 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from engine.errors import Unreachable
 from engine.families import family_for
 from engine.spec import Study
+
+
+def chain_memory(study: Study, trial) -> int:
+    """Bytes a chain's driver needs: the study's resources.memory_per_trial, else its
+    family's estimate."""
+    return study.resources.memory_bytes or family_for(trial).chain_memory()
 
 
 def check_reachable(address: str | None) -> None:
@@ -27,7 +34,7 @@ def check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e}); start the "
+        raise Unreachable(f"collapse: cannot reach the Ray cluster: nothing answers at {address} ({e.strerror or e}); start the "
                               "cluster (ray start --head) or fix --address") from None
 
 
@@ -105,7 +112,7 @@ def check_fits_cluster(study: Study) -> None:
     """Refuse, before any work starts, a study one of whose processes no node can hold
     (e.g. 8 GPUs per trainer worker on a cluster without GPUs): Ray would otherwise wait
     for such a node forever, silently."""
-    from engine.spec import SpecError
+    from engine.errors import SpecError
 
     shapes = node_shapes()
     nodes = "; ".join(sorted({_show(s) for s in shapes})) or "no nodes"
@@ -117,7 +124,6 @@ def check_fits_cluster(study: Study) -> None:
         raise SpecError(f"{study.source}: resources.{key}: a chain's driver asks for "
                         f"{_show(driver)}, but no node of this cluster has that (nodes: "
                         f"{nodes}); lower it or add such a node type to cluster.yaml")
-    from engine.sweep import chain_memory
 
     need = max(chain_memory(study, t) for t in study.trials())
     # node types the autoscaler may add often state no memory: those are not held against

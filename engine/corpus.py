@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 — pa.compute
 import pyarrow.parquet as pq
 
+from engine.errors import CollapseError
 from engine.files import TEMP_PREFIX, Location, write_atomic, write_json
 from engine.strategies import Mix, Source
 
@@ -44,7 +45,7 @@ ROWS_PER_FILE = 1_000_000
 _VERIFIED: set[tuple[str, str]] = set()
 
 
-class CorpusError(RuntimeError):
+class CorpusError(CollapseError, RuntimeError):
     pass
 
 

@@ -32,6 +32,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+from engine.errors import CollapseError, NotFound
 
 TEMP_PREFIX = ".tmp-"
 COMPLETE = "COMPLETE"  # the marker that makes an object-store directory count as written
@@ -39,7 +40,7 @@ COMPLETE = "COMPLETE"  # the marker that makes an object-store directory count a
 OBJECT_STORES = {"s3": "s3", "gs": "gs", "gcs": "gs"}
 
 
-class StorageError(ValueError):
+class StorageError(CollapseError, ValueError):
     pass
 
 
@@ -104,7 +105,7 @@ def list_source_files(source: str, suffixes: tuple[str, ...]) -> list[str]:
         if p.is_dir():
             return sorted(str(f) for f in p.rglob("*") if f.suffix in suffixes)
         if not p.exists():
-            raise FileNotFoundError(f"{source}: no such file or directory")
+            raise NotFound(f"{source}: no such file or directory")
         return [local]
     import pyarrow.fs as pafs
 
@@ -112,13 +113,13 @@ def list_source_files(source: str, suffixes: tuple[str, ...]) -> list[str]:
     if kind == "pyarrow":
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{source}: no such file or directory")
+            raise NotFound(f"{source}: no such file or directory")
         if info.type == pafs.FileType.Directory:
             found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             return sorted(f"{scheme}://{f.path}" for f in found if f.path.endswith(suffixes))
         return [source]
     if not fs.exists(path):
-        raise FileNotFoundError(f"{source}: no such file or directory")
+        raise NotFound(f"{source}: no such file or directory")
     if fs.isdir(path):
         return [f"{scheme}://{p}" for p in sorted(fs.find(path)) if p.endswith(suffixes)]
     return [source]
@@ -241,7 +242,7 @@ class Location:
             with self.fs.open_input_stream(self.path) as f:
                 return f.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"{self.uri}: no such file") from None
+            raise NotFound(f"{self.uri}: no such file") from None
 
     def read_text(self) -> str:
         return self.read_bytes().decode()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engine.spec import SpecError
+from engine.errors import Unreachable
+from engine.errors import SpecError
 
 # Never uploaded with a job: environments, outputs, caches (Ray also honours .gitignore).
 EXCLUDES = [".venv", "venv", ".git", "results", "__pycache__", "*.pyc", ".pytest_cache",
@@ -59,11 +60,11 @@ def _client(address: str | None):
     _use_token_if_present()
     try:
         return JobSubmissionClient(address)
-    except ConnectionError:
-        raise
+    except ConnectionError as e:
+        raise Unreachable(f"collapse: cannot reach the Ray cluster: {e}") from None
     except (RuntimeError, ValueError) as e:
         # e.g. no address given and no RAY_ADDRESS / RAY_API_SERVER_ADDRESS set
-        raise ConnectionError(f"{e} (give --address http://HEAD:8265, the head's dashboard)") \
+        raise Unreachable(f"{e} (give --address http://HEAD:8265, the head's dashboard)") \
             from None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from engine.errors import BadInput
 from engine import strategies
 from engine.families import family_for
 from engine.spec import Study
@@ -182,7 +183,7 @@ def generation_rows(study: Study) -> pd.DataFrame:
         T = cost.rows_per_generation
         chunks = strategy.real_chunks(trial.generations)
         if cost.real_rows is not None and chunks * T > cost.real_rows:
-            raise ValueError(f"{study.source}: family.{cost.rows_field}: strategy "
+            raise BadInput(f"{study.source}: family.{cost.rows_field}: strategy "
                              f"{trial.strategy} reads {chunks} real chunk(s) of T = {T} "
                              f"rows; the data has {cost.real_rows}: set {cost.rows_field} "
                              f"to at most {cost.real_rows // chunks}")

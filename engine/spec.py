@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from engine.errors import SpecError
 from engine import strategies as strategy_registry
 from engine.families import FAMILIES, ParamError, get_family
 
@@ -35,8 +36,6 @@ TOP_LEVEL_KEYS = ("name", "description", "family", "strategies", "generations", 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class SpecError(ValueError):
-    """A study file problem, already phrased as the one line the user sees."""
 
 
 @dataclass(frozen=True)

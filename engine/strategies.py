@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
+from engine.errors import BadInput, CollapseError, UnknownName
 
 Draw = Literal["all", "without_replacement", "with_replacement"]
 SCHEDULES = ("constant", "linear", "exponential")
@@ -169,7 +170,7 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-class WorkflowError(ValueError):
+class WorkflowError(CollapseError, ValueError):
     """A workflow definition problem: `field` (dotted, inside the definition) and why."""
 
     def __init__(self, field: str, message: str):
@@ -276,7 +277,7 @@ def workflow(name: str, definition: dict[str, Any]) -> Strategy:
             parts = [Part(real(g if real_data == "fresh" else 1), real_rows(g, T))]
         for p in parts:
             if p.rows > T:
-                raise ValueError(f"strategy {name}: real: {p.rows} rows at generation {g} "
+                raise BadInput(f"strategy {name}: real: {p.rows} rows at generation {g} "
                                  f"exceed a real chunk's T = {T} rows")
         return [p for p in parts if p.rows]
 
@@ -290,7 +291,7 @@ def workflow(name: str, definition: dict[str, Any]) -> Strategy:
         else:
             rows = round(a.rows * a.scale(g))
         if rows < 1:
-            raise ValueError(f"strategy {name}: generation {g} gets no synthetic rows at "
+            raise BadInput(f"strategy {name}: generation {g} gets no synthetic rows at "
                              f"T = {T} (real: {real_rows(g, T)} rows); that is training on "
                              "real data alone: lower the real amount or state `synthetic`")
         return rows
@@ -321,4 +322,4 @@ def get(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise KeyError(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)})") from None
+        raise UnknownName(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)})") from None

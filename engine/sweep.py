@@ -16,7 +16,7 @@ from typing import Any, Callable
 from engine.chain import ChainError, completed_generations, one_line, read_metrics, run_chain
 from engine.families import family_for, get_family
 from engine.layout import RunLayout
-from engine.cluster import default_concurrency
+from engine.cluster import chain_memory, default_concurrency
 from engine.spec import Study, Trial
 
 
@@ -28,12 +28,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 FAILED = "chain_failed"  # the result key of a chain that stopped on an error a retry repeats
-
-def chain_memory(study: Study, trial: Trial) -> int:
-    """Bytes a chain's driver needs: the study's resources.memory_per_trial, else its
-    family's estimate."""
-    return study.resources.memory_bytes or family_for(trial).chain_memory()
-
 
 def _run_chain_task(trial: dict[str, Any], out: str, fit_callbacks: list) -> None:
     trial = Trial.from_dict(trial)

@@ -74,7 +74,7 @@ def _params(chain: dict[str, Any]) -> dict[str, Any]:
 def check(study: "Study") -> None:
     """Reach the trackers before Ray starts: a store that cannot be opened is one line
     (SpecError naming tracking.<key>), not a traceback from inside Tune."""
-    from engine.spec import SpecError
+    from engine.errors import SpecError
 
     if study.tracking.mlflow:
         if study.tracking.mlflow.startswith("file:"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from engine.errors import UnknownName
 from engine.families.base import Bundle, Family, ParamError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def get_family(name: str) -> type[Family]:
     try:
         module, cls = FAMILIES[name].split(":")
     except KeyError:
-        raise KeyError(f"unknown family {name!r} (known: {', '.join(FAMILIES)})") from None
+        raise UnknownName(f"unknown family {name!r} (known: {', '.join(FAMILIES)})") from None
     return getattr(importlib.import_module(module), cls)
 
 

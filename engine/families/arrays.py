@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import pyarrow as pa
 
+from engine.errors import BadInput
 from engine.families.base import Bundle, Family
 
 Curve = list[tuple[int, float]]
@@ -222,7 +223,7 @@ class ArrayFamily(Family):
         workers = p.workers if p.trainer == "ray" else 1
         per_worker = len(examples) // workers
         if per_worker < p.batch_size:
-            raise ValueError(f"family.batch_size: the mix holds {per_worker} examples per "
+            raise BadInput(f"family.batch_size: the mix holds {per_worker} examples per "
                              f"worker, fewer than one batch of {p.batch_size}")
         steps = max(1, int(round(p.epochs * (per_worker // p.batch_size))))
         loop = LoopConfig(steps=steps, batch_size=p.batch_size, lr=p.lr, warmup=0.05,

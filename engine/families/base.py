@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import pyarrow as pa
+from engine.errors import CollapseError
 
 if TYPE_CHECKING:
     from engine.corpus import CorpusView
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from engine.plan import Cost
 
 
-class ParamError(ValueError):
+class ParamError(CollapseError, ValueError):
     """A family parameter is invalid. `field` is the parameter's name (e.g. "T")."""
 
     def __init__(self, field: str, message: str):

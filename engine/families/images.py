@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import CollapseError
 from engine.files import open_source, split_uri
 
 DIGITS = "digits"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class ImageDataError(ValueError):
+class ImageDataError(CollapseError, ValueError):
     pass
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 
+from engine.errors import BadInput
 from engine.fit.device import current_device, resolve_precision, use_threads
 
 Curve = list[tuple[int, float]]
@@ -214,7 +215,7 @@ def shuffled_batches(examples, batch_size: int, seed: int) -> Iterator:
     import torch
 
     if len(examples) < batch_size:
-        raise ValueError(f"family.batch_size: the mix holds {len(examples)} examples, fewer "
+        raise BadInput(f"family.batch_size: the mix holds {len(examples)} examples, fewer "
                          f"than one batch of {batch_size}")
     order_gen = torch.Generator().manual_seed(seed % 2**31)
     per_epoch = len(examples) // batch_size

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from engine.errors import BadInput, NotFound, UnknownName
 from engine.chain import read_metrics
 from engine.families import family_for, get_family
 from engine.files import Location, write_atomic
@@ -65,17 +66,17 @@ def load_results(directory: Location | Path | str) -> pd.DataFrame:
 
     path = RunLayout.of(directory).results_table
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no results table (run the study first: "
+        raise NotFound(f"{path}: no results table (run the study first: "
                                 "collapse run STUDY.yaml)")
     try:
         table = pd.read_parquet(io.BytesIO(path.read_bytes()))
     except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds for a bad file
-        raise ValueError(f"{path}: unreadable results table ({type(e).__name__}: "
+        raise BadInput(f"{path}: unreadable results table ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); run `collapse run` "
                          "on its study again to rebuild it from the chains") from None
     missing = [c for c in FIXED_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: not a results table (no column {', '.join(missing)})")
+        raise BadInput(f"{path}: not a results table (no column {', '.join(missing)})")
     return table
 
 
@@ -94,7 +95,7 @@ def check_metric(table: pd.DataFrame, metric: str) -> None:
     """KeyError naming the metrics the table has, if it has no `metric`."""
     if not (table["metric"] == metric).any():
         known = ", ".join(sorted(table["metric"].unique()))
-        raise KeyError(f"no metric {metric!r} in the table (it has: {known})")
+        raise UnknownName(f"no metric {metric!r} in the table (it has: {known})")
 
 
 def pivot(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
@@ -103,7 +104,7 @@ def pivot(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     rows = table[(table["metric"] == metric) & table["step"].isna()]
     if rows.empty:
         check_metric(table, metric)
-        raise KeyError(f"metric {metric!r} is a per-step curve; plot it with collapse plot")
+        raise UnknownName(f"metric {metric!r} is a per-step curve; plot it with collapse plot")
     index = ["strategy"] + axis_columns(table)
     return rows.pivot_table(index=index, columns="generation", values="value",
                             aggfunc="mean", sort=False)
@@ -159,7 +160,7 @@ def paired_difference(table: pd.DataFrame, a: str, b: str,
     pivot(table, metric)
     for s in (a, b):
         if s not in set(table["strategy"]):
-            raise KeyError(f"no strategy {s!r} in the table (it has: "
+            raise UnknownName(f"no strategy {s!r} in the table (it has: "
                            f"{', '.join(dict.fromkeys(table['strategy']))})")
     rows = table[(table["metric"] == metric) & table["step"].isna()]
     axes = axis_columns(table)
@@ -168,7 +169,7 @@ def paired_difference(table: pd.DataFrame, a: str, b: str,
         index=keys, columns="strategy", values="value", aggfunc="mean", dropna=False)
     diff = (by[a] - by[b]).dropna().rename("value").reset_index()
     if diff.empty:
-        raise KeyError(f"{a} and {b} share no (grid point, seed, generation) in the table")
+        raise UnknownName(f"{a} and {b} share no (grid point, seed, generation) in the table")
     diff["difference"] = f"{a} - {b}"
     return _with_intervals(diff, ["difference"] + axes)
 

@@ -131,32 +131,15 @@ class LanguageModel(Family):
         log_every: int = 10  # a train-loss point every this many steps
 
     def validate(self) -> None:
-        p = self.config
-        from engine.families.lm import curation, pretrained
+        self._validate_numbers()
+        self._validate_model_and_data()
+        self._validate_sampling()
+        self._validate_placement()
 
-        wrong = pretrained.problem(p.model)
-        if wrong:
-            raise ParamError("model", wrong)
-        for f in p.curate or []:
-            if f not in curation.FILTERS:
-                raise ParamError("curate", f"unknown filter {f!r} (known: "
-                                           f"{', '.join(curation.FILTERS)})")
-        if p.curate and len(set(p.curate)) != len(p.curate):
-            raise ParamError("curate", f"a filter listed twice in {p.curate!r}")
-        if "perplexity" in (p.curate or []):
-            band = p.perplexity_band
-            if not (isinstance(band, list) and len(band) == 2
-                    and all(isinstance(x, (int, float)) for x in band) and 0 <= band[0] < band[1]):
-                raise ParamError("perplexity_band", "the perplexity filter needs [low, high] "
-                                                    f"with 0 <= low < high, got {band!r}")
-        if "ungrammatical" in (p.curate or []) and p.data != GRAMMAR:
-            raise ParamError("curate", "the `ungrammatical` filter needs data: grammar (the "
-                                       "grammar is the only source with an exact verifier)")
+    def _validate_numbers(self) -> None:
+        p = self.config
         if p.temperature < 0:
             raise ParamError("temperature", f"must be >= 0, got {p.temperature}")
-        if not pretrained.is_pretrained(p.model) and p.vocab_size < minimum_vocab_size():
-            raise ParamError("vocab_size", f"must be >= {minimum_vocab_size()} (256 byte tokens + "
-                                           f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
         for name, low in (("stories", 2), ("test_stories", 1), ("context", 8),
                           ("max_new_tokens", 1), ("batch_size", 1), ("workers", 1),
                           ("sampler_actors", 0), ("sample_batch_size", 1), ("log_every", 1),
@@ -177,34 +160,19 @@ class LanguageModel(Family):
                                                    f"{p.repetition_penalty}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
-        if p.cpus_per_worker < 0 or p.gpus_per_worker < 0 or p.sampler_gpus < 0:
-            raise ParamError(next(k for k in ("cpus_per_worker", "gpus_per_worker", "sampler_gpus")
-                                  if getattr(p, k) < 0), "must be >= 0")
-        if p.sampler_cpus <= 0:
-            raise ParamError("sampler_cpus", "must be > 0")
-        if p.sampler_actors == 0:
-            here = "sampler_actors: 0 decodes in the chain's own process"
-            if p.sampler == "vllm" or p.beams > 1:
-                raise ParamError("sampler" if p.sampler == "vllm" else "beams",
-                                 f"{here}, with the transformers sampler only; set "
-                                 "sampler_actors >= 1 for vLLM or beam search")
-            if p.curate:
-                raise ParamError("curate", f"{here}; curation's rounds run in sampler "
-                                           "actors: set sampler_actors >= 1")
-            if p.sampler_gpus:
-                raise ParamError("sampler_gpus", f"{here}, which holds no GPU of its own: "
-                                                 "set sampler_actors >= 1")
-        if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
-            raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
-                                            f"got {p.min_workers}")
-        if p.max_failures < -1 or p.checkpoint_minutes < 0:
-            raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_minutes",
-                             "must be >= -1" if p.max_failures < -1 else "must be >= 0")
-        if p.worker_resources is not None and not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
-                for k, v in p.worker_resources.items()):
-            raise ParamError("worker_resources", "expected a mapping of Ray resource names to "
-                                                 f"amounts >= 0, got {p.worker_resources!r}")
+        if p.beams < 1:
+            raise ParamError("beams", f"must be >= 1 (1: sampling), got {p.beams}")
+
+    def _validate_model_and_data(self) -> None:
+        from engine.families.lm import pretrained
+
+        p = self.config
+        wrong = pretrained.problem(p.model)
+        if wrong:
+            raise ParamError("model", wrong)
+        if not pretrained.is_pretrained(p.model) and p.vocab_size < minimum_vocab_size():
+            raise ParamError("vocab_size", f"must be >= {minimum_vocab_size()} (256 byte tokens + "
+                                           f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
         if p.data == GRAMMAR:
             if p.test_stories >= p.stories:
                 raise ParamError("test_stories", f"must be below stories = {p.stories}, "
@@ -218,8 +186,27 @@ class LanguageModel(Family):
         if p.tokenizer is not None and not is_remote(p.tokenizer) and \
                 not (Path(p.tokenizer) / "tokenizer.json").exists():
             raise ParamError("tokenizer", f"{p.tokenizer}: no tokenizer.json in this directory")
-        if p.beams < 1:
-            raise ParamError("beams", f"must be >= 1 (1: sampling), got {p.beams}")
+
+    def _validate_sampling(self) -> None:
+        """Curation, beam search and where sampling runs."""
+        from engine.families.lm import curation
+
+        p = self.config
+        for f in p.curate or []:
+            if f not in curation.FILTERS:
+                raise ParamError("curate", f"unknown filter {f!r} (known: "
+                                           f"{', '.join(curation.FILTERS)})")
+        if p.curate and len(set(p.curate)) != len(p.curate):
+            raise ParamError("curate", f"a filter listed twice in {p.curate!r}")
+        if "perplexity" in (p.curate or []):
+            band = p.perplexity_band
+            if not (isinstance(band, list) and len(band) == 2
+                    and all(isinstance(x, (int, float)) for x in band) and 0 <= band[0] < band[1]):
+                raise ParamError("perplexity_band", "the perplexity filter needs [low, high] "
+                                                    f"with 0 <= low < high, got {band!r}")
+        if "ungrammatical" in (p.curate or []) and p.data != GRAMMAR:
+            raise ParamError("curate", "the `ungrammatical` filter needs data: grammar (the "
+                                       "grammar is the only source with an exact verifier)")
         if p.beams > 1:
             for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
                 if getattr(p, name) != off:
@@ -235,6 +222,37 @@ class LanguageModel(Family):
         if p.temperature == 0 and p.prompt == "bos":
             warnings.warn("temperature 0 with BOS prompts makes every sampled story the same "
                           "greedy story; use prompt: real_prefix for a meaningful greedy corpus")
+        if p.sampler_actors == 0:
+            here = "sampler_actors: 0 decodes in the chain's own process"
+            if p.sampler == "vllm" or p.beams > 1:
+                raise ParamError("sampler" if p.sampler == "vllm" else "beams",
+                                 f"{here}, with the transformers sampler only; set "
+                                 "sampler_actors >= 1 for vLLM or beam search")
+            if p.curate:
+                raise ParamError("curate", f"{here}; curation's rounds run in sampler "
+                                           "actors: set sampler_actors >= 1")
+            if p.sampler_gpus:
+                raise ParamError("sampler_gpus", f"{here}, which holds no GPU of its own: "
+                                                 "set sampler_actors >= 1")
+
+    def _validate_placement(self) -> None:
+        p = self.config
+        if p.cpus_per_worker < 0 or p.gpus_per_worker < 0 or p.sampler_gpus < 0:
+            raise ParamError(next(k for k in ("cpus_per_worker", "gpus_per_worker", "sampler_gpus")
+                                  if getattr(p, k) < 0), "must be >= 0")
+        if p.sampler_cpus <= 0:
+            raise ParamError("sampler_cpus", "must be > 0")
+        if p.min_workers is not None and not 1 <= p.min_workers <= p.workers:
+            raise ParamError("min_workers", f"must be between 1 and workers = {p.workers}, "
+                                            f"got {p.min_workers}")
+        if p.max_failures < -1 or p.checkpoint_minutes < 0:
+            raise ParamError("max_failures" if p.max_failures < -1 else "checkpoint_minutes",
+                             "must be >= -1" if p.max_failures < -1 else "must be >= 0")
+        if p.worker_resources is not None and not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                for k, v in p.worker_resources.items()):
+            raise ParamError("worker_resources", "expected a mapping of Ray resource names to "
+                                                 f"amounts >= 0, got {p.worker_resources!r}")
 
     # ------------------------------------------------------------------ real data
     def _real_directory(self, seed: int, cache_dir: "Location") -> "Location":

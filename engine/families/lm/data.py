@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.errors import CollapseError
 from engine.files import list_source_files, open_source, source_size
 
 END_OF_TEXT = "<|endoftext|>"
@@ -34,7 +35,7 @@ TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = (".parquet", ".json", ".jsonl")
 
 
-class DataError(ValueError):
+class DataError(CollapseError, ValueError):
     """A data source problem, phrased for the user (names the file)."""
 
 

