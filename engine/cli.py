@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     except CollapseError as e:  # what the user acts on: one line (a chain that stopped: 1)
         print(e, file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `collapse params lm | head`: the reader left, nothing wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     # Anything else is a bug, in the engine or a library: its traceback, exit 1.
 
 

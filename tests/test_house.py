@@ -102,3 +102,27 @@ def test_a_users_error_is_one_line_and_a_bug_its_traceback(tmp_path, monkeypatch
     monkeypatch.setattr(results, "load_results", told)
     assert cli.main(["table", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "no metric 'x' in the table (it has: test_loss)\n"
+
+
+def test_every_language_model_parameter_says_what_reads_it():
+    """What a fit reads decides which chains share generation 1's model: every
+    parameter of the LM family declares it where it is declared (engine/families/base.py:
+    ROLES), and the fit's are exactly those that change the model generation 1 trains."""
+    import dataclasses
+
+    from engine.families import FAMILIES, get_family
+    from engine.families.base import ROLES, role
+
+    lm = get_family("lm")
+    undeclared = [f.name for f in dataclasses.fields(lm.Config) if "role" not in f.metadata]
+    assert not undeclared, f"LanguageModel.Config fields without a role: {undeclared}"
+    for name in FAMILIES:
+        assert all(role(f) in ROLES for f in dataclasses.fields(get_family(name).Config))
+    read_by_fit = set(lm.from_params({}).fit_params())
+    assert {"data", "stories", "vocab_size", "model", "context", "epochs", "batch_size", "lr",
+            "precision", "trainer", "workers", "gpus_per_worker"} <= read_by_fit
+    assert not read_by_fit & {"temperature", "top_k", "top_p", "beams", "prompt", "curate",
+                              "sampler", "sampler_actors", "threads", "start",
+                              "max_new_tokens", "score_under_first"}
+    # generation 1 of the array families starts from scratch whichever `start`
+    assert "start" not in get_family("vae").from_params({}).fit_params()

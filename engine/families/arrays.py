@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import BadInput
-from engine.families.base import Bundle, Family
+from engine.families.base import Bundle, Family, fit, later_fits
 
 Curve = list[tuple[int, float]]
 log = logging.getLogger("engine.arrays")
@@ -26,13 +26,13 @@ log = logging.getLogger("engine.arrays")
 class TrainerConfig:
     """Where an array family's fit runs; every array family's Config extends it."""
 
-    trainer: Literal["local", "ray"] = "local"  # local: the chain's process; ray: Ray Train workers
-    workers: int = 1  # Ray Train workers (trainer: ray), each on an equal share of the mix
-    cpus_per_worker: float = 1.0  # CPUs each Ray Train worker holds
-    gpus_per_worker: float = 0.0  # GPUs each Ray Train worker holds; > 0 evaluates on a GPU too
-    threads: int = 0  # torch CPU threads of the fit; 0: torch's default
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that have it (TF32 matmuls where fp32), fp32 on CPUs
-    start: Literal["scratch", "warm"] = "scratch"  # scratch: fresh weights every generation (the paper); warm: the previous generation's (Bertrand et al. 2024)
+    trainer: Literal["local", "ray"] = fit("local")  # local: the chain's process; ray: Ray Train workers
+    workers: int = fit(1)  # Ray Train workers (trainer: ray), each on an equal share of the mix
+    cpus_per_worker: float = fit(1.0)  # CPUs each Ray Train worker holds
+    gpus_per_worker: float = fit(0.0)  # GPUs each Ray Train worker holds; > 0 evaluates on a GPU too
+    threads: int = fit(0)  # torch CPU threads of the fit; 0: torch's default
+    precision: Literal["auto", "fp32", "bf16"] = fit("auto")  # auto: bf16 autocast on GPUs that have it (TF32 matmuls where fp32), fp32 on CPUs
+    start: Literal["scratch", "warm"] = later_fits("scratch")  # scratch: fresh weights every generation (the paper); warm: the previous generation's (Bertrand et al. 2024)
 
 
 # ------------------------------------------------------------------------- tables
@@ -162,7 +162,6 @@ class RealLabels:
 class ArrayFamily(Family):
     """A family whose model is one torch network fit with engine.fit's loop."""
 
-    NOT_FIT = ("start",)  # generation 1 starts from scratch either way: shared by both
     column = "image"  # the corpus column of one example
 
     def compare(self, real, first_model, model, corpus) -> tuple[dict[str, float], dict]:

@@ -107,6 +107,42 @@ def describe_params(family: "type[Family]") -> list[Param]:
     return out
 
 
+# What reads a parameter, declared where the parameter is (`field(metadata=...)`):
+#   fit         the model a generation trains (generation 1 included)
+#   sampling    only sampling or scoring a corpus
+#   placement   where and with what work runs, not what it computes
+#   later_fits  fits after generation 1 only (how they start)
+# Chains whose grid points agree on the `fit` parameters (and the data) share one
+# generation-1 model (Family.fit_params). A family's Config declares every field's role.
+ROLES = ("fit", "sampling", "placement", "later_fits")
+
+
+def fit(default: Any):
+    """A Config field the fit reads."""
+    return dataclasses.field(default=default, metadata={"role": "fit"})
+
+
+def sampling(default: Any):
+    """A Config field only sampling or scoring reads."""
+    return dataclasses.field(default=default, metadata={"role": "sampling"})
+
+
+def placement(default: Any):
+    """A Config field that says where and with what work runs."""
+    return dataclasses.field(default=default, metadata={"role": "placement"})
+
+
+def later_fits(default: Any):
+    """A Config field read by the fits after generation 1 only."""
+    return dataclasses.field(default=default, metadata={"role": "later_fits"})
+
+
+def role(f: "dataclasses.Field") -> str:
+    """A Config field's role; a field declared without one counts as read by the fit
+    (the safe side: chains that differ in it never share a model)."""
+    return f.metadata.get("role", "fit")
+
+
 class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]  # a frozen dataclass: the study file's family parameters
@@ -200,15 +236,12 @@ class Family(ABC):
         Returns a line saying what it prepared, or None when there was nothing to do."""
         return None
 
-    # Parameters a generation-1 fit does not read (sampling, placement, how later
-    # generations start): left out of fit_params.
-    NOT_FIT: ClassVar[tuple[str, ...]] = ()
-
     def fit_params(self) -> dict[str, Any]:
-        """The parameters a fit reads: chains whose grid points agree on them (and on
-        the data) train the same generation-1 model, which is then fit once and shared."""
-        return {k: v for k, v in dataclasses.asdict(self.config).items()
-                if k not in self.NOT_FIT}
+        """The parameters a fit reads (role `fit`, see ROLES): chains whose grid points
+        agree on them (and on the data) train the same generation-1 model, which is then
+        fit once and shared."""
+        fitted = {f.name for f in dataclasses.fields(self.config) if role(f) == "fit"}
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k in fitted}
 
     def stated(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` less those at their default: what a chain's random draws are derived

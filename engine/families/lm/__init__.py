@@ -27,7 +27,8 @@ from typing import Literal
 
 import pyarrow as pa
 
-from engine.families.base import Bundle, Family, ParamError
+from engine.families.base import (Bundle, Family, ParamError, fit, later_fits, placement,
+                                   sampling)
 from engine.families.lm import grammar
 from engine.corpus import StoredRows
 from engine.families.lm.data import DataError, read_stories
@@ -85,50 +86,50 @@ class LanguageModel(Family):
 
     @dataclass(frozen=True)
     class Config:
-        data: str = GRAMMAR  # "grammar", or a TinyStories .txt / Parquet / JSON(L) path or URI
-        stories: int = 2000  # grammar: how many stories to draw (train + test)
-        max_stories: int | None = None  # files: read only the first N stories
-        test_stories: int = 200  # held-out REAL test stories, fixed per study seed
-        train_stories: int | None = None  # T per generation (default: all not held out)
-        tokenizer: str | None = None  # a tokenizer directory; default: train byte-level BPE
-        vocab_size: int = 512  # the byte-level BPE's vocabulary
-        model: str = "small"  # a zoo size (engine/families/lm/zoo.py), or a pretrained checkpoint: a Hugging Face id, a directory, s3:// or gs:// (its tokenizer comes with it)
-        start: Literal["scratch", "warm"] = "scratch"  # scratch: the model's initial weights every generation (fresh for a zoo size, the checkpoint's for a pretrained model); warm: the previous generation's (Bertrand et al. 2024)
-        context: int = 256  # tokens per training block, and the longest story sampled
-        temperature: float = 1.0  # sampling temperature (0: greedy)
-        top_k: int = 0  # 0: off (pure ancestral sampling, as the paper)
-        top_p: float = 1.0  # 1.0: off
-        repetition_penalty: float = 1.0  # > 1: tokens already in a story less likely (Shumailov et al.: 3); 1.0: off
-        beams: int = 1  # > 1: beam search with this many beams instead of sampling (Shumailov et al.: 5); deterministic, so temperature, top_k and top_p stay at their defaults
-        prompt: Literal["bos", "real_prefix"] = "bos"  # what each sampled story starts from
-        prefix_tokens: int = 8  # real_prefix: tokens of a real training story to start from
-        max_new_tokens: int = 256  # the longest sampled story, in tokens
-        epochs: float = 1.0  # passes over the mix per generation
-        token_budget: int | None = None  # train on this many tokens instead of `epochs`
-        batch_size: int = 16  # blocks per step per worker
-        lr: float = 2e-3  # peak learning rate (AdamW, linear warmup then cosine decay)
-        warmup: float = 0.05  # fraction of steps
-        weight_decay: float = 0.1  # AdamW's decoupled weight decay
-        precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
-        zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (3: weights gathered before saving)
-        trainer: Literal["ray", "local"] = "ray"  # ray: Ray Train workers; local: in-process
-        workers: int = 1  # trainer workers (the most, when elastic)
-        min_workers: int | None = None  # elastic: the fewest a fit may go on with after a failure
-        cpus_per_worker: float = 0.5  # < 1 on small machines, or Ray Data starves
-        gpus_per_worker: float = 0.0  # GPUs per trainer worker; > 0 evaluates on a GPU too
-        worker_resources: dict | None = None  # more Ray resources per worker, e.g. {"trainer": 1}
-        max_failures: int = 3  # worker-group restarts a fit may take (-1: unlimited)
-        checkpoint_minutes: float = 10.0  # training time between checkpoints (0: none)
-        threads: int = 0  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
-        sampler: Literal["auto", "vllm", "hf"] = "auto"  # auto: vllm when installed, else hf
-        sampler_actors: int = 1  # sampler processes (vLLM engines or transformers decoders); 0: transformers decoding in the chain's own process (no process start-up per generation: minutes-long CPU studies)
-        sampler_cpus: float = 0.5  # CPUs per sampler actor
-        sampler_gpus: float = 0.0  # GPUs per sampler actor
-        sample_batch_size: int = 64  # stories per sampling batch
-        curate: list | None = None  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
-        perplexity_band: list | None = None  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
-        score_under_first: bool = False  # score each generation's samples under generation 1's model: perplexity histograms and the tail beyond real data's (Shumailov et al. 2024; engine/families/lm/first_model.py)
-        log_every: int = 10  # a train-loss point every this many steps
+        data: str = fit(GRAMMAR)  # "grammar", or a TinyStories .txt / Parquet / JSON(L) path or URI
+        stories: int = fit(2000)  # grammar: how many stories to draw (train + test)
+        max_stories: int | None = fit(None)  # files: read only the first N stories
+        test_stories: int = fit(200)  # held-out REAL test stories, fixed per study seed
+        train_stories: int | None = fit(None)  # T per generation (default: all not held out)
+        tokenizer: str | None = fit(None)  # a tokenizer directory; default: train byte-level BPE
+        vocab_size: int = fit(512)  # the byte-level BPE's vocabulary
+        model: str = fit("small")  # a zoo size (engine/families/lm/zoo.py), or a pretrained checkpoint: a Hugging Face id, a directory, s3:// or gs:// (its tokenizer comes with it)
+        start: Literal["scratch", "warm"] = later_fits("scratch")  # scratch: the model's initial weights every generation (fresh for a zoo size, the checkpoint's for a pretrained model); warm: the previous generation's (Bertrand et al. 2024)
+        context: int = fit(256)  # tokens per training block, and the longest story sampled
+        temperature: float = sampling(1.0)  # sampling temperature (0: greedy)
+        top_k: int = sampling(0)  # 0: off (pure ancestral sampling, as the paper)
+        top_p: float = sampling(1.0)  # 1.0: off
+        repetition_penalty: float = sampling(1.0)  # > 1: tokens already in a story less likely (Shumailov et al.: 3); 1.0: off
+        beams: int = sampling(1)  # > 1: beam search with this many beams instead of sampling (Shumailov et al.: 5); deterministic, so temperature, top_k and top_p stay at their defaults
+        prompt: Literal["bos", "real_prefix"] = sampling("bos")  # what each sampled story starts from
+        prefix_tokens: int = sampling(8)  # real_prefix: tokens of a real training story to start from
+        max_new_tokens: int = sampling(256)  # the longest sampled story, in tokens
+        epochs: float = fit(1.0)  # passes over the mix per generation
+        token_budget: int | None = fit(None)  # train on this many tokens instead of `epochs`
+        batch_size: int = fit(16)  # blocks per step per worker
+        lr: float = fit(2e-3)  # peak learning rate (AdamW, linear warmup then cosine decay)
+        warmup: float = fit(0.05)  # fraction of steps
+        weight_decay: float = fit(0.1)  # AdamW's decoupled weight decay
+        precision: Literal["auto", "fp32", "bf16"] = fit("auto")  # auto: bf16 on GPUs that have it, else fp32
+        zero_stage: int = fit(0)  # DeepSpeed ZeRO stage 0-3 (3: weights gathered before saving)
+        trainer: Literal["ray", "local"] = fit("ray")  # ray: Ray Train workers; local: in-process
+        workers: int = fit(1)  # trainer workers (the most, when elastic)
+        min_workers: int | None = placement(None)  # elastic: the fewest a fit may go on with after a failure
+        cpus_per_worker: float = placement(0.5)  # < 1 on small machines, or Ray Data starves
+        gpus_per_worker: float = fit(0.0)  # GPUs per trainer worker; > 0 evaluates on a GPU too
+        worker_resources: dict | None = placement(None)  # more Ray resources per worker, e.g. {"trainer": 1}
+        max_failures: int = placement(3)  # worker-group restarts a fit may take (-1: unlimited)
+        checkpoint_minutes: float = placement(10.0)  # training time between checkpoints (0: none)
+        threads: int = placement(0)  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
+        sampler: Literal["auto", "vllm", "hf"] = sampling("auto")  # auto: vllm when installed, else hf
+        sampler_actors: int = placement(1)  # sampler processes (vLLM engines or transformers decoders); 0: transformers decoding in the chain's own process (no process start-up per generation: minutes-long CPU studies)
+        sampler_cpus: float = placement(0.5)  # CPUs per sampler actor
+        sampler_gpus: float = placement(0.0)  # GPUs per sampler actor
+        sample_batch_size: int = sampling(64)  # stories per sampling batch
+        curate: list | None = sampling(None)  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
+        perplexity_band: list | None = sampling(None)  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
+        score_under_first: bool = sampling(False)  # score each generation's samples under generation 1's model: perplexity histograms and the tail beyond real data's (Shumailov et al. 2024; engine/families/lm/first_model.py)
+        log_every: int = fit(10)  # a train-loss point every this many steps
 
     def validate(self) -> None:
         self._validate_numbers()
@@ -305,15 +306,6 @@ class LanguageModel(Family):
     # -------------------------------------------------------------- model and loops
     def data_view(self) -> str:
         return "dataset" if self.config.trainer == "ray" else "stream"
-
-    # What only sampling or scoring reads, or only where a fit runs: left out of
-    # fit_params, so that the grid points of one model at several temperatures share its
-    # generation 1. (`start` too: generation 1 starts from scratch either way.)
-    NOT_FIT = ("temperature", "top_k", "top_p", "repetition_penalty", "beams", "prompt",
-               "prefix_tokens", "max_new_tokens", "sampler", "sampler_actors", "sampler_cpus",
-               "sampler_gpus", "sample_batch_size", "threads", "cpus_per_worker",
-               "worker_resources", "max_failures", "checkpoint_minutes", "min_workers",
-               "curate", "perplexity_band", "score_under_first", "start")
 
     def _workers(self):
         from engine.fit import Workers
