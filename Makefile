@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install quickstart test test-heavy bench gpu-wheels
+.PHONY: install quickstart test test-heavy bench docs gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ bench: install
 	$(BIN)/python bench/linear_speed.py
 	$(BIN)/python bench/lm_fit_speed.py
 	$(BIN)/python bench/lm_sample_speed.py
+	$(BIN)/python bench/quickstart_floor.py
+
+# The manual (docs/, mkdocs.yml) built as CI builds it: a broken link or page fails.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 # What bench/gpu_check.py needs on an offline GPU machine that has torch and
 # transformers (Python $(GPU_PYTHON), x86-64): DeepSpeed built as a pure-Python wheel (its
