@@ -20,7 +20,6 @@ strategies in the table are the strategies' doing, not the noise's.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -33,9 +32,11 @@ from engine.errors import CollapseError
 from engine.corpus import CorpusStore, CorpusView, StoredRows, rows_written
 from engine.families import family_for
 from engine.files import (Location, copy_directory, directory_complete, made_once,
-                          node_cache, write_atomic, write_directory, write_json)
+                          node_cache, write_atomic, write_directory)
 from engine.fit import FitContext
 from engine.layout import ChainLayout, RunLayout
+from engine.records import (DamagedFile, directory_problem, intact_record, read_record,
+                            write_record)
 from engine.progress import fit_steps, rows_sampled, watching
 from engine.seeds import derive_seed
 from engine.spec import Trial
@@ -104,9 +105,9 @@ def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | N
     """If `out` already holds this chain with other parameters, say how they differ.
     Read-only, so a bad study can be refused before anything is written."""
     path = chain_layout(out, trial).trial_file
-    if not path.exists():
+    recorded = intact_record(path)
+    if recorded is None:  # none yet, or damaged: the chain writes it again from the study
         return None
-    recorded = json.loads(path.read_text())
     if recorded.get("seed_scheme") != SEED_SCHEME:
         return ("made by an earlier engine, which derived the chain's random draws from "
                 "every parameter (defaults included); its generations cannot be continued "
@@ -122,9 +123,10 @@ def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | N
 
 
 def completed_generations(out: Location | Path | str, trial: Trial) -> int:
+    """Generations whose metrics are on record, intact (a damaged one is done again)."""
     paths = chain_layout(out, trial)
     g = 0
-    while paths.metrics(g + 1).exists():
+    while intact_record(paths.metrics(g + 1)) is not None:
         g += 1
     return g
 
@@ -144,7 +146,7 @@ def run_chain(trial: Trial, generations: int, out: Location | Path | str,
             chain = Chain(trial, generations, Location.of(out), tuple(fit_callbacks), step)
             chain.repair()
             for g in range(1, generations + 1):
-                if not paths.metrics(g).exists():
+                if not chain.done(g):
                     chain.generation(g)
                     publish()
         except Exception as e:
@@ -243,8 +245,11 @@ class Chain:
             raise ChainError(f"{self.paths.trial_file}: this chain was run with other "
                              f"parameters ({mismatch}); use another `out` or delete "
                              f"{self.paths.root}")
-        if not self.paths.trial_file.exists():
-            write_json(self.paths.trial_file, {**trial.to_dict(), "seed_scheme": SEED_SCHEME})
+        if intact_record(self.paths.trial_file) is None:
+            if self.paths.trial_file.exists():
+                log.warning("%s: damaged; written again from the study (the chain's "
+                            "directory names its parameters)", self.paths.trial_file)
+            write_record(self.paths.trial_file, {**trial.to_dict(), "seed_scheme": SEED_SCHEME})
         self.paths.progress.remove()  # an earlier run's: not this run's progress
         family = self.family
         # The grid point without the strategy: shared by every strategy (see module doc).
@@ -275,6 +280,30 @@ class Chain:
         _save_preview(self.family, self.paths.preview("real"),
                       lambda: self.real.train_chunks[0])
 
+    # ------------------------------------------------------------ what is on record
+    def done(self, g: int) -> bool:
+        """Whether generation g's metrics are on record. A damaged record (edited, cut
+        short) is named and removed: the generation is recomputed from its model and
+        corpus, which are checked in turn."""
+        where = self.paths.metrics(g)
+        if not where.exists():
+            return False
+        try:
+            read_record(where)
+            return True
+        except DamagedFile as e:
+            log.warning("%s; generation %d is recomputed from its model and corpus", e, g)
+            where.remove()
+            return False
+
+    def model(self, k: int):
+        """Generation k's saved model, checked against its checksums."""
+        problem = directory_problem(self.paths.model(k))
+        if problem:
+            raise ChainError(f"{problem}; delete {self.paths.model(k)} and every later "
+                             f"generation's files to fit generation {k} again")
+        return self.family.load_model(self.paths.model(k))
+
     # ------------------------------------------------------------ before the loop
     def repair(self) -> None:
         """Corpora that the generations still to fit read but the store lacks: deleted
@@ -298,7 +327,7 @@ class Chain:
                          "not sampled when generation %d was the last)", self.trial.trial_id,
                          part.source.name, k, k)
                 self.step.generation, self.step.phase = k, "sampling (a repair)"
-                model = self.family.load_model(paths.model(k))
+                model = self.model(k)
                 self.sample(k, model)
                 compared, histograms = self.compare(k, model)
                 _add_sample_stats(paths.metrics(k),
@@ -340,8 +369,14 @@ class Chain:
         model_dir = self.paths.model(g)
         self.step.phase = "fit"
         if directory_complete(model_dir):
-            log.info("%s: generation %d: model loaded from checkpoint", self.trial.trial_id, g)
-            return self.family.load_model(model_dir)
+            problem = directory_problem(model_dir)
+            if problem is None:
+                log.info("%s: generation %d: model loaded from checkpoint",
+                         self.trial.trial_id, g)
+                return self.family.load_model(model_dir)
+            # Its inputs (the mix's corpora) are checked when read: fit it again.
+            log.warning("%s; generation %d is fit again from its mix", problem, g)
+            model_dir.remove()
         with _timed(timings, "fit", self.step, "reading the training mix"):
             mix = self.strategy.mix(g, self.T)
             seed = derive_seed(*self.point, g, "mix")
@@ -409,8 +444,7 @@ class Chain:
         """The family's measures of generation g against generation 1 and the real data,
         on its corpus where it was sampled."""
         synth = strategies.synthetic(g)
-        first = (lambda: model) if g == 1 else \
-            (lambda: self.family.load_model(self.paths.model(1)))
+        first = (lambda: model) if g == 1 else (lambda: self.model(1))
         return self.family.compare(self.real, first, model,
                                    CorpusView(self.store, synth) if self.store.has(synth)
                                    else None)
@@ -421,9 +455,9 @@ class Chain:
         curves = {name: [[int(step), float(v)] for step, v in curve]
                   for name, curve in self.family.curves(model).items()}
         # Timings stay out of `metrics`: they differ between runs, the table must not.
-        write_json(self.paths.metrics(g), {"generation": g, "metrics": scores,
-                                           "curves": curves, "histograms": histograms,
-                                           "seconds": timings})
+        write_record(self.paths.metrics(g), {"generation": g, "metrics": scores,
+                                             "curves": curves, "histograms": histograms,
+                                             "seconds": timings})
         log.info("%s: generation %d/%d done (%s)", self.trial.trial_id, g, self.generations,
                  ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
@@ -446,13 +480,13 @@ def _add_sample_stats(metrics_file: Location, stats: dict[str, float],
     table then equals the one a study run this long from the start gives."""
     if not metrics_file.exists():
         return
-    record = json.loads(metrics_file.read_text())
+    record = read_record(metrics_file)
     if all(k in record["metrics"] for k in stats) and \
             all(k in record.get("histograms", {}) for k in histograms):
         return
     record["metrics"].update(stats)
     record.setdefault("histograms", {}).update(histograms)
-    write_json(metrics_file, record)
+    write_record(metrics_file, record)
 
 
 def _save_preview(family, path: Location, rows: Callable[[], Any]) -> None:
@@ -481,5 +515,5 @@ def read_metrics(out: Location | Path | str, trial: Trial, generations: int,
     for g in range(first, generations + 1):
         if not paths.metrics(g).exists():
             break
-        rows.append(json.loads(paths.metrics(g).read_text()))
+        rows.append(read_record(paths.metrics(g)))
     return rows

@@ -32,7 +32,7 @@ import pyarrow.compute  # noqa: F401 — pa.compute
 import pyarrow.parquet as pq
 
 from engine.errors import CollapseError
-from engine.files import TEMP_PREFIX, Location, write_atomic, write_json
+from engine.files import TEMP_PREFIX, Location, lock_owner, owner_gone, write_atomic, write_json
 from engine.strategies import Mix, Source
 
 if TYPE_CHECKING:
@@ -223,16 +223,22 @@ class CorpusStore:
         final = self.root / source.name
         final.remove()  # what a killed attempt left
         for stale in self.root.children():
-            if stale.name.startswith(TEMP_PREFIX) and stale.name.endswith(f"-{source.name}"):
+            # Another writer's, only once it is known dead: a live one may still be
+            # writing there (two runs into one out are refused: engine/run.py)
+            if stale.name.startswith(TEMP_PREFIX) and stale.name.endswith(f"-{source.name}") \
+                    and (not stale.is_local or _maker_gone(stale)):
                 stale.remove()
         # A filesystem: fill a temp directory and rename it into place; an object store
         # has no rename, and files without a manifest entry do not count.
         target = (self.root / f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{source.name}"
                   if final.is_local else final)
         target.mkdir()
+        if final.is_local:
+            (target.local_path / MAKER).write_text(json.dumps(lock_owner()))
         try:
             stats, metadata = fill(target)
             if final.is_local:
+                (target.local_path / MAKER).unlink()
                 os.replace(target.local_path, final.local_path)
         finally:
             if final.is_local:
@@ -471,6 +477,15 @@ class CorpusStore:
                 elif pq.read_metadata(path.path, filesystem=path.arrow()[0]).num_rows != f.rows:
                     problems.append(f"{path}: row count mismatch")
         return problems
+
+
+MAKER = ".maker"  # in a temp directory being filled: who fills it (engine/files.py)
+
+
+def _maker_gone(directory: Location) -> bool:
+    """Whether the process filling a temp directory is known dead (or named none)."""
+    maker = directory.local_path / MAKER
+    return not maker.exists() or owner_gone(maker)
 
 
 def rows_written(directory: Location) -> int:

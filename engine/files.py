@@ -35,6 +35,7 @@ from typing import Any, Callable
 from engine.errors import CollapseError, NotFound
 
 TEMP_PREFIX = ".tmp-"
+CHECKSUMS = "CHECKSUMS.json"  # one hash per file of a directory written whole
 COMPLETE = "COMPLETE"  # the marker that makes an object-store directory count as written
 # The object stores a run directory may live in (pyarrow has a filesystem for each).
 OBJECT_STORES = {"s3": "s3", "gs": "gs", "gcs": "gs"}
@@ -345,6 +346,21 @@ def write_json(final: Location | Path | str, value: Any) -> None:
     write_atomic(final, lambda tmp: tmp.write_text(json.dumps(value, indent=1, sort_keys=True)))
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """CHECKSUMS.json in a local directory being filled: a hash of every other file."""
+    sums = {str(f.relative_to(directory)): _file_digest(f)
+            for f in sorted(directory.rglob("*")) if f.is_file() and f.name != CHECKSUMS}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+
+
 def write_directory(final: Location | Path | str, fill: Callable[[Path], None]) -> None:
     """Fill a local temp directory and put it in place as `final`, which must not be
     complete yet (see the module doc for what makes it complete)."""
@@ -356,6 +372,7 @@ def write_directory(final: Location | Path | str, fill: Callable[[Path], None]) 
         tmp.mkdir()
         try:
             fill(tmp)
+            write_checksums(tmp)  # verified when read (engine/records.py)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
@@ -364,6 +381,7 @@ def write_directory(final: Location | Path | str, fill: Callable[[Path], None]) 
     final.remove()  # what an upload cut short left behind
     with tempfile.TemporaryDirectory(prefix="collapse-upload-") as d:
         fill(Path(d))
+        write_checksums(Path(d))
         for f in sorted(Path(d).rglob("*")):
             if f.is_file():
                 (final / str(f.relative_to(d))).upload(f)
@@ -378,7 +396,7 @@ def directory_complete(where: Location | Path | str) -> bool:
     return (where / COMPLETE).is_file()
 
 
-def _lock_owner() -> dict[str, Any]:
+def lock_owner() -> dict[str, Any]:
     """Who holds a lock: this host, this process and when the process started (a pid
     alone may be reused by a later process)."""
     import socket
@@ -389,7 +407,7 @@ def _lock_owner() -> dict[str, Any]:
             "started": psutil.Process().create_time()}
 
 
-def _owner_gone(path: Path) -> bool:
+def owner_gone(path: Path) -> bool:
     """Whether the lock's maker is known dead: it ran on this host and its process is
     gone. A maker on another host (a shared filesystem) is judged by the lock's age."""
     import socket
@@ -431,7 +449,7 @@ def made_once(done: Callable[[], bool], make: Callable[[], None], lock: Location
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                if (_owner_gone(path)
+                if (owner_gone(path)
                         or time.time() - path.stat().st_mtime > stale_after):
                     path.unlink()  # its maker is gone
                     continue
@@ -440,7 +458,7 @@ def made_once(done: Callable[[], bool], make: Callable[[], None], lock: Location
             time.sleep(poll)
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump(_lock_owner(), f)
+            json.dump(lock_owner(), f)
         stop = threading.Event()
 
         def heartbeat() -> None:
@@ -470,7 +488,7 @@ def copy_directory(source: Location, final: Location) -> None:
 
     def fill(d: Path) -> None:
         for f in sorted(here.rglob("*")):
-            if f.is_file() and f.name != COMPLETE:
+            if f.is_file() and f.name not in (COMPLETE, CHECKSUMS):
                 target = d / f.relative_to(here)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:

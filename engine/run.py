@@ -2,13 +2,86 @@
 the run's record (runs.json)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from engine.spec import Study
+
+
+# Written first into an out a run starts in: what says the directory is a run of this
+# engine, so that a later run writes there (an out holding anything else is refused).
+RUN_MARK = ".collapse-run"
+RUN_LOCK = "RUN.lock"  # held by the live `collapse run` of an out
+
+
+def check_out_is_a_run(study: "Study") -> None:
+    """Refuse an `out` that exists, is not empty and is not a run of this engine: the
+    run would write study.yaml, results.csv, report.html... over the files there."""
+    from engine.errors import SpecError
+    from engine.files import Location
+
+    out = Location.of(study.out)
+    if not out.exists():
+        return
+    names = sorted(c.name for c in out.children())
+    # the mark, or what only a run writes (an older engine's runs wrote no mark)
+    if not names or {RUN_MARK, "runs.json", "trials", "real", "shared", "tune"} & set(names):
+        return
+    raise SpecError(f"{study.source}: out: {out} exists and holds files this engine did "
+                    f"not write ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
+                    "choose another out (--set out=DIR), or empty it")
+
+
+@contextmanager
+def holding(out) -> Iterator[None]:
+    """The live run's hold on its `out`: RUN.lock, naming this host, process and
+    command, taken over only from a process known dead (engine/files.py: a lock's
+    owner). A second run into the same out is refused, naming the first. An object
+    store has no atomic create: there the run holds nothing."""
+    import json
+    import os
+    import sys
+
+    from engine.errors import SpecError
+    from engine.files import lock_owner, owner_gone
+
+    if not out.is_local:
+        yield
+        return
+    path = out.local_path / RUN_LOCK
+    created = not out.local_path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if owner_gone(path):
+                path.unlink(missing_ok=True)  # its run was killed: take it over
+                continue
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            raise SpecError(f"out: {out} is in use by another collapse run (host "
+                            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}: "
+                            f"{holder.get('command', '?')}); wait for it to end, or stop "
+                            "it") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({**lock_owner(), "command": " ".join(sys.argv)}, f)
+    try:
+        (out.local_path / RUN_MARK).touch()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        if created and [p.name for p in out.local_path.iterdir()] == [RUN_MARK]:
+            # refused before any work (a study the cluster cannot hold): nothing left
+            (out.local_path / RUN_MARK).unlink()
+            out.local_path.rmdir()
 
 
 def check_out_directory(study: "Study") -> None:
@@ -51,64 +124,88 @@ def run_study(study: "Study | str | Path", overrides: Sequence[str] = (),
     """Run (or resume) every chain of a study; return and save the tidy table.
 
     Everything that needs no cluster is checked before Ray starts (15-20 s): the study,
-    what `out` already holds, whether `out` can be written, whether anything is left to
-    do."""
+    what `out` already holds, whether `out` can be written and is free, whether
+    anything is left to do."""
     import sys
-    import time
-
-    import yaml
 
     from engine import results, tracking
-    from engine.chain import completed_generations, real_seed
-    from engine.cluster import check_fits_cluster, check_reachable, ray_connection, run_facts
-    from engine.files import StorageError, check_writable, write_atomic
-    from engine.families import family_for
+    from engine.chain import completed_generations
     from engine.layout import RunLayout
-    from engine.errors import SpecError
     from engine.spec import Study
-    from engine.sweep import run_sweep
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if not isinstance(study, Study):
         from engine.spec import load_study
 
         study = load_study(study, overrides)
-    check_out_directory(study)
     address = address or study.resources.address
-    check_reachable(address)
     run = RunLayout.of(study.out)  # a path or an object-store URI
+    _check_before_ray(study, run, address)
+    trials = study.trials()
+    trackers: list = []
+    with holding(run.out):
+        if all(completed_generations(run.out, t) >= t.generations for t in trials):
+            say(f"[{study.name}] all {len(trials)} chains already complete in {run.out}")
+        else:
+            trackers = _sweep(study, run, address, verbose, say)
+        table = results.collect(study)
+        results.write(table, run.out)
+    tracking.attach_results(study, trackers, run)
+    return table
+
+
+def _check_before_ray(study: "Study", run, address: str | None) -> None:
+    """What can be refused in seconds, before Ray starts and anything is written."""
+    from engine import tracking
+    from engine.cluster import check_reachable
+    from engine.errors import SpecError
+    from engine.files import StorageError, check_writable
+    from engine.records import read_runs
+
+    check_out_is_a_run(study)
+    check_out_directory(study)
+    read_runs(run.run_facts)  # a damaged record of past runs: named now, not after Ray
+    check_reachable(address)
     try:  # a missing bucket, no credentials, a read-only mount: one line, now
         check_writable(run.out)
     except StorageError as e:
         raise SpecError(f"{study.source}: out: {e}") from None
     tracking.check(study)
-    trials = study.trials()
-    trackers: list = []
-    if all(completed_generations(run.out, t) >= t.generations for t in trials):
-        say(f"[{study.name}] all {len(trials)} chains already complete in {run.out}")
-    else:
-        with ray_connection(address, verbose=verbose):
-            check_fits_cluster(study)
-            # Work on real data done once per study (the LM's tokenized corpus), before
-            # any chain starts: no chain repeats it.
-            for trial in trials:
-                prepared = family_for(trial).prepare(real_seed(trial), run.real_cache)
-                if prepared:
-                    say(f"[{study.name}] {prepared}")
-            write_atomic(run.study_file, lambda tmp: tmp.write_text(
-                yaml.safe_dump(study.document, sort_keys=False)))
-            trackers = tracking.callbacks(study)
-            facts = {**run_facts(), "command": " ".join(sys.argv),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-            _record_run(run, facts)  # now: an interrupted run is on record too
-            start = time.monotonic()
-            run_sweep(study, say=say, trackers=trackers)
-            _record_run(run, {**facts, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                              "seconds": round(time.monotonic() - start, 1)})
-    table = results.collect(study)
-    results.write(table, run.out)
-    tracking.attach_results(study, trackers, run)
-    return table
+
+
+def _sweep(study: "Study", run, address: str | None, verbose: bool, say) -> list:
+    """Ray up, the real data prepared once, every unfinished chain run; the trackers."""
+    import sys
+    import time
+
+    import yaml
+
+    from engine import tracking
+    from engine.chain import real_seed
+    from engine.cluster import check_fits_cluster, ray_connection, run_facts
+    from engine.families import family_for
+    from engine.files import write_atomic
+    from engine.sweep import run_sweep
+
+    with ray_connection(address, verbose=verbose):
+        check_fits_cluster(study)
+        # Work on real data done once per study (the LM's tokenized corpus), before
+        # any chain starts: no chain repeats it.
+        for trial in study.trials():
+            prepared = family_for(trial).prepare(real_seed(trial), run.real_cache)
+            if prepared:
+                say(f"[{study.name}] {prepared}")
+        write_atomic(run.study_file, lambda tmp: tmp.write_text(
+            yaml.safe_dump(study.document, sort_keys=False)))
+        trackers = tracking.callbacks(study)
+        facts = {**run_facts(), "command": " ".join(sys.argv),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        _record_run(run, facts)  # now: an interrupted run is on record too
+        start = time.monotonic()
+        run_sweep(study, say=say, trackers=trackers)
+        _record_run(run, {**facts, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                          "seconds": round(time.monotonic() - start, 1)})
+    return trackers
 
 
 def _record_run(run, facts: dict) -> None:
@@ -118,7 +215,9 @@ def _record_run(run, facts: dict) -> None:
 
     from engine.files import write_atomic
 
-    runs = json.loads(run.run_facts.read_text()) if run.run_facts.exists() else []
+    from engine.records import read_runs
+
+    runs = read_runs(run.run_facts)
     if runs and runs[-1].get("started") == facts["started"]:
         runs[-1] = facts
     else:

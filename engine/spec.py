@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ def parse_bytes(value: str | int) -> int:
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"expected an amount of memory such as 4GiB, 512MiB or a number of "
-                         f"bytes, got {value!r}")
+                         f"bytes, got {short(value)}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -193,6 +194,35 @@ def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
     node[path[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps
+    the last: `generations: 3` ... `generations: 2` would run 2 without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice, at lines {seen[key]} and {line}: "
+                                "keep one", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: a message never quotes a whole document
+    (six nested YAML aliases make a 459-byte file a value of millions of items)."""
+    import reprlib
+
+    r = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> Study:
     """Read, override and validate a study file. Raises SpecError with one line."""
     source = str(path)
@@ -200,7 +230,10 @@ def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> Study:
     if not p.is_file():
         raise SpecError(f"{source}: no such study file")
     try:
-        document = yaml.safe_load(p.read_text())
+        document = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save the "
+                        "study file as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -258,7 +291,9 @@ class _Checker:
 
     def typed(self, field_name: str, value: Any, annotation: Any) -> Any:
         if not _matches(value, annotation):
-            self.fail(field_name, f"expected {_describe(annotation)}, got {value!r}")
+            self.fail(field_name, f"expected {_describe(annotation)}, got {short(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(field_name, f"must be a finite number, got {value}")
         # YAML reads `1` as an int; a float parameter keeps its type so trial ids and
         # tables do not depend on how the user happened to write the number.
         admitted = typing.get_args(annotation) or (annotation,)
@@ -281,10 +316,10 @@ def validate(document: dict[str, Any], source: str = "<study>",
 
     name = document["name"]
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        check.fail("name", f"expected a name of letters, digits, '_', '-' or '.', got {name!r}")
+        check.fail("name", f"expected a name of letters, digits, '_', '-' or '.', got {short(name)}")
     description = document.get("description") or ""
     if not isinstance(description, str):
-        check.fail("description", f"expected a string, got {description!r}")
+        check.fail("description", f"expected a string, got {short(description)}")
 
     family_name, family_params, axis_keys = _validate_family(check, document["family"])
     strategies, workflows = _validate_strategies(check, document["strategies"])
@@ -293,25 +328,25 @@ def validate(document: dict[str, Any], source: str = "<study>",
 
     seeds = document["seeds"]
     if not isinstance(seeds, list) or not seeds:
-        check.fail("seeds", f"expected a non-empty list of integers, e.g. [0, 1], got {seeds!r}")
+        check.fail("seeds", f"expected a non-empty list of integers, e.g. [0, 1], got {short(seeds)}")
     for i, s in enumerate(seeds):
         if not _matches(s, int) or s < 0:
-            check.fail(f"seeds[{i}]", f"expected an integer >= 0, got {s!r}")
+            check.fail(f"seeds[{i}]", f"expected an integer >= 0, got {short(s)}")
     if len(set(seeds)) != len(seeds):
-        check.fail("seeds", f"repeated seed in {seeds!r}")
+        check.fail("seeds", f"repeated seed in {short(seeds)}")
 
     out = document.get("out")
     if out is None:
         out = f"results/{name}"
     if not isinstance(out, str) or not out.strip():
-        check.fail("out", f"expected a directory path, got {out!r}")
+        check.fail("out", f"expected a directory path, got {short(out)}")
     out = _run_out(check, out)
 
     resources = _validate_resources(check, document.get("resources") or {})
     tracking = _validate_tracking(check, document.get("tracking") or {})
     sample_last = document.get("sample_last", False)
     if not isinstance(sample_last, bool):
-        check.fail("sample_last", f"expected true or false, got {sample_last!r}")
+        check.fail("sample_last", f"expected true or false, got {short(sample_last)}")
 
     study = Study(
         name=name, family=family_name, family_params=family_params,
@@ -330,7 +365,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
                              f"e.g. {{name: linear, d: 10}} (families: {', '.join(FAMILIES)})")
     name = family["name"]
     if name not in FAMILIES:
-        check.fail("family.name", f"unknown family {name!r} (known: {', '.join(FAMILIES)})")
+        check.fail("family.name", f"unknown family {short(name)} (known: {', '.join(FAMILIES)})")
     fam = get_family(name)
     hints = typing.get_type_hints(fam.Config)
     fields = {f.name: f for f in dataclasses.fields(fam.Config)}
@@ -340,7 +375,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
         if key == "name":
             continue
         if key not in fields:
-            check.fail(f"family.{key}", f"unknown parameter of family {name!r} "
+            check.fail(f"family.{key}", f"unknown parameter of family {short(name)} "
                                         f"(allowed: {', '.join(fields)})")
         # A list is a grid axis, except for a parameter that is itself a list (such
         # as an image family's conv `widths`): there a list of lists is the axis.
@@ -351,7 +386,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
                                             "or a non-empty list")
             values = [check.typed(f"family.{key}[{i}]", v, hints[key]) for i, v in enumerate(value)]
             if len(set(map(repr, values))) != len(values):
-                check.fail(f"family.{key}", f"repeated value in {value!r}")
+                check.fail(f"family.{key}", f"repeated value in {short(value)}")
             params[key] = values
             axis_keys.append(key)
         else:
@@ -359,7 +394,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
     for key, f in fields.items():
         if key not in params:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                check.fail(f"family.{key}", f"missing (family {name!r} requires it)")
+                check.fail(f"family.{key}", f"missing (family {short(name)} requires it)")
             params[key] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     # Paths written in the study file are relative to the file; a --set value is typed in
     # a shell, so it stays relative to where collapse runs.
@@ -407,7 +442,7 @@ def _validate_strategies(check: _Checker, strategies: Any) -> tuple[list[str], d
             name = s.get("name")
             if not isinstance(name, str) or not NAME_PATTERN.match(name):
                 check.fail(f"strategies[{i}].name", "a workflow needs a name of letters, "
-                                                    f"digits, '_', '-' or '.', got {name!r}")
+                                                    f"digits, '_', '-' or '.', got {short(name)}")
             definition = {k: v for k, v in s.items() if k != "name"}
             try:
                 strategy_registry.workflow(name, definition)
@@ -416,14 +451,14 @@ def _validate_strategies(check: _Checker, strategies: Any) -> tuple[list[str], d
             workflows[name] = definition
             names.append(name)
         elif s not in strategy_registry.STRATEGIES:
-            check.fail(f"strategies[{i}]", f"unknown strategy {s!r} (known: "
+            check.fail(f"strategies[{i}]", f"unknown strategy {short(s)} (known: "
                                            f"{', '.join(strategy_registry.STRATEGIES)}; or a "
                                            "mapping that defines a workflow, e.g. {name: "
                                            "real_half, real: {fraction: 0.5}})")
         else:
             names.append(s)
     if len(set(names)) != len(names):
-        check.fail("strategies", f"repeated strategy in {names!r}")
+        check.fail("strategies", f"repeated strategy in {short(names)}")
     return names, workflows
 
 
@@ -438,7 +473,7 @@ def _validate_generations(check: _Checker, generations: Any, strategies: list[st
             check.fail(where, f"not one of this study's strategies ({', '.join(strategies)}) "
                               "or `default`")
         if not _matches(n, int) or n < 1:
-            check.fail(where, f"expected an integer >= 1, got {n!r}")
+            check.fail(where, f"expected an integer >= 1, got {short(n)}")
     missing = [s for s in strategies if s not in generations and "default" not in generations]
     if missing:
         check.fail("generations", f"no count for {', '.join(missing)}; add them or a `default`")
@@ -447,7 +482,7 @@ def _validate_generations(check: _Checker, generations: Any, strategies: list[st
 
 def _validate_resources(check: _Checker, resources: Any) -> Resources:
     if not isinstance(resources, dict):
-        check.fail("resources", f"expected a mapping, got {resources!r}")
+        check.fail("resources", f"expected a mapping, got {short(resources)}")
     hints = typing.get_type_hints(Resources)
     values = {}
     for key, value in resources.items():
@@ -467,7 +502,7 @@ def _validate_resources(check: _Checker, resources: Any) -> Resources:
     if r.memory_per_trial is not None:
         try:
             if r.memory_bytes <= 0:
-                raise ValueError(f"must be > 0, got {r.memory_per_trial!r}")
+                raise ValueError(f"must be > 0, got {short(r.memory_per_trial)}")
         except ValueError as e:
             check.fail("resources.memory_per_trial", str(e))
     return r
@@ -478,7 +513,7 @@ def _validate_tracking(check: _Checker, tracking: Any) -> Tracking:
 
     if not isinstance(tracking, dict):
         check.fail("tracking", f"expected a mapping such as {{mlflow: file:///abs/mlruns}}, "
-                               f"got {tracking!r}")
+                               f"got {short(tracking)}")
     hints = typing.get_type_hints(Tracking)
     values = {}
     for key, value in tracking.items():

@@ -121,10 +121,12 @@ def test_table_and_plot_name_what_is_wrong(finished, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "results.parquet").write_bytes(b"PAR1 not really a parquet file")
-    for command in ("table", "plot"):
+    for command in ("table", "plot"):  # no checksum beside it, no study to rebuild it from
         r = collapse(command, bad)
         assert r.returncode == 2
-        assert r.stderr.strip().startswith(f"{bad / 'results.parquet'}: unreadable results table")
+        assert r.stderr.strip() == (
+            f"{bad / 'results.parquet'}: no checksum beside it (results.parquet.sha256); run "
+            "`collapse run` on its study again to rebuild it from the chains' metrics")
 
 
 @pytest.mark.slow

@@ -96,10 +96,12 @@ def test_chain_directory_of_another_study_is_refused(tmp_path):
     assert sorted(str(p) for p in out.rglob("*")) == before
     # A chain recorded by an engine that derived its draws another way is refused too:
     # its later generations would draw other numbers than its earlier ones did.
+    from engine.records import read_record, write_record
+
     trial_file = out / "trials" / "replace__seed=3" / "trial.json"
-    recorded = json.loads(trial_file.read_text())
+    recorded = read_record(trial_file)
     assert recorded.pop("seed_scheme") == 2
-    trial_file.write_text(json.dumps(recorded))
+    write_record(trial_file, recorded)  # as that engine wrote it (with its checksum)
     r = collapse("run", first)
     assert r.returncode == 2 and "made by an earlier engine" in r.stderr, r.stderr
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from engine.errors import BadInput, NotFound, UnknownName
+from engine.records import DamagedFile, file_problem, read_record, write_file_checksum
 from engine.chain import read_metrics
 from engine.families import family_for, get_family
 from engine.files import Location, write_atomic
@@ -55,19 +56,44 @@ def collect(study: Study) -> pd.DataFrame:
     return table
 
 
+def _rebuilt(run: RunLayout, problem: str) -> pd.DataFrame:
+    """The table again from the chains' metrics (each checked as it is read)."""
+    import sys
+
+    from engine.spec import load_study
+
+    if not run.study_file.exists():
+        raise DamagedFile(f"{problem}; run `collapse run` on its study again to rebuild "
+                          "it from the chains' metrics")
+    study = load_study(run.study_file.local_path if run.out.is_local else run.study_file.uri,
+                       [f"out={run.out.uri}"])
+    table = collect(study)
+    write(table, run.out)
+    print(f"{problem}; rebuilt from the chains' metrics", file=sys.stderr)
+    return table
+
+
 def write(table: pd.DataFrame, out: Location | Path | str) -> None:
     run = RunLayout.of(out)
     write_atomic(run.results_table, lambda tmp: table.to_parquet(tmp, index=False))
+    write_file_checksum(run.results_table)  # what load_results checks
     write_atomic(run.results_csv, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def load_results(directory: Location | Path | str) -> pd.DataFrame:
+    """A study's tidy table, checked against its checksum. A damaged table (a flipped
+    bit changes a number without a word) is rebuilt from the chains' verified metrics
+    where the run's study.yaml is there, and the rebuild is said on stderr."""
     import io
 
-    path = RunLayout.of(directory).results_table
+    run = RunLayout.of(directory)
+    path = run.results_table
     if not path.exists():
         raise NotFound(f"{path}: no results table (run the study first: "
                                 "collapse run STUDY.yaml)")
+    problem = file_problem(path)
+    if problem:
+        return _rebuilt(run, problem)
     try:
         table = pd.read_parquet(io.BytesIO(path.read_bytes()))
     except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds for a bad file
@@ -402,8 +428,6 @@ def plot_histograms(study_dir: Location | Path | str,
     `score_under_first`): one PNG per chain and histogram, the share of samples per bin
     for every generation, darker for later ones, over the real data's (dashed); a
     dotted line at the real data's 99th percentile (Shumailov et al. 2024, Fig. 1b)."""
-    import json
-
     import numpy as np
 
     run, out_dir = RunLayout.of(study_dir), Location.of(out_dir)
@@ -412,7 +436,7 @@ def plot_histograms(study_dir: Location | Path | str,
         by_name: dict[str, dict[int, dict]] = {}
         g = 1
         while chain.metrics(g).exists():
-            record = json.loads(chain.metrics(g).read_text())
+            record = read_record(chain.metrics(g))
             for name, hist in record.get("histograms", {}).items():
                 by_name.setdefault(name, {})[g] = hist
             g += 1

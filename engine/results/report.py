@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pandas as pd
 
 from engine import results, strategies
 from engine.corpus import CorpusStore
+from engine.records import DamagedFile, intact_record, read_runs
 from engine.families import family_for, get_family
 from engine.files import Location, write_atomic
 from engine.layout import ChainLayout, RunLayout
@@ -138,8 +138,9 @@ def _plots(table: pd.DataFrame, run: RunLayout) -> str:
 def _trials(run: RunLayout) -> list[tuple[ChainLayout, Trial]]:
     out = []
     for chain in run.chains():
-        if chain.trial_file.exists():
-            out.append((chain, Trial.from_dict(json.loads(chain.trial_file.read_text()))))
+        record = intact_record(chain.trial_file)  # a damaged one: the chain is left out
+        if record is not None:
+            out.append((chain, Trial.from_dict(record)))
     return out
 
 
@@ -182,7 +183,11 @@ def _facts(run: RunLayout) -> str:
     """Each `collapse run` of this directory (versions, hardware, when, how long), and
     the seconds each phase took per generation, summed over chains."""
     parts = []
-    runs = json.loads(run.run_facts.read_text()) if run.run_facts.exists() else []
+    try:
+        runs = read_runs(run.run_facts)
+    except DamagedFile as e:
+        runs = []
+        parts.append(f"<p>{_e(str(e))}</p>")
     for i, facts in enumerate(runs, start=1):
         finished = (f"finished {facts['finished']} after {facts['seconds']:.0f} s"
                     if "finished" in facts else "did not finish (interrupted or failed)")
@@ -210,10 +215,10 @@ def _phase_seconds(run: RunLayout) -> pd.DataFrame:
     rows = []
     for chain, trial in _trials(run):
         for g in range(1, trial.generations + 1):
-            record = chain.metrics(g)
-            if not record.exists():
+            record = intact_record(chain.metrics(g))
+            if record is None:
                 break
-            for phase, seconds in json.loads(record.read_text()).get("seconds", {}).items():
+            for phase, seconds in record.get("seconds", {}).items():
                 rows.append({"generation": g, "phase": phase, "seconds": seconds})
     if not rows:
         return pd.DataFrame()

@@ -1,0 +1,184 @@
+"""What a hostile but realistic user does to a run (issue 24): damaged files a later
+step trusts, odd study files, a second run into a live run's out, an out that is not
+a run. Each is caught and named, and what can be recomputed is."""
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from conftest import collapse, write_study
+
+STUDY = """\
+name: probe
+family: {{name: linear, d: 5, T: 50, trials: 20}}
+strategies: [replace, accumulate]
+generations: 3
+seeds: [0]
+out: {out}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The probe's study S, run once; its table as the reference."""
+    d = tmp_path_factory.mktemp("probe")
+    out = d / "out"
+    study = write_study(d / "s.yaml", STUDY.format(out=out))
+    r = collapse("run", study)
+    assert r.returncode == 0, r.stderr
+    return study, out, pd.read_parquet(out / "results.parquet")
+
+
+def same_table(out, reference):
+    table = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(table.sort_values(list(table.columns)).reset_index(drop=True),
+                                  reference.sort_values(list(reference.columns))
+                                  .reset_index(drop=True))
+
+
+@pytest.mark.slow
+def test_an_edited_metric_is_named_and_recomputed(run):
+    study, out, reference = run
+    metrics = out / "trials" / "replace__seed=0" / "metrics" / "gen-0002.json"
+    record = json.loads(metrics.read_text())
+    record["metrics"]["test_error"] = 0.001  # a number edited by hand
+    metrics.write_text(json.dumps(record))
+    r = collapse("run", study)
+    assert r.returncode == 0, r.stderr
+    same_table(out, reference)
+    log = (out / "trials" / "replace__seed=0" / "chain.log").read_text()
+    assert f"{metrics}: checksum mismatch" in log and "generation 2 is recomputed" in log
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_of_a_model_is_named_and_the_model_fit_again(run):
+    study, out, reference = run
+    chain = out / "trials" / "accumulate__seed=0"
+    model = next((chain / "models" / "gen-0003").glob("*.npy"))
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0x10
+    model.write_bytes(bytes(data))
+    (chain / "metrics" / "gen-0003.json").unlink()
+    r = collapse("run", study)
+    assert r.returncode == 0, r.stderr
+    same_table(out, reference)
+    assert f"{model}: checksum mismatch" in (chain / "chain.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_of_the_table_is_named_and_the_table_rebuilt(run):
+    study, out, reference = run
+    table = out / "results.parquet"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    table.write_bytes(bytes(data))
+    r = collapse("table", out, "--metric", "test_error", "--pivot")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == (f"{table}: checksum mismatch (the file changed after it was "
+                                "written); rebuilt from the chains' metrics")
+    same_table(out, reference)
+
+
+@pytest.mark.slow
+def test_a_damaged_record_of_past_runs_is_named_before_ray_starts(run, tmp_path):
+    import shutil
+
+    study, out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "runs.json").write_text("[1, 2]")
+    r = collapse("run", study, "--set", f"out={copy}")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"{copy / 'runs.json'}: unreadable (not a list of runs); "
+                                "delete it (it only records past runs)")
+
+
+def test_a_second_run_into_a_live_runs_out_is_refused_naming_it(tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".collapse-run").touch()
+    me = psutil.Process()
+    lock = {"host": os.uname().nodename, "pid": me.pid, "started": me.create_time(),
+            "command": "collapse run s.yaml"}
+    (out / "RUN.lock").write_text(json.dumps(lock))
+    study = write_study(tmp_path / "s.yaml", STUDY.format(out=out))
+    r = collapse("run", study)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"out: {out} is in use by another collapse run (host "
+                                f"{lock['host']}, pid {me.pid}: collapse run s.yaml); wait "
+                                "for it to end, or stop it")
+    # its maker dead (this pid, but another process start): the lock is taken over
+    (out / "RUN.lock").write_text(json.dumps({**lock, "started": lock["started"] - 1000}))
+    r = collapse("run", study, "--set", "generations=1", "--set", "strategies=[replace]")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "RUN.lock").exists()
+
+
+def test_an_out_holding_a_users_files_is_refused(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "study.yaml").write_text("my own notes")
+    (out / "report.html").write_text("<p>mine</p>")
+    study = write_study(tmp_path / "s.yaml", STUDY.format(out=out))
+    r = collapse("run", study)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"{study}: out: {out} exists and holds files this engine did "
+                                "not write (report.html, study.yaml); choose another out "
+                                "(--set out=DIR), or empty it")
+    assert (out / "study.yaml").read_text() == "my own notes"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: s\ngenerations: 3\nfamily: {name: linear}\nstrategies: [replace]\nseeds: [0]\n"
+     "generations: 2\n", "not valid YAML at line 6: 'generations' is given twice, at lines 2 "
+                         "and 6: keep one"),
+    ("name: s\ngenerations: 1\nfamily: {name: linear, sigma2: .nan}\nstrategies: [replace]\n"
+     "seeds: [0]\n", "family.sigma2: must be a finite number, got nan"),
+    ("name: s\ngenerations: 1\nfamily: {name: linear, ridge: -.inf}\nstrategies: [replace]\n"
+     "seeds: [0]\n", "family.ridge: must be a finite number, got -inf"),
+])
+def test_odd_study_files_are_one_line(tmp_path, text, message):
+    study = write_study(tmp_path / "s.yaml", text + f"out: {tmp_path / 'out'}\n")
+    r = collapse("run", study)
+    assert r.returncode == 2 and r.stderr.strip() == f"{study}: {message}", r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_alias_bomb_and_a_file_that_is_not_text_are_one_short_line(tmp_path):
+    lists = ", ".join(["&a [1,1,1,1,1,1,1,1,1,1]"] + [
+        f"&{b} [{', '.join(['*' + a] * 10)}]" for a, b in zip("abcd", "bcde")] +
+        [f"[{', '.join(['*e'] * 10)}]"])
+    bomb = write_study(tmp_path / "bomb.yaml", "name: bomb\ngenerations: 1\nseeds: [0]\n"
+                       f"strategies: [replace]\nfamily:\n  name: linear\n  d: [{lists}]\n")
+    r = collapse("run", bomb)
+    assert r.returncode == 2 and len(r.stderr) < 400, r.stderr[:400]
+    assert r.stderr.startswith(f"{bomb}: family.d[0]: expected an integer, got [1, 1, 1")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: s\xff\n")
+    r = collapse("run", binary)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"{binary}: not UTF-8 text (byte 7: invalid start byte); save the study file as UTF-8")
+
+
+def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
+    """write_streamed removes a killed attempt's temporary folder, never a live one's
+    (two runs into one out are refused; a chain's own retries are one writer at a time)."""
+    import pyarrow as pa
+    import psutil
+
+    from engine import strategies as S
+    from engine.corpus import MAKER, CorpusStore
+
+    store = CorpusStore(tmp_path / "corpus")
+    store.write(S.real(1), pa.table({"v": [1, 2]}), model="real data")
+    me = psutil.Process()
+    live, dead = (tmp_path / "corpus" / f".tmp-{k}-synthetic-0001" for k in ("aaaa", "bbbb"))
+    for folder, started in ((live, me.create_time()), (dead, me.create_time() - 1000)):
+        folder.mkdir()
+        (folder / MAKER).write_text(json.dumps({"host": os.uname().nodename, "pid": me.pid,
+                                                "started": started}))
+    store.write(S.synthetic(1), pa.table({"v": [3, 4]}), model="g1")
+    assert live.exists() and not dead.exists()
