@@ -33,3 +33,15 @@ class UnknownName(CollapseError, KeyError):
 
 class Unreachable(CollapseError, ConnectionError):
     """A Ray cluster or job server that does not answer at the address given."""
+
+
+def collapse_error_in(e: BaseException) -> "CollapseError | None":
+    """The CollapseError behind an exception that carried it through Ray (a task's
+    RayTaskError, Ray Data's UserCodeException), if there is one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CollapseError):
+            return e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None

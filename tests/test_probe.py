@@ -182,3 +182,50 @@ def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
                                                 "started": started}))
     store.write(S.synthetic(1), pa.table({"v": [3, 4]}), model="g1")
     assert live.exists() and not dead.exists()
+
+
+def write_jsonl(path, bad_record):
+    with open(path, "w") as f:
+        for i in range(50):
+            f.write(json.dumps({"text": f"Once upon a time there was a cat number {i}."}) + "\n")
+        f.write(bad_record + "\n")
+    return path
+
+
+@pytest.mark.parametrize("record,message", [
+    ('{"text": 123}', "line 51: `text` is int (123), not a string"),
+    ('{"text": ["a", "b"]}', "line 51: `text` is list (['a', 'b']), not a string"),
+    ('{"text": "cut short', "line 51: not valid JSON (Unterminated string starting at)"),
+    ('{"story": "no text"}', "line 51: no `text` field (every record needs one)"),
+])
+def test_text_data_that_is_not_text_is_one_line_naming_the_record(tmp_path, record, message):
+    data = write_jsonl(tmp_path / "stories.jsonl", record)
+    study = write_study(tmp_path / "s.yaml", f"""\
+name: t
+family: {{name: lm, data: {data}, test_stories: 5, vocab_size: 300, model: tiny}}
+strategies: [replace]
+generations: 1
+seeds: [0]
+out: {tmp_path / 'out'}
+""")
+    for extra in ((), ("--dry-run",)):
+        r = collapse("run", study, *extra)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip() == f"{study}: family.data: {data}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_record_that_is_not_text_found_while_preparing_is_one_line(tmp_path, ray_local):
+    """Data the checks before the run do not read (a URI) is found by the preparation's
+    Ray tasks: the same one line, raised as itself, and nothing left behind."""
+    from engine.families import get_family
+    from engine.families.lm.data import DataError
+    from engine.files import Location
+
+    data = write_jsonl(tmp_path / "stories.jsonl", '{"text": 7}')
+    family = get_family("lm").from_params({"data": f"file://{data}", "test_stories": 5,
+                                           "vocab_size": 300, "model": "tiny"})
+    with pytest.raises(DataError) as e:
+        family.prepare(0, Location(str(tmp_path / "real")))
+    assert str(e.value) == f"{data}: line 51: `text` is int (7), not a string"
+    assert not any((tmp_path / "real").glob("lm-*"))

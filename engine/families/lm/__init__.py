@@ -272,7 +272,19 @@ class LanguageModel(Family):
         directory = self._real_directory(seed, cache_dir)
         if read_prepared(directory) is not None:
             return None
-        p = prepare(self.config, seed, directory)
+        try:
+            p = prepare(self.config, seed, directory)
+        except Exception as e:
+            # Bad data found by a Ray task (a record whose text is not text): the one
+            # line it raised, not Ray's wrapper, and nothing left behind. (A preparation
+            # killed midway keeps its finished steps; this one would only fail again.)
+            from engine.errors import collapse_error_in
+
+            told = collapse_error_in(e)
+            if told is None:
+                raise
+            directory.remove()
+            raise told from None
         return (f"real data: {p.stories} stories prepared ({p.train} train, {p.test} test), "
                 f"vocabulary {p.vocab}, in {directory}")
 

@@ -67,21 +67,48 @@ def _stories_from_text(f, limit: int | None) -> list[str]:
     return stories
 
 
+def _text_column(uri: str, table: pa.Table) -> list[str]:
+    if "text" not in table.column_names:
+        raise DataError(f"{uri}: no `text` column (columns: {', '.join(table.column_names)})")
+    kind = table.schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{uri}: the `text` column holds {kind}, not strings")
+    return [t for t in table.column("text").to_pylist() if t]
+
+
+def story_text(uri: str, row: object, where: str) -> str:
+    """One JSON record's `text`: a string, else DataError naming the file, the record
+    (`where`: its line, or its place in a JSON list) and the field."""
+    if not isinstance(row, dict) or "text" not in row:
+        raise DataError(f"{uri}: {where}: no `text` field (every record needs one)")
+    text = row["text"]
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{uri}: {where}: `text` is {type(text).__name__} "
+                        f"({str(text)[:40]}), not a string")
+    return text or ""
+
+
 def _stories_from_table(uri: str, f) -> list[str]:
     if uri.endswith(".parquet"):
-        table = pq.read_table(f, columns=None)
-        if "text" not in table.column_names:
-            raise DataError(f"{uri}: no `text` column (columns: {', '.join(table.column_names)})")
-        return [t for t in table.column("text").to_pylist() if t]
+        return _text_column(uri, pq.read_table(f, columns=None))
     data = f.read().decode("utf-8")
-    try:
-        rows = json.loads(data) if uri.endswith(".json") and data.lstrip().startswith("[") else \
-            [json.loads(line) for line in data.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if rows and not all(isinstance(r, dict) and "text" in r for r in rows):
-        raise DataError(f"{uri}: every record needs a `text` field")
-    return [r["text"] for r in rows if r["text"]]
+    if uri.endswith(".json") and data.lstrip().startswith("["):
+        try:
+            rows = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        texts = [story_text(uri, r, f"record {k + 1}") for k, r in enumerate(rows)]
+    else:
+        texts = []
+        for number, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{uri}: line {number}: not valid JSON ({e.msg})") from None
+            texts.append(story_text(uri, row, f"line {number}"))
+    return [t for t in texts if t]
 
 
 def read_stories(source: str, max_stories: int | None = None) -> list[str]:
@@ -179,10 +206,7 @@ def read_piece(piece: Piece) -> tuple[list[str], list[float] | None]:
         with open_source(piece.uri) as f:
             if piece.kind == "parquet":
                 table = pq.ParquetFile(f).read_row_group(piece.start)
-                if "text" not in table.column_names:
-                    raise DataError(f"{piece.uri}: no `text` column (columns: "
-                                    f"{', '.join(table.column_names)})")
-                return [t for t in table.column("text").to_pylist() if t], None
+                return _text_column(piece.uri, table), None
             if piece.kind == "json":
                 return _stories_from_table(piece.uri, f), None
             data, first = _lines_from(f, piece.start, piece.end, piece.kind == "text")
@@ -278,9 +302,19 @@ def _jsonl_lines(uri: str, data: bytes, back: int, start: int, end: int) -> list
         try:
             row = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise DataError(f"{uri}: not valid JSON ({e.msg} at byte {offset})") from None
-        if not isinstance(row, dict) or "text" not in row:
-            raise DataError(f"{uri}: every record needs a `text` field")
-        if row["text"]:
-            out.append(row["text"])
+            raise DataError(f"{uri}: line {_line_number(uri, offset)}: not valid JSON "
+                            f"({e.msg})") from None
+        try:
+            text = story_text(uri, row, "")
+        except DataError:
+            story_text(uri, row, f"line {_line_number(uri, offset)}")  # the message, named
+            raise
+        if text:
+            out.append(text)
     return out
+
+
+def _line_number(uri: str, offset: int) -> int:
+    """The line of a file that starts at byte `offset` (counted only for an error)."""
+    with open_source(uri) as f:
+        return f.read(offset).count(b"\n") + 1

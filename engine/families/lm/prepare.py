@@ -67,7 +67,14 @@ def read_prepared(directory: Location) -> Prepared | None:
 
 
 def _count(row: dict[str, Any]) -> dict[str, Any]:
-    return {"piece": row["piece"], "count": len(read_piece(Piece(**row["spec"]))[0])}
+    """A piece's story count, or the one line saying what is wrong with its data: handed
+    back, not raised, so that the driver raises it as itself (through Ray Data a task's
+    error arrives as a multi-line wrapper of it)."""
+    try:
+        return {"piece": row["piece"], "count": len(read_piece(Piece(**row["spec"]))[0]),
+                "problem": ""}
+    except DataError as e:
+        return {"piece": row["piece"], "count": 0, "problem": str(e)}
 
 
 def _stories_of(spec: dict, first: int, n: int) -> tuple[list[str], list[float] | None]:
@@ -147,7 +154,9 @@ def prepare(p: Any, seed: int, directory: Location) -> Prepared:
         got = (ray.data.from_items(rows).map(_count, num_cpus=raydata.TASK_CPUS)
                .take_all())
         counts = np.zeros(len(specs), dtype=np.int64)
-        for r in got:
+        for r in sorted(got, key=lambda r: r["piece"]):
+            if r["problem"]:
+                raise DataError(r["problem"])
             counts[r["piece"]] = r["count"]
     firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     total = int(counts.sum())
