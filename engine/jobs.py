@@ -13,18 +13,24 @@ the researcher's machine, before anything is uploaded.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engine.errors import Unreachable
-from engine.errors import SpecError
+from engine.errors import SpecError, Unreachable
 
 # Never uploaded with a job: environments, outputs, caches (Ray also honours .gitignore).
-EXCLUDES = [".venv", "venv", ".git", "results", "__pycache__", "*.pyc", ".pytest_cache",
-            "*.egg-info"]
+# What a job takes from the working directory: the package, the study files and the
+# files a study names, nothing else (a project's directory also holds .env files, keys
+# and credentials, which must never leave the machine). Never taken, even when named:
+NEVER = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info",
+         ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*",
+         "id_ecdsa*", ".netrc", ".aws", ".ssh", ".gnupg", ".docker", ".kube", "*credentials*",
+         "*secret*", "*token*", ".npmrc", ".pypirc", "results")
+TAKEN = ("engine", "studies", "pyproject.toml")
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60  # how long a submit waits for a just-started head's job agent
 
@@ -75,8 +81,49 @@ def entrypoint(study_file: str, overrides: Sequence[str]) -> str:
     return shlex.join(args)
 
 
+def _never(relative: Path) -> bool:
+    return any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in NEVER)
+
+
+def pack(root: Path, study_file: Path, study) -> tuple[Path, list[tuple[str, int]]]:
+    """A staging copy of what the job needs from `root`: the package (engine/), the
+    studies (studies/, the study file), pyproject.toml and the local files and
+    directories the study's parameters name inside `root`; never a file matching NEVER.
+    (The directory, and [(relative path, bytes)] of what it holds.)"""
+    import shutil
+    import tempfile
+
+    from engine.families import family_for
+
+    wanted = [root / name for name in TAKEN] + [study_file]
+    for trial in study.trials():
+        family = family_for(trial)
+        for key in family.path_fields:
+            values = trial.params.get(key)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and Path(value).is_absolute():
+                    wanted.append(Path(value))
+    files = set()
+    for where in wanted:
+        where = where.resolve()
+        if not where.exists() or not where.is_relative_to(root):
+            continue
+        for f in ([where] if where.is_file() else where.rglob("*")):
+            if f.is_file() and not _never(f.relative_to(root)):
+                files.add(f)
+    staging = Path(tempfile.mkdtemp(prefix="collapse-job-"))
+    packed = []
+    for f in sorted(files):
+        relative = f.relative_to(root)
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, staging / relative)
+        packed.append((str(relative), f.stat().st_size))
+    return staging, packed
+
+
 def submit(study_path: str | Path, overrides: Sequence[str], address: str | None,
-           working_dir: str | Path = ".") -> Submitted:
+           working_dir: str | Path = ".",
+           say: Callable[[str], None] = lambda s: print(s, flush=True)) -> Submitted:
     """Validate the study here, then submit `collapse run` of it as a Ray Job."""
     import engine
     from engine.files import is_remote
@@ -97,21 +144,29 @@ def submit(study_path: str | Path, overrides: Sequence[str], address: str | None
                         "--working-dir")
     command = entrypoint(str(path.relative_to(root)), overrides)
     client = _client(address)
+    staging, packed = pack(root, path, study)
+    say(f"packed {len(packed)} files, {sum(size for _, size in packed) / 1e6:.2f} MB: "
+        + ", ".join(sorted({p.split('/')[0] for p, _ in packed})))
     # A head that has just started answers before its job agent is up ("No available
     # agent to submit job, please try again later"): try again for a while.
     deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            job_id = client.submit_job(
-                entrypoint=command,
-                runtime_env={"working_dir": str(root), "excludes": EXCLUDES},
-                metadata={"study": study.name, "out": str(study.out)},
-            )
-            return Submitted(job_id, command)
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    try:
+        while True:
+            try:
+                job_id = client.submit_job(
+                    entrypoint=command,
+                    runtime_env={"working_dir": str(staging)},  # uploaded here, as a zip
+                    metadata={"study": study.name, "out": str(study.out)},
+                )
+                return Submitted(job_id, command)
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    finally:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def follow(job_id: str, address: str | None,

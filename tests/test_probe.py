@@ -229,3 +229,37 @@ def test_a_record_that_is_not_text_found_while_preparing_is_one_line(tmp_path, r
         family.prepare(0, Location(str(tmp_path / "real")))
     assert str(e.value) == f"{data}: line 51: `text` is int (7), not a string"
     assert not any((tmp_path / "real").glob("lm-*"))
+
+
+def test_a_job_takes_the_package_and_the_study_never_secrets(tmp_path):
+    """`collapse submit` packs what the job needs (engine/, studies/, pyproject.toml,
+    the files the study names) and nothing else: no .env, keys, credentials, tokens."""
+    import shutil
+
+    from conftest import REPO
+    from engine.jobs import pack
+    from engine.spec import load_study
+
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "engine", root / "engine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "studies").mkdir()
+    (root / "pyproject.toml").write_text("[project]\n")
+    (root / "data").mkdir()
+    (root / "data" / "stories.txt").write_text("Once upon a time.\n<|endoftext|>\n" * 30)
+    (root / "data" / "other.txt").write_text("not named by the study")
+    secrets = [".env", "deploy.pem", ".aws/credentials", ".ssh/id_rsa", ".netrc",
+               "hf_token.txt", "data/.env", "studies/api_secret.yaml"]
+    for s in secrets:
+        (root / s).parent.mkdir(parents=True, exist_ok=True)
+        (root / s).write_text("SECRET")
+    study = root / "studies" / "s.yaml"
+    study.write_text("name: s\nfamily: {name: lm, data: ../data/stories.txt, test_stories: "
+                     "5}\nstrategies: [replace]\ngenerations: 1\nseeds: [0]\nout: /mnt/x\n")
+    staging, packed = pack(root, study, load_study(study))
+    names = {p for p, _ in packed}
+    assert {"studies/s.yaml", "pyproject.toml", "data/stories.txt",
+            "engine/chain.py"} <= names
+    assert not names & set(secrets) and "data/other.txt" not in names
+    assert not [p for p in staging.rglob("*") if p.is_file() and p.read_text(
+        errors="ignore") == "SECRET"]
