@@ -60,8 +60,29 @@ def ray_connection(address: str | None, verbose: bool = False) -> Iterator[None]
     # Ray sets a SIGTERM handler of its own (kill the local Ray, exit 1); the caller's
     # (the CLI's: stop cleanly, say how to resume) stays in place.
     on_sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.CRITICAL)
+    own = {}
+    if not verbose:
+        # Ray prints the error of every task result nobody read ("A worker died or was
+        # killed...", a restarted chain's lost attempt); the engine says what failed itself.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    if address == "local":
+        # A Ray of our own is this machine's alone: it runs no metrics exporter, and its
+        # node address is the loopback one, so that the autoscaler's and dashboard's
+        # Prometheus endpoints listen there only (on every interface otherwise,
+        # unauthenticated). Ray's switch for that is its single-machine mode (the one it
+        # uses on macOS and Windows), read by each Ray process it starts.
+        from ray._private import ray_constants
+
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        own = {"_system_config": {"enable_metrics_collection": False}}
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.CRITICAL, **own)
+    except (TimeoutError, ConnectionError, RuntimeError) as e:  # a start that timed out
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise Unreachable(f"collapse: Ray did not start ({first.strip()[:200]}); on a busy "
+                          "machine try again, or add --verbose to see Ray's own log") from None
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     try:

@@ -24,6 +24,7 @@ kept in a cache keyed by the marker, so each node downloads a model once.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -263,7 +264,12 @@ class Location:
     def mkdir(self) -> None:
         """Make the directory (object stores have none to make)."""
         if self.is_local:
-            Path(self.path).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                if e.errno not in UNWRITABLE:
+                    raise
+                raise StorageError(f"{self}: cannot be made ({_why(e)})") from None
 
     def remove(self) -> None:
         """Delete the file or directory tree, if there is one."""
@@ -321,13 +327,31 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# An OSError that says where a file cannot go, not what went wrong in the engine.
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+              errno.ENOTDIR, errno.EEXIST)
+
+
+def _why(e: OSError) -> str:
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a file stands where a directory would go"
+    return e.strerror
+
+
 def write_atomic(final: Location | Path | str, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a local temporary file and put it in place as `final`."""
+    """Call write(tmp) on a local temporary file and put it in place as `final`.
+    A place that cannot be written (read-only, no permission, full) is one line."""
     final = Location.of(final)
     if final.is_local:
         target = final.local_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(target)
+            tmp.touch()
+        except OSError as e:
+            if e.errno not in UNWRITABLE:
+                raise
+            raise StorageError(f"{final}: cannot be written ({_why(e)})") from None
         try:
             write(tmp)
             _fsync(tmp)

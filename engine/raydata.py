@@ -28,6 +28,8 @@ def quiet() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # ... and no warning that they are off (Ray Data configures its loggers on import)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logger = logging.getLogger("ray.data")
     if logger.getEffectiveLevel() < logging.WARNING:  # quieter already (collapse run): keep
         logger.setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ again finishes exactly the work that is missing.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -69,7 +70,11 @@ def _chain_trainable(config: dict[str, Any]) -> None:
         finished, _ = ray.wait([task], timeout=every)
         # Only the generations not reported yet: the rest was read before.
         for record in read_metrics(out, trial, generations, first=reported + 1):
-            tune.report({"generation": record["generation"], **record["metrics"]})
+            # Finite values only: Tune's TensorBoard writer warns of every NaN on the
+            # console (the table is built from the metrics files, not from Tune).
+            tune.report({"generation": record["generation"],
+                         **{k: v for k, v in record["metrics"].items()
+                            if not isinstance(v, float) or math.isfinite(v)}})
             reported = record["generation"]
         # The running sampling pass's progress (engine/progress.py), each time it moves:
         # Tune's results, and so the Ray dashboard, show it. Without `generation`, the
@@ -114,29 +119,41 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _progress_callback(study: Study, done: int, total: int, say: Callable[[str], None]):
-    from ray import tune
+def _progress_callback(study: Study, out, done: int, total: int, say: Callable[[str], None]):
+    from ray.tune.progress_reporter import TrialProgressCallback
 
     family = get_family(study.family)
+    chains = study.trials()
 
-    class Progress(tune.Callback):
-        """Prints one line per finished generation; Tune's own tables are switched off."""
+    class Progress(TrialProgressCallback):
+        """Prints one line per finished generation, and nothing of Tune's own (a Tune
+        progress callback given, Tune adds none that prints `Trial ... completed`)."""
 
         def __init__(self):
+            super().__init__()
             self.done = done
             self.start = time.time()
+
+        def log_result(self, trial, result, error=False) -> None:
+            pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            pass
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "generation" not in result:
                 return  # a fit's checkpoint, or a chain's failure (raised at the end)
-            self.done += 1
+            # Counted on disk, not result by result: a chain restarted after a failure
+            # reports some generations again, or not at all.
+            self.done = sum(min(completed_generations(out, t), t.generations)
+                            for t in chains)
             trial_id = trial.config["trial"]["trial_id"]
             shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]
             headline = "  ".join(f"{m}={result[m]:.4g}" for m in shown)
             elapsed = time.time() - self.start
             # A plain estimate from this run's pace: generations differ in cost (an
             # accumulating chain's later ones train on more), so it is a guide.
-            left = elapsed / (self.done - done) * (total - self.done)
+            left = elapsed / max(1, self.done - done) * (total - self.done)
             eta = f", ~{_duration(left)} left" if self.done < total else ""
             say(f"[{study.name}] {self.done}/{total} generations "
                 f"({elapsed:.0f}s{eta})  {trial_id}  "
@@ -185,7 +202,7 @@ def run_sweep(study: Study,
             # its own directory: finished generations are kept, a fit goes on from its
             # last training checkpoint.
             failure_config=tune.FailureConfig(max_failures=r.max_failures),
-            callbacks=[_progress_callback(study, done, total, say), *trackers],
+            callbacks=[_progress_callback(study, out, done, total, say), *trackers],
         ),
     )
     grid = tuner.fit()

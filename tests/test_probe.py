@@ -263,3 +263,58 @@ def test_a_job_takes_the_package_and_the_study_never_secrets(tmp_path):
     assert not names & set(secrets) and "data/other.txt" not in names
     assert not [p for p in staging.rglob("*") if p.is_file() and p.read_text(
         errors="ignore") == "SECRET"]
+
+
+@pytest.mark.slow
+def test_a_local_run_listens_on_the_loopback_address_only(tmp_path):
+    """The Ray a `collapse run` starts for itself exports no metrics and listens on
+    127.0.0.1 only: the autoscaler's and dashboard's Prometheus endpoints (no
+    authentication) and Ray's own services are this machine's alone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import REPO
+
+    script = textwrap.dedent("""
+        import ipaddress, time, urllib.request, psutil, ray
+        from engine.cluster import ray_connection
+        before = {c.laddr.port for c in psutil.net_connections("inet") if c.status == "LISTEN"}
+        with ray_connection(None):
+            ray.get(ray.remote(lambda: 1).remote())
+            time.sleep(5)
+            listening, exported = [], 0
+            for c in psutil.net_connections("inet"):
+                if c.status != "LISTEN" or c.laddr.port in before:
+                    continue
+                ip = ipaddress.ip_address(c.laddr.ip)
+                ip = getattr(ip, "ipv4_mapped", None) or ip
+                listening.append((str(ip), c.laddr.port, ip.is_loopback))
+                try:
+                    body = urllib.request.urlopen(
+                        f"http://127.0.0.1:{c.laddr.port}/metrics", timeout=2).read(300)
+                    exported += b"# TYPE" in body
+                except Exception:
+                    pass
+        print("not loopback:", [l for l in listening if not l[2]], "of", len(listening))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("not loopback: [] of ") and int(line.split()[-1]) > 3, line
+
+
+@pytest.mark.slow
+def test_a_report_or_plot_that_cannot_be_written_is_one_line(run, tmp_path):
+    _, out, _ = run
+    blocked = tmp_path / "a-file"
+    blocked.write_text("a file where a directory would go")
+    r = collapse("report", out, "--out", blocked / "report.html")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"{blocked / 'report.html'}: cannot be written (a file stands where a directory "
+        "would go)"), r.stderr
+    r = collapse("plot", out, "--out", blocked / "plots")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"{blocked / 'plots' / 'test_error.png'}: cannot be written (a file stands where a "
+        "directory would go)"), r.stderr

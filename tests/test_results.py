@@ -173,3 +173,38 @@ def test_collapse_table_profile_needs_enough_generations(finished):
     assert lines[0].startswith("collapse profile of w2_squared: the growth over generations")
     # three generations: too few to tell a line from a curve, and it says so
     assert r.stdout.count("too few to tell the forms apart (4 needed)") == 4  # strategy × d
+
+
+def test_plots_count_generations_in_whole_numbers_and_draw_a_constant_as_a_reference(
+        tmp_path, monkeypatch):
+    """A generation axis has integer ticks (not 1.0, 1.5, 2.0); a metric no generation
+    changes (the grammar's entropy rate) is a reference line under test_loss, not a
+    panel of flat lines."""
+    import pandas as pd
+
+    from engine import results
+
+    rows = []
+    for strategy in ("replace", "accumulate"):
+        for g in (1, 2, 3):
+            for metric, value in (("test_loss", 1.0 + g * (strategy == "replace")),
+                                  ("truth_loss", 0.27), ("kl_to_truth", 0.7 + g)):
+                rows.append({"study": "s", "trial": f"{strategy}__seed=0", "family": "lm",
+                             "model": "tiny", "strategy": strategy, "temperature": 1.0,
+                             "seed": 0, "generation": g, "metric": metric, "value": value,
+                             "step": pd.NA})
+    table = pd.DataFrame(rows)
+    table["step"] = table["step"].astype("Int64")
+    figures = {}
+
+    def keep(fig, path, dpi):
+        figures[path.name] = fig
+
+    monkeypatch.setattr(results, "_save_png", keep)
+    written = [p.name for p in results.plot(table, tmp_path)]
+    assert "truth_loss.png" not in written and "test_loss.png" in written
+    panel = figures["test_loss.png"].axes[0]
+    ticks = [t for t in panel.get_xticks() if 1 <= t <= 3]
+    assert ticks == [1, 2, 3]
+    assert any(line.get_linestyle() == ":" and set(line.get_ydata()) == {0.27}
+               for line in panel.get_lines())  # the reference

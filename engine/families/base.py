@@ -148,6 +148,8 @@ class Family(ABC):
     Config: ClassVar[type]  # a frozen dataclass: the study file's family parameters
     metrics: ClassVar[tuple[str, ...]]  # what evaluate() returns; the first is the headline
     theory_for: ClassVar[str | None] = None  # the metric `theory` gives the closed form of
+    # metric -> a metric no generation changes, drawn as a reference line under it
+    reference_lines: ClassVar[dict[str, str]] = {}
     paper_table: ClassVar[bool] = False  # `collapse table` prints the seed paper's Table 2
     has_previews: ClassVar[bool] = False  # samples are images: keep a few per corpus
     # Parameters that name files, resolved against the study file's directory, and the

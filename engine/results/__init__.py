@@ -314,6 +314,14 @@ def _save_png(fig, path: Location, dpi: int) -> None:
     plt.close(fig)
 
 
+def constant(table: pd.DataFrame, metric: str) -> bool:
+    """Whether no chain's generations change the metric (it is one value per chain)."""
+    rows = table[(table["metric"] == metric) & table["step"].isna()]
+    if rows["generation"].nunique() < 2:
+        return False
+    return bool((rows.groupby("trial")["value"].nunique() == 1).all())
+
+
 def plot(table: pd.DataFrame, out_dir: Location | Path | str,
          metrics: list[str] | None = None) -> list[Location]:
     """One PNG per metric: metric against generation, a panel per strategy, a line per
@@ -323,11 +331,16 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     for metric in metrics or []:
         check_metric(table, metric)
     family = get_family(table["family"].iloc[0])
+    # A metric that no chain's generations change (the grammar's own entropy rate,
+    # `truth_loss`) is a reference, not a result: drawn as a line under the metric it is
+    # the reference of (Family.reference_lines), not as a panel of flat lines.
     metrics = metrics or [m for m in family.metrics if m in set(table["metric"])
-                          and not m.endswith("_stderr")]
+                          and not m.endswith("_stderr") and not constant(table, m)]
     axes_cols = axis_columns(table)
     strategies = list(dict.fromkeys(table["strategy"]))
     out_dir = Location.of(out_dir)
@@ -356,8 +369,16 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
                     th = group[group["metric"] == "theory"].groupby("generation")["value"].mean()
                     if not th.empty:
                         panel.plot(th.index, th.values, ls="--", color=color, lw=1)
+            reference = family.reference_lines.get(metric)
+            if reference in set(rows["metric"]):
+                level = rows[rows["metric"] == reference]["value"].mean()
+                panel.axhline(level, ls=":", color="grey", lw=1)
+                panel.annotate(reference, (0, level), xycoords=("axes fraction", "data"),
+                               xytext=(3, 3), textcoords="offset points", fontsize=7,
+                               color="grey")
             panel.set_title(strategy)
             panel.set_xlabel("generation")
+            panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # generations: 1, 2, ...
             if log_scale:
                 panel.set_yscale("log")
         panels[0][0].set_ylabel(metric)

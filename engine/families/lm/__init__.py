@@ -81,6 +81,7 @@ class LanguageModel(Family):
                "zipf_slope", "rare_token_mass", "rep_4", "self_bleu",
                "grammatical", "grammar_reverse_kl")  # headline first; the last two: grammar data
     paper_table = True
+    reference_lines = {"test_loss": "truth_loss"}  # the grammar's own entropy rate
     path_fields = ("data", "tokenizer")
     path_keywords = (GRAMMAR,)
 
