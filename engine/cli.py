@@ -29,8 +29,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from engine.plan import describe, parse_rates
 
-        print(describe(study, parse_rates(args.gpu, args.decode_tps, args.mfu, args.rates,
-                                          args.startup_seconds)))
+        from engine.errors import BadInput, CollapseError
+
+        try:
+            plan = describe(study, parse_rates(args.gpu, args.decode_tps, args.mfu,
+                                               args.rates, args.startup_seconds))
+        except CollapseError as e:
+            if str(e).startswith("family."):  # a field of the study: say which file
+                raise BadInput(f"{args.study}: {e}") from None
+            raise
+        print(plan)
         return 0
     import signal
 

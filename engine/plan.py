@@ -262,9 +262,26 @@ def describe(study: Study, rates: Rates | None = None) -> str:
         lines.append(f"shared: generation 1 is fit once per model and sampled once per "
                      f"temperature, which saves {_si(shared)} rows of work "
                      f"({shared / (shared + total['train_rows'] + total['sample_rows']):.0%})")
+    lines.append(_memory(study))
     if tokens:
         lines += _timing(rows, rates)
     return "\n".join(lines)
+
+
+def _memory(study: Study) -> str:
+    """What a chain's driver needs (the number the placement check uses), beside what
+    this machine has."""
+    import psutil
+
+    from engine.cluster import chain_memory
+
+    need = max(chain_memory(study, t) for t in study.trials())
+    here = psutil.virtual_memory().total
+    verdict = ("" if need <= here else
+               ": more than this machine has, so it runs only on a cluster with such nodes")
+    return (f"memory: each chain's driver needs up to {need / 2**30:,.1f} GiB "
+            f"(resources.memory_per_trial, else the family's estimate); this machine has "
+            f"{here / 2**30:,.0f} GiB{verdict}")
 
 
 def _timing(rows: pd.DataFrame, rates: Rates) -> list[str]:

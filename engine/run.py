@@ -84,6 +84,25 @@ def holding(out) -> Iterator[None]:
             out.local_path.rmdir()
 
 
+def check_fits_this_machine(study: "Study") -> None:
+    """A study run on this machine whose chain needs more memory than the machine has
+    is refused with the numbers, before Ray starts (a cluster's nodes are checked once
+    it is reached: engine/cluster.py)."""
+    import psutil
+
+    from engine.cluster import chain_memory
+    from engine.errors import SpecError
+
+    total = psutil.virtual_memory().total
+    need, trial = max(((chain_memory(study, t), t) for t in study.trials()),
+                      key=lambda pair: pair[0])
+    if need > total:
+        raise SpecError(f"{study.source}: chain {trial.trial_id} needs ~{need / 2**30:,.0f} "
+                        f"GiB of memory (the family's estimate, or resources.memory_per_trial); "
+                        f"this machine has {total / 2**30:,.0f} GiB: make the study smaller, "
+                        "or run it on a cluster (--address)")
+
+
 def check_out_directory(study: "Study") -> None:
     """Refuse, before writing anything, a study whose `out` holds a different run: chains
     run with other parameters, or chains and generations this study would leave out of
@@ -164,6 +183,8 @@ def _check_before_ray(study: "Study", run, address: str | None) -> None:
 
     check_out_is_a_run(study)
     check_out_directory(study)
+    if address in (None, "local"):
+        check_fits_this_machine(study)
     read_runs(run.run_facts)  # a damaged record of past runs: named now, not after Ray
     check_reachable(address)
     try:  # a missing bucket, no credentials, a read-only mount: one line, now

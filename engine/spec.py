@@ -252,6 +252,11 @@ def load_study(path: str | Path, overrides: typing.Sequence[str] = ()) -> Study:
 
 # ---------------------------------------------------------------------- validation
 
+# Far beyond any study (the field's run up to tens), and what keeps a plan or a typo
+# (`generations: 1000000000`) from running for days before anything is said.
+MAX_GENERATIONS = 10_000
+
+
 def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
@@ -474,6 +479,8 @@ def _validate_generations(check: _Checker, generations: Any, strategies: list[st
                               "or `default`")
         if not _matches(n, int) or n < 1:
             check.fail(where, f"expected an integer >= 1, got {short(n)}")
+        if n > MAX_GENERATIONS:
+            check.fail(where, f"at most {MAX_GENERATIONS:,} generations a chain, got {n:,}")
     missing = [s for s in strategies if s not in generations and "default" not in generations]
     if missing:
         check.fail("generations", f"no count for {', '.join(missing)}; add them or a `default`")

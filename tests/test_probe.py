@@ -318,3 +318,47 @@ def test_a_report_or_plot_that_cannot_be_written_is_one_line(run, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == (
         f"{blocked / 'plots' / 'test_error.png'}: cannot be written (a file stands where a "
         "directory would go)"), r.stderr
+
+
+def test_a_hub_model_where_the_hub_cannot_be_reached_fails_fast_in_one_line(tmp_path):
+    """No minute of retries, each said on stderr: one look, then the line that says to
+    give a local path."""
+    import time
+
+    study = write_study(tmp_path / "s.yaml", f"""\
+name: hub
+family: {{name: lm, model: someone/no-such-model-cached, data: grammar, stories: 40,
+          test_stories: 10}}
+strategies: [replace]
+generations: 1
+seeds: [0]
+out: {tmp_path / 'out'}
+""")
+    start = time.monotonic()
+    r = collapse("run", study, "--dry-run", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"{study}: family.model: someone/no-such-model-cached: not cached here, and the "
+        "Hugging Face hub cannot be reached from this machine; give the path of a local "
+        "copy (a directory with its config.json)")
+    assert time.monotonic() - start < 60  # (the hub client alone retried for ~40 s)
+
+
+def test_size_is_bounded_before_any_work(tmp_path):
+    """trials: 10**12 needs petabytes: refused with the number before Ray starts, and the
+    dry run says it; a billion generations is refused in validation (the plan would
+    loop over them)."""
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "s.yaml", STUDY.format(out=out))
+    r = collapse("run", study, "--set", "family.trials=1000000000000")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith(f"{study}: chain replace__seed=0 needs ~7,450,582 GiB "
+                                       "of memory"), r.stderr
+    assert "run it on a cluster (--address)" in r.stderr and not out.exists()
+    r = collapse("run", study, "--set", "family.trials=1000000000000", "--dry-run")
+    assert r.returncode == 0 and "memory: each chain's driver needs up to 7,450,581.6 GiB" \
+        in r.stdout and "more than this machine has" in r.stdout
+    r = collapse("run", study, "--set", "generations=1000000000", "--dry-run")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"{study}: generations (from --set): at most 10,000 generations a chain, got "
+        "1,000,000,000")

@@ -68,6 +68,11 @@ class Gaussian(Family):
         n: int = 100  # samples of real data per generation
         trials: int = 1000  # independent chains averaged in every metric
 
+    def chain_memory(self) -> int:
+        """Bytes a chain's driver holds: samples (trials·n·d) and a mix of up to ~10·n of them per trial, 8 bytes a number; plus 1 GiB for the process."""
+        p = self.config
+        return (1 << 30) + 8 * p.trials * p.n * p.d * 12
+
     def validate(self) -> None:
         p = self.config
         for name, low in (("d", 1), ("trials", 1)):

@@ -74,6 +74,11 @@ class Linear(Family):
         ridge: float = 0.0  # λ in (XᵀX + λI)⁻¹Xᵀy; 0 is the paper's ordinary least squares
         trials: int = 2000  # independent regressions averaged in every metric
 
+    def chain_memory(self) -> int:
+        """Bytes a chain's driver holds: features X and the OLS operator (trials·T·d each), and a mix of up to ~10·T labels per trial, 8 bytes a number; plus 1 GiB for the process."""
+        p = self.config
+        return (1 << 30) + 8 * p.trials * p.T * (2 * p.d + 10)
+
     def validate(self) -> None:
         p = self.config
         for name, low in (("d", 1), ("T", 1), ("trials", 1)):

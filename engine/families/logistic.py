@@ -65,6 +65,11 @@ class Logistic(Family):
         newton_steps: int = 25  # Newton iterations per fit (converges in well under 10 here)
         ridge: float = 1e-6  # keeps Newton defined where a small mix happens to be separable
 
+    def chain_memory(self) -> int:
+        """Bytes a chain's driver holds: features and the Newton step's matrices (trials·T·d), and a mix of up to ~10·T labels per trial, 8 bytes a number; plus 1 GiB for the process."""
+        p = self.config
+        return (1 << 30) + 8 * p.trials * p.T * (2 * p.d + 10)
+
     def validate(self) -> None:
         p = self.config
         for key, low in (("d", 1), ("trials", 1), ("newton_steps", 1)):

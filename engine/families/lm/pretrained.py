@@ -68,18 +68,44 @@ def tokenizer(model: str):
     return tok
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a connection at all."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def parameter_count(model: str) -> int:
     """Parameters of the checkpoint's architecture, counted on the meta device (no
     weights read; a hub id's config is fetched)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(loadable(model))
-    except OSError as e:  # offline, or no such model
-        raise BadInput(f"family.model: {model}: its config cannot be read here "
-                         f"({str(e).splitlines()[0]}); offline, give the path of a local "
-                         "copy") from None
+    source = loadable(model)
+    try:  # a local directory, or a hub id already in this machine's cache
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        if not Path(source).exists() and not hub_reachable():
+            # One quick look, not the hub client's minute of retries, each said on stderr
+            raise BadInput(f"family.model: {model}: not cached here, and the Hugging Face "
+                           "hub cannot be reached from this machine; give the path of a "
+                           "local copy (a directory with its config.json)") from None
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as e:  # no such model
+            raise BadInput(f"family.model: {model}: its config cannot be read here "
+                           f"({str(e).splitlines()[0]}); offline, give the path of a local "
+                           "copy") from None
     with torch.device("meta"):
         built = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in built.parameters())
