@@ -3,7 +3,8 @@ the largest resident memory any one process of the run reached.
 
 Each size runs `collapse run` (a Ray of its own) on a study of N grammar stories: the
 real data prepared by the Ray Data pipeline, one fit of a tiny model on a fixed token
-budget (Ray Train), evaluation, and N - 200 sampled stories of a few tokens each
+budget (on Ray Train workers, or in the chain's own process: each trainer is measured),
+evaluation, and N - 200 sampled stories of a few tokens each
 written into the store, with their statistics. Every process of the run (the driver,
 Ray's services, every worker) is a descendant of that command; the script reads each
 one's peak resident set (VmHWM in /proc/PID/status) every 0.1 s and reports the
@@ -11,8 +12,8 @@ largest, and which process it was. The engine's promise: no process holds a whol
 corpus, so the largest process grows far slower than the corpus (goal: under 1.5x for
 10x the stories).
 
-    python bench/scale_memory.py                     # 20k and 200k stories
-    python bench/scale_memory.py --sizes 20000 200000 2000000
+    python bench/scale_memory.py                     # 20k and 200k stories, both trainers
+    python bench/scale_memory.py --sizes 20000 200000 2000000 --trainers local
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ family:
   context: 64
   token_budget: 50000      # the same training compute at every size
   batch_size: 16
+  trainer: {trainer}
   max_new_tokens: 8        # a few new tokens per sampled story
   sampler: hf
   sampler_cpus: 0.5
@@ -66,12 +68,12 @@ def _peak_kib(pid: int) -> tuple[int, str]:
     return 0, cmdline[:80]
 
 
-def run(n: int, work: Path) -> dict:
+def run(n: int, trainer: str, work: Path) -> dict:
     import psutil
 
-    out = work / f"out-{n}"
-    study = work / f"scale_{n}.yaml"
-    study.write_text(STUDY.format(n=n, out=out))
+    out = work / f"out-{trainer}-{n}"
+    study = work / f"scale_{trainer}_{n}.yaml"
+    study.write_text(STUDY.format(n=n, out=out, trainer=trainer))
     collapse = Path(sys.executable).parent / "collapse"
     start = time.time()
     proc = subprocess.Popen([str(collapse), "run", str(study)], stdout=subprocess.DEVNULL,
@@ -100,19 +102,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--trainers", nargs="+", default=["ray", "local"],
+                    choices=["ray", "local"])
     a = ap.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="scale-memory-") as d:
-        for n in a.sizes:
-            r = run(n, Path(d))
-            rows.append(r)
-            print(f"{r['stories']:>9,} stories: largest process {r['peak_mib']:7.0f} MiB "
-                  f"({r['process'].strip()}); {r['processes']} processes, "
-                  f"{r['seconds']:.0f} s", flush=True)
-    base = rows[0]
-    for r in rows[1:]:
-        print(f"{r['stories'] / base['stories']:.0f}x the stories: "
-              f"{r['peak_mib'] / base['peak_mib']:.2f}x the largest process's memory")
+    for trainer in a.trainers:
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="scale-memory-") as d:
+            for n in a.sizes:
+                r = run(n, trainer, Path(d))
+                rows.append(r)
+                print(f"trainer {trainer}: {r['stories']:>9,} stories: largest process "
+                      f"{r['peak_mib']:7.0f} MiB ({r['process'].strip()}); "
+                      f"{r['processes']} processes, {r['seconds']:.0f} s", flush=True)
+        base = rows[0]
+        for r in rows[1:]:
+            print(f"trainer {trainer}: {r['stories'] / base['stories']:.0f}x the stories: "
+                  f"{r['peak_mib'] / base['peak_mib']:.2f}x the largest process's memory",
+                  flush=True)
 
 
 if __name__ == "__main__":

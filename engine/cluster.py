@@ -157,7 +157,8 @@ def check_fits_cluster(study: Study) -> None:
                         f"offers {max(known) / 2**30:.1f} GiB; lower it or add a node type "
                         "with more memory to cluster.yaml")
     for trial in study.trials():
-        for bundle in family_for(trial).placement():
+        for processes in family_for(trial).placement():
+            bundle = processes.bundle
             if any(_fits(bundle.resources, s) for s in shapes):
                 continue
             short = next((k for k, v in bundle.resources.items()

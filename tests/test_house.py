@@ -126,3 +126,26 @@ def test_every_language_model_parameter_says_what_reads_it():
                               "max_new_tokens", "score_under_first"}
     # generation 1 of the array families starts from scratch whichever `start`
     assert "start" not in get_family("vae").from_params({}).fit_params()
+
+
+def test_what_a_chain_holds_follows_from_its_placement():
+    """A family states the processes a chain starts once (placement()); what the chain
+    holds, and whether it gets a Tune callback for its fits, follow from it: no family
+    keeps a second account that could disagree."""
+    from engine.families import FAMILIES, get_family
+    from engine.families.base import Family
+
+    for name in FAMILIES:
+        cls = get_family(name)
+        assert all(getattr(cls, m) is getattr(Family, m) for m in ("chain_cpus", "chain_gpus"))
+    lm = get_family("lm")
+    on_ray = lm.from_params({"trainer": "ray", "workers": 4, "cpus_per_worker": 0.5,
+                             "gpus_per_worker": 1.0, "sampler_actors": 2, "sampler_cpus": 3,
+                             "sampler_gpus": 0.5, "min_workers": 2})
+    # fitting holds 4 workers' 2 CPUs and 4 GPUs; sampling 2 actors' 6 CPUs and 1 GPU
+    assert on_ray.chain_cpus() == 6.0 and on_ray.chain_gpus() == 4.0
+    here = lm.from_params({"trainer": "local", "sampler_actors": 0})
+    assert here.placement() == [] and here.chain_cpus() == 0.0  # no Ray processes
+    vae = get_family("vae").from_params({"trainer": "ray", "workers": 2,
+                                         "cpus_per_worker": 1.5})
+    assert vae.chain_cpus() == 3.0

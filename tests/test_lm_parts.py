@@ -123,6 +123,22 @@ def test_grammar_stats_count_grammatical_stories_and_their_excess(tmp_path, ray_
     spoiled = sum(1 for i in range(40) if i % 4 == 0)
     assert stats["grammatical"] == pytest.approx((40 - spoiled - 1) / 40)
     assert stats["grammar_reverse_kl"] == pytest.approx(0.5)
+    # every statistic (metrics.statistics: one CorpusStatistic each) merges partials
+    # of batches to the numbers of the whole: through Ray Data in batches, or tables
+    # in this process, the same
+    from engine.families.lm.metrics import corpus_stats, statistics
+
+    assert [s.name for s in statistics(str(tmp_path), np.array([5]))] == [
+        "diversity", "tails", "grammar"]
+    whole = corpus_stats([table], str(tmp_path), np.array([5, 7]))
+    halves = corpus_stats([table.slice(0, 13), table.slice(13)], str(tmp_path),
+                          np.array([5, 7]))
+    through_ray = corpus_stats(ray.data.from_arrow(table).repartition(3), str(tmp_path),
+                               np.array([5, 7]))
+    assert set(whole) >= {"distinct_2", "unique_stories", "zipf_slope", "rare_token_mass",
+                          "self_bleu", "grammatical"}
+    for other in (halves, through_ray):
+        assert other == pytest.approx(whole, nan_ok=True)
 
 
 def test_byte_level_bpe_round_trips_and_keeps_the_special_tokens():

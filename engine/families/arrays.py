@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import BadInput
-from engine.families.base import Bundle, Family, fit, later_fits
+from engine.families.base import Bundle, Family, Processes, fit, later_fits
 
 Curve = list[tuple[int, float]]
 log = logging.getLogger("engine.arrays")
@@ -284,17 +284,11 @@ class ArrayFamily(Family):
         p = self.config
         return min(1.0, p.gpus_per_worker) if p.trainer == "ray" else 0.0
 
-    def placement(self) -> list[Bundle]:
+    def placement(self) -> list[Processes]:
         p = self.config
         if p.trainer != "ray":
             return []
-        return [Bundle("trainer worker", {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker},
-                       {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"})] * p.workers
-
-    def chain_cpus(self) -> float:
-        p = self.config
-        return p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
-
-    def chain_gpus(self) -> float:
-        p = self.config
-        return p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0
+        return [Processes(Bundle("trainer worker",
+                                 {"CPU": p.cpus_per_worker, "GPU": p.gpus_per_worker},
+                                 {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}),
+                          p.workers, "fit")]

@@ -53,6 +53,28 @@ class Bundle:
 
 
 @dataclass(frozen=True)
+class Processes:
+    """Processes of one kind a chain starts besides its driver: `most` of them, each
+    holding `bundle`; `fewest`, what an elastic fit goes on with (default: most).
+    Processes of different `phase`s ("fit", "sample") never run at the same time."""
+
+    bundle: Bundle
+    most: int
+    phase: str
+    fewest: int | None = None
+
+
+def held(placement: list[Processes], resource: str) -> float:
+    """The most of a Ray resource a chain's processes hold at once: the phase that
+    holds the most (its processes all at their most)."""
+    by_phase: dict[str, float] = {}
+    for p in placement:
+        by_phase[p.phase] = by_phase.get(p.phase, 0.0) + p.most * p.bundle.resources.get(
+            resource, 0.0)
+    return max(by_phase.values(), default=0.0)
+
+
+@dataclass(frozen=True)
 class Param:
     """One family parameter as `collapse params` lists it."""
 
@@ -127,8 +149,8 @@ def sampling(default: Any):
     return dataclasses.field(default=default, metadata={"role": "sampling"})
 
 
-def placement(default: Any):
-    """A Config field that says where and with what work runs."""
+def resources(default: Any):
+    """A Config field that says where and with what work runs (role `placement`)."""
     return dataclasses.field(default=default, metadata={"role": "placement"})
 
 
@@ -302,9 +324,11 @@ class Family(ABC):
         or its files read one at a time in this process (engine.corpus.MixStream)."""
         return "table"
 
-    def placement(self) -> list[Bundle]:
+    def placement(self) -> list[Processes]:
         """The processes a chain starts besides its driver (trainer workers, sampler
-        actors); a study is refused before it starts if one fits on no node."""
+        actors): the one place a family says so. A study is refused before it starts if
+        one fits on no node; what a chain holds (chain_cpus, chain_gpus) and whether it
+        starts Ray processes of its own follow from it."""
         return []
 
     def chain_memory(self) -> int:
@@ -313,13 +337,12 @@ class Family(ABC):
         return 1 << 30
 
     def chain_cpus(self) -> float:
-        """CPUs a running chain holds at most beyond its driver (trainer workers or
-        sampler actors: they never run at the same time)."""
-        return 0.0
+        """CPUs a running chain holds at most beyond its driver (from placement())."""
+        return held(self.placement(), "CPU")
 
     def chain_gpus(self) -> float:
-        """GPUs a running chain holds at most beyond its driver."""
-        return 0.0
+        """GPUs a running chain holds at most beyond its driver (from placement())."""
+        return held(self.placement(), "GPU")
 
 
 def error_growth(strategy: str, generation: int) -> float | None:

@@ -27,8 +27,8 @@ from typing import Literal
 
 import pyarrow as pa
 
-from engine.families.base import (Bundle, Family, ParamError, fit, later_fits, placement,
-                                   sampling)
+from engine.families.base import (Bundle, Family, ParamError, Processes, fit, later_fits,
+                                   resources, sampling)
 from engine.families.lm import grammar
 from engine.corpus import StoredRows
 from engine.families.lm.data import DataError, read_stories
@@ -115,17 +115,17 @@ class LanguageModel(Family):
         zero_stage: int = fit(0)  # DeepSpeed ZeRO stage 0-3 (3: weights gathered before saving)
         trainer: Literal["ray", "local"] = fit("ray")  # ray: Ray Train workers; local: in-process
         workers: int = fit(1)  # trainer workers (the most, when elastic)
-        min_workers: int | None = placement(None)  # elastic: the fewest a fit may go on with after a failure
-        cpus_per_worker: float = placement(0.5)  # < 1 on small machines, or Ray Data starves
+        min_workers: int | None = resources(None)  # elastic: the fewest a fit may go on with after a failure
+        cpus_per_worker: float = resources(0.5)  # < 1 on small machines, or Ray Data starves
         gpus_per_worker: float = fit(0.0)  # GPUs per trainer worker; > 0 evaluates on a GPU too
-        worker_resources: dict | None = placement(None)  # more Ray resources per worker, e.g. {"trainer": 1}
-        max_failures: int = placement(3)  # worker-group restarts a fit may take (-1: unlimited)
-        checkpoint_minutes: float = placement(10.0)  # training time between checkpoints (0: none)
-        threads: int = placement(0)  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
+        worker_resources: dict | None = resources(None)  # more Ray resources per worker, e.g. {"trainer": 1}
+        max_failures: int = resources(3)  # worker-group restarts a fit may take (-1: unlimited)
+        checkpoint_minutes: float = resources(10.0)  # training time between checkpoints (0: none)
+        threads: int = resources(0)  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
         sampler: Literal["auto", "vllm", "hf"] = sampling("auto")  # auto: vllm when installed, else hf
-        sampler_actors: int = placement(1)  # sampler processes (vLLM engines or transformers decoders); 0: transformers decoding in the chain's own process (no process start-up per generation: minutes-long CPU studies)
-        sampler_cpus: float = placement(0.5)  # CPUs per sampler actor
-        sampler_gpus: float = placement(0.0)  # GPUs per sampler actor
+        sampler_actors: int = resources(1)  # sampler processes (vLLM engines or transformers decoders); 0: transformers decoding in the chain's own process (no process start-up per generation: minutes-long CPU studies)
+        sampler_cpus: float = resources(0.5)  # CPUs per sampler actor
+        sampler_gpus: float = resources(0.0)  # GPUs per sampler actor
         sample_batch_size: int = sampling(64)  # stories per sampling batch
         curate: list | None = sampling(None)  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
         perplexity_band: list | None = sampling(None)  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
@@ -529,8 +529,11 @@ class LanguageModel(Family):
         fs, path = directory.arrow()
         light = {"num_cpus": CHAIN_TASK_CPUS}  # Ray Data's default of 1 CPU may never be free
         if self.config.curate:
-            backend, curated = self._curated_sample_to(real, model, n, seed, directory,
-                                                       progress)
+            from engine.families.lm import curation
+
+            backend, curated = curation.sample_curated(
+                lambda count, start: self._sampled(real, model, count, seed, progress, start),
+                self.config, n, directory)
         elif self.config.sampler_actors == 0:
             log.warning("sampler: %d stories with the hf backend in the chain's own process "
                         "(sampler_actors: 0)", n)
@@ -557,66 +560,6 @@ class LanguageModel(Family):
         stats = corpus_stats(written, model.source if self.config.data == GRAMMAR else None,
                              self._real_rare_tokens(real))
         return {**stats, **curated}, {"sampler": backend}
-
-    def _curated_sample_to(self, real: LMReal, model: LMModel, n: int, seed: int,
-                           directory, progress) -> tuple[str, dict[str, float]]:
-        """Sample in rounds into a staging folder, each story flagged by the study's
-        filters, until n stories pass them all; then write those n (the first in request
-        order) into `directory`, renumbered (engine/families/lm/curation.py). Returns
-        the backend and what each filter removed."""
-        import pyarrow.parquet as pq
-
-        from engine.families.lm import curation
-        from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
-                                    read_parquet_files)
-
-        p = self.config
-        rules = curation.Curation(tuple(p.curate), tuple(p.perplexity_band or ()) or None)
-        light = {"num_cpus": CHAIN_TASK_CPUS}
-        staging = directory / "staged"
-        flags, files, requested, count, kept = [], [], 0, n, 0
-        for round_ in range(curation.MAX_ROUNDS):
-            ds, backend = self._sampled(real, model, count, seed, progress, start=requested)
-            ds = ds.map_batches(curation.add_flags, fn_kwargs={"curation": rules},
-                                batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
-            fs, path = (staging / f"round-{round_:02d}").arrow()
-            ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
-                             ray_remote_args=light)
-            requested += count
-            written = parquet_files_in(path, fs)
-            files += written
-            # only the small columns: a request number, flags and keys per story
-            flags.append(pq.read_table(written, filesystem=fs,
-                                       columns=["_row"] + rules.flag_columns))
-            selection = curation.select(pa.concat_tables(flags), rules, n)
-            log.warning("sampler: curation round %d: %d stories kept of %d sampled "
-                        "(removed: %s)", round_ + 1, len(selection.kept), requested,
-                        ", ".join(f"{k} {v}" for k, v in selection.removed.items()))
-            if len(selection.kept) == n:
-                break
-            if len(selection.kept) < curation.MIN_KEEP_RATE * requested:
-                raise DataError(f"family.curate: {len(selection.kept)} of {requested} sampled "
-                                f"stories pass the filters (removed: {selection.removed}), "
-                                f"fewer than {curation.MIN_KEEP_RATE:.0%}: loosen the "
-                                "filters (or the perplexity_band)")
-            # the next round, at the keep rate of this one
-            count = curation.next_round(n - len(selection.kept), len(selection.kept) - kept,
-                                        count)
-            kept = len(selection.kept)
-        else:
-            raise DataError(f"family.curate: {curation.MAX_ROUNDS} rounds of sampling kept "
-                            f"{len(selection.kept)} of the {n} stories needed out of "
-                            f"{requested} sampled (removed: {selection.removed}); loosen "
-                            "the filters (or the perplexity_band)")
-        fs, path = directory.arrow()
-        read_parquet_files(files, fs).map_batches(
-            curation.renumber, fn_kwargs={"kept": selection.kept}, batch_format="pyarrow",
-            num_cpus=CHAIN_TASK_CPUS).write_parquet(
-            path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE, ray_remote_args=light)
-        staging.remove()
-        return backend, {"curation_sampled": float(selection.considered),
-                         **{f"curation_removed_{k}": float(v)
-                            for k, v in selection.removed.items()}}
 
     def _real_rare_tokens(self, real: LMReal):
         """The real training data's rare tokens (engine/families/lm/tails.py), counted
@@ -732,19 +675,9 @@ class LanguageModel(Family):
         here = p.trainer == "local" or p.sampler_actors == 0
         return (1 << 30) + model + ((512 << 20) if here else 0)
 
-    def chain_cpus(self) -> float:
-        p = self.config
-        trainer = p.workers * p.cpus_per_worker if p.trainer == "ray" else 0.0
-        return max(trainer, p.sampler_actors * p.sampler_cpus)
-
-    def chain_gpus(self) -> float:
-        p = self.config
-        trainer = p.workers * p.gpus_per_worker if p.trainer == "ray" else 0.0
-        return max(trainer, p.sampler_actors * p.sampler_gpus)
-
-    def placement(self) -> list[Bundle]:
-        """One bundle per trainer worker (the fewest an elastic fit runs with) and per
-        sampler actor."""
+    def placement(self) -> list[Processes]:
+        """Trainer workers (trainer: ray; elastic down to min_workers) while a
+        generation fits, sampler actors while it samples."""
         p = self.config
         extra = p.worker_resources or {}
         worker = Bundle("trainer worker",
@@ -753,5 +686,6 @@ class LanguageModel(Family):
                          **{k: "worker_resources" for k in extra}})
         sampler = Bundle("sampler actor", {"CPU": p.sampler_cpus, "GPU": p.sampler_gpus},
                          {"CPU": "sampler_cpus", "GPU": "sampler_gpus"})
-        trainers = [worker] * (p.min_workers or p.workers) if p.trainer == "ray" else []
-        return trainers + [sampler] * p.sampler_actors
+        return ([Processes(worker, p.workers, "fit", p.min_workers)]
+                if p.trainer == "ray" else []) + \
+            ([Processes(sampler, p.sampler_actors, "sample")] if p.sampler_actors else [])

@@ -36,6 +36,11 @@ from engine.families.lm.metrics import _mix
 
 FILTERS = ("unfinished", "duplicates", "near_duplicates", "perplexity", "ungrammatical")
 ROW_FILTERS = ("unfinished", "perplexity", "ungrammatical")  # decided by the story alone
+# The engine's own MinHash banding, not datasketch's MinHashLSH: a story's band keys are
+# computed where the story is sampled (a Ray Data task) and only the keys travel (~100
+# bytes a story), so "seen before" is decided in request order on keys alone, the same
+# whichever sampler finished first; an LSH index object would have to live in one
+# process and see the stories in the order they arrive.
 BANDS, BAND_ROWS, SHINGLE = 10, 8, 3
 # The request number a kept story had: its seed is derive_seed(sample seed, request).
 REQUEST = "request"
@@ -193,3 +198,67 @@ def renumber(batch: pa.Table, kept: np.ndarray) -> pa.Table:
     batch = batch.set_column(batch.column_names.index(ROW), ROW,
                              pa.array(index[hit].astype(np.int64)))
     return batch.append_column(REQUEST, pc.cast(pa.array(rows[hit]), pa.int64()))
+
+
+def sample_curated(sampled, p, n: int, directory) -> tuple[str, dict[str, float]]:
+    """Sample in rounds into a staging folder, each story flagged by the study's
+    filters, until n stories pass them all; then write those n (the first in request
+    order) into `directory`, renumbered. `sampled(count, start)`: a Ray Dataset of
+    stories start..start+count-1 and the backend; `p`: the family's parameters.
+    Returns the backend and what each filter removed."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    from engine.families.lm.data import DataError
+
+    log = logging.getLogger("engine.lm")
+    from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
+                                read_parquet_files)
+
+    rules = Curation(tuple(p.curate), tuple(p.perplexity_band or ()) or None)
+    light = {"num_cpus": CHAIN_TASK_CPUS}
+    staging = directory / "staged"
+    flags, files, requested, count, kept = [], [], 0, n, 0
+    for round_ in range(MAX_ROUNDS):
+        ds, backend = sampled(count, requested)
+        ds = ds.map_batches(add_flags, fn_kwargs={"curation": rules},
+                            batch_format="pyarrow", num_cpus=CHAIN_TASK_CPUS)
+        fs, path = (staging / f"round-{round_:02d}").arrow()
+        ds.write_parquet(path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE,
+                         ray_remote_args=light)
+        requested += count
+        written = parquet_files_in(path, fs)
+        files += written
+        # only the small columns: a request number, flags and keys per story
+        flags.append(pq.read_table(written, filesystem=fs,
+                                   columns=["_row"] + rules.flag_columns))
+        selection = select(pa.concat_tables(flags), rules, n)
+        log.warning("sampler: curation round %d: %d stories kept of %d sampled "
+                    "(removed: %s)", round_ + 1, len(selection.kept), requested,
+                    ", ".join(f"{k} {v}" for k, v in selection.removed.items()))
+        if len(selection.kept) == n:
+            break
+        if len(selection.kept) < MIN_KEEP_RATE * requested:
+            raise DataError(f"family.curate: {len(selection.kept)} of {requested} sampled "
+                            f"stories pass the filters (removed: {selection.removed}), "
+                            f"fewer than {MIN_KEEP_RATE:.0%}: loosen the "
+                            "filters (or the perplexity_band)")
+        # the next round, at the keep rate of this one
+        count = next_round(n - len(selection.kept), len(selection.kept) - kept,
+                                    count)
+        kept = len(selection.kept)
+    else:
+        raise DataError(f"family.curate: {MAX_ROUNDS} rounds of sampling kept "
+                        f"{len(selection.kept)} of the {n} stories needed out of "
+                        f"{requested} sampled (removed: {selection.removed}); loosen "
+                        "the filters (or the perplexity_band)")
+    fs, path = directory.arrow()
+    read_parquet_files(files, fs).map_batches(
+        renumber, fn_kwargs={"kept": selection.kept}, batch_format="pyarrow",
+        num_cpus=CHAIN_TASK_CPUS).write_parquet(
+        path, filesystem=fs, num_rows_per_file=ROWS_PER_FILE, ray_remote_args=light)
+    staging.remove()
+    return backend, {"curation_sampled": float(selection.considered),
+                     **{f"curation_removed_{k}": float(v)
+                        for k, v in selection.removed.items()}}

@@ -8,6 +8,7 @@ kl_to_truth  test_loss − truth_loss: the model's excess cross-entropy over the
 from __future__ import annotations
 
 import json
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +100,11 @@ def evaluate_checkpoint(model_source: str, test: pa.Table, eos: int, pad: int, c
 # 1/sqrt(SKETCH) = 0.4% (Bar-Yossef et al. 2002; Beyer et al. 2007), with 64-bit hashes
 # colliding with probability ~n²/2⁶⁵ (nil here). No process holds the corpus's n-grams.
 
+# The engine's own KMV sketch, not Apache datasketches' theta sketch (the same estimator
+# family): its partials are plain sorted hashes a Ray Data batch hands back as a list and
+# np.unique merges, and below SKETCH distinct items it is exact, which every test and the
+# quickstart's tables rely on; a theta sketch would add a compiled dependency to merge
+# the same numbers.
 SKETCH = 1 << 16
 NGRAMS = (1, 2, 3)
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -181,49 +187,111 @@ def sample_stats(table: pa.Table) -> dict[str, float]:
     return merge_stats([partial_stats(table)])
 
 
+# ------------------------------------------------------------ corpus statistics
+#
+# Every statistic of a sampled corpus is a `CorpusStatistic`: a partial per batch,
+# computed where the batch is (a Ray Data task, or this process), and a merge of the
+# partials into numbers. A new corpus metric is one class and one line in `statistics`.
+
+class CorpusStatistic(Protocol):
+    name: str  # the key its partial travels under
+
+    def partial(self, batch: pa.Table) -> dict: ...
+
+    def merge(self, partials: list[dict]) -> dict[str, float]: ...
+
+
+class Diversity:
+    """distinct n-grams and stories (sketched), mean length, the sampling entropy rate."""
+
+    name = "diversity"
+
+    def partial(self, batch: pa.Table) -> dict:
+        part = partial_stats(batch)
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in part.items()}
+
+    def merge(self, partials: list[dict]) -> dict[str, float]:
+        return merge_stats([{k: (np.asarray(v, dtype=np.uint64) if k.startswith("sketch_")
+                                 else v) for k, v in p.items()} for p in partials])
+
+
+class Tails:
+    """Zipf slope, rare-token mass against the real data's rare tokens, repetition,
+    self-BLEU (engine/families/lm/tails.py)."""
+
+    name = "tails"
+
+    def __init__(self, real_rare: np.ndarray | None):
+        self.real_rare = real_rare
+
+    def partial(self, batch: pa.Table) -> dict:
+        from engine.families.lm import tails
+
+        return tails.partial(batch)
+
+    def merge(self, partials: list[dict]) -> dict[str, float]:
+        from engine.families.lm import tails
+
+        return tails.merge(partials, self.real_rare)
+
+
+class Grammaticality:
+    """For corpora sampled from models of the grammar's stories: each story checked
+    against the grammar (see `grammar_stats`)."""
+
+    name = "grammar"
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+
+    def partial(self, batch: pa.Table) -> dict:
+        return {k: v[0] for k, v in _grammar_partial(batch, self.model_dir).items()}
+
+    def merge(self, partials: list[dict]) -> dict[str, float]:
+        rows = sum(p["rows"] for p in partials)
+        grammatical = sum(p["grammatical"] for p in partials)
+        excess = sum(p["excess"] for p in partials)
+        return {"grammatical": grammatical / max(1, rows),
+                "grammar_reverse_kl": excess / grammatical if grammatical else float("nan")}
+
+
+def statistics(grammar_model: str | None = None,
+               real_rare: np.ndarray | None = None) -> list[CorpusStatistic]:
+    """The statistics a sampled corpus gets: diversity and tails always; with
+    `grammar_model` (the sampling model's directory, for its tokenizer), the grammar
+    check."""
+    return [Diversity(), Tails(real_rare)] + \
+        ([Grammaticality(grammar_model)] if grammar_model is not None else [])
+
+
 def corpus_stats(dataset, grammar_model: str | None = None,
                  real_rare: np.ndarray | None = None) -> dict[str, float]:
     """The statistics of a sampled corpus on storage (a Ray Dataset of its shards, with
-    their `_row`s, or its files' tables read in this process):
-    partial statistics per batch where the data is, merged here as they arrive; the
-    tails and variety (engine/families/lm/tails.py; `real_rare`: the real data's rare
-    tokens) in the same pass. With `grammar_model` (the sampling model's directory, for
-    its tokenizer), the same pass checks every story against the grammar (`grammar_stats`)."""
+    their `_row`s, or its files' tables read in this process): every statistic's
+    partial per batch where the data is, merged here as they arrive (one small JSON
+    string per batch and statistic: no process holds the corpus)."""
     from engine import raydata
-    from engine.families.lm import tails
 
+    measured = statistics(grammar_model, real_rare)
     columns = [ROW, "ids", "n_tokens", "logprob", "finished"]
     if not hasattr(dataset, "map_batches"):  # tables in this process (sampler_actors: 0)
-        parts = [{k: v[0] for k, v in _partial_row(t.select(columns), grammar_model).items()}
-                 for t in dataset]
+        rows = [{k: v[0] for k, v in _partial_row(t.select(columns), measured).items()}
+                for t in dataset]
     else:
-        parts = dataset.select_columns(columns, num_cpus=raydata.CHAIN_TASK_CPUS).map_batches(
-            _partial_row, fn_kwargs={"grammar_model": grammar_model}, batch_format="pyarrow",
-            batch_size=8192, num_cpus=raydata.CHAIN_TASK_CPUS).iter_rows()
-    rows = [_unpacked(row) for row in parts]  # one small dict per batch
-    stats = merge_stats(rows)
-    stats.update(tails.merge([json.loads(r["tails"]) for r in rows], real_rare))
-    if grammar_model is not None:
-        stats.update(_merge_grammar(rows))
+        rows = list(dataset.select_columns(columns, num_cpus=raydata.CHAIN_TASK_CPUS)
+                    .map_batches(_partial_row, fn_kwargs={"measured": measured},
+                                 batch_format="pyarrow", batch_size=8192,
+                                 num_cpus=raydata.CHAIN_TASK_CPUS).iter_rows())
+    stats: dict[str, float] = {}
+    for statistic in measured:
+        stats.update(statistic.merge([json.loads(r[statistic.name]) for r in rows]))
     return stats
 
 
-def _partial_row(batch: pa.Table, grammar_model: str | None = None) -> dict:
-    from engine.families.lm import tails
-
-    part = partial_stats(batch)
-    # as one JSON string: lists whose lengths vary by batch (and may be empty) would
-    # give each batch's one-row block its own Arrow type
-    part["tails"] = json.dumps(tails.partial(batch))
-    if grammar_model is not None:
-        part.update({f"grammar_{k}": v[0]
-                     for k, v in _grammar_partial(batch, grammar_model).items()})
-    return {k: [v] for k, v in part.items()}
-
-
-def _unpacked(row: dict) -> dict:
-    return {k: (np.asarray(v, dtype=np.uint64) if k.startswith("sketch_") else v)
-            for k, v in row.items()}
+def _partial_row(batch: pa.Table, measured: list[CorpusStatistic]) -> dict:
+    # each partial as one JSON string: lists whose lengths vary by batch (and may be
+    # empty) would give each batch's one-row block its own Arrow type
+    return {s.name: [json.dumps(s.partial(batch))] for s in measured}
 
 
 # ------------------------------------------------------------ against the grammar
@@ -259,14 +327,6 @@ def _grammar_partial(batch: pa.Table, model_dir: str) -> dict:
             grammatical += 1
             excess += logprob - truth
     return {"rows": [rows], "grammatical": [grammatical], "excess": [excess]}
-
-
-def _merge_grammar(parts) -> dict[str, float]:
-    rows = sum(p["grammar_rows"] for p in parts)
-    grammatical = sum(p["grammar_grammatical"] for p in parts)
-    excess = sum(p["grammar_excess"] for p in parts)
-    return {"grammatical": grammatical / max(1, rows),
-            "grammar_reverse_kl": excess / grammatical if grammatical else float("nan")}
 
 
 def grammar_stats(dataset, model_dir: str) -> dict[str, float]:

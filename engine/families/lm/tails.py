@@ -93,7 +93,12 @@ def zipf_slope(counts: dict[int, int]) -> float:
 def self_bleu(stories: list[list[int]], n: int = BLEU_N) -> float:
     """Mean BLEU-n of each story against all the others (uniform n-gram weights, clipped
     counts, brevity penalty to the closest reference length, +1 smoothing of the higher
-    orders so a short story does not score 0)."""
+    orders so a short story does not score 0).
+
+    The engine's own, not sacrebleu's: BLEU here is over the model's own token ids, the
+    units it was trained and sampled in, exactly; sacrebleu scores detokenized text
+    through its own word tokenizer, which would measure the tokenizer's round trip as
+    much as the stories."""
     stories = [list(s) for s in stories if len(s) >= 1]
     if len(stories) < 2:
         return float("nan")
