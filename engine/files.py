@@ -305,7 +305,11 @@ def check_writable(where: Location) -> None:
             missing = missing.parent
         made = None if missing.exists() else missing
     try:
-        write_atomic(probe, lambda tmp: tmp.write_bytes(b""))
+        try:
+            write_atomic(probe, lambda tmp: tmp.write_bytes(b""))
+        except StorageError as e:  # names the probe; the user should see `where`
+            reason = str(e).rsplit("(", 1)[-1].rstrip(")")
+            raise OSError(reason) from None
         probe.remove()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

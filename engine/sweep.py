@@ -133,6 +133,8 @@ def _progress_callback(study: Study, out, done: int, total: int, say: Callable[[
             super().__init__()
             self.done = done
             self.start = time.time()
+            self.at_start = {t.trial_id: completed_generations(out, t) for t in chains}
+            self.reported: dict[str, int] = {}
 
         def log_result(self, trial, result, error=False) -> None:
             pass
@@ -143,11 +145,16 @@ def _progress_callback(study: Study, out, done: int, total: int, say: Callable[[
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "generation" not in result:
                 return  # a fit's checkpoint, or a chain's failure (raised at the end)
-            # Counted on disk, not result by result: a chain restarted after a failure
-            # reports some generations again, or not at all.
-            self.done = sum(min(completed_generations(out, t), t.generations)
-                            for t in chains)
+            # Counted per chain as the highest generation it reported (a chain restarted
+            # after a failure reports some generations again, and reports follow the disk).
+            # Not the disk alone: another chain's generation may land there before its
+            # result reaches this callback, and the count would reach the total early.
             trial_id = trial.config["trial"]["trial_id"]
+            self.reported[trial_id] = max(self.reported.get(trial_id, 0),
+                                          int(result["generation"]))
+            self.done = sum(min(max(self.reported.get(t.trial_id, 0), self.at_start[t.trial_id]),
+                                t.generations)
+                            for t in chains)
             shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]
             headline = "  ".join(f"{m}={result[m]:.4g}" for m in shown)
             elapsed = time.time() - self.start

@@ -319,6 +319,24 @@ def test_a_study_survives_losing_a_worker_node_mid_training(tmp_path, monkeypatc
     assert 0 < record["resumed_at_step"] < record["steps"]
 
 
+def test_on_a_cluster_a_chain_no_node_can_hold_is_refused_with_the_largest_node(tmp_path,
+                                                                               monkeypatch):
+    from engine import cluster
+    from engine.errors import SpecError
+    from engine.spec import load_study
+
+    study = load_study(write_study(tmp_path / "s.yaml", LINEAR.format(out=tmp_path / "out")
+                                   + "resources: {memory_per_trial: 4TiB}\n"))
+    monkeypatch.setattr(cluster, "node_shapes",
+                        lambda: [{"CPU": 16.0, "memory": 64.0 * 2**30}])
+    with pytest.raises(SpecError, match=r"resources.memory_per_trial: a chain's driver needs "
+                       r"4096.0 GiB of memory \(resources.memory_per_trial\), but the largest "
+                       r"node offers 64.0 GiB"):
+        cluster.check_fits_cluster(study)
+    monkeypatch.setattr(cluster, "node_shapes", lambda: [{"CPU": 16.0}])  # autoscaled: unknown
+    cluster.check_fits_cluster(study)
+
+
 def test_chains_declare_their_memory_and_a_study_no_node_can_hold_is_refused(tmp_path):
     from engine.families import family_for
     from engine.spec import load_study
@@ -329,9 +347,10 @@ def test_chains_declare_their_memory_and_a_study_no_node_can_hold_is_refused(tmp
     r = collapse("run", study, timeout=180)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{study}: resources.memory_per_trial: a chain's driver needs "
-                           "4096.0 GiB of memory (resources.memory_per_trial), but the "
-                           "largest node offers"), last
+    # refused before Ray starts: a local run knows this machine's memory
+    assert last.startswith(f"{study}: chain replace__seed=0 needs ~4,096 GiB of memory (the "
+                           "family's estimate, or resources.memory_per_trial); this machine has "), last
+    assert last.endswith("make the study smaller, or run it on a cluster (--address)"), last
     assert not out.exists()
     bad = write_study(tmp_path / "b.yaml", LINEAR.format(out=out)
                       + "resources: {memory_per_trial: lots}\n")
