@@ -83,6 +83,13 @@ def test_perplexity_band_and_the_grammar_verifier():
     assert flagged.column("drop_ungrammatical").to_pylist() == [False, True, True]
     s = C.select(flagged, cur, n=3)
     assert s.kept.tolist() == [0] and s.removed == {"perplexity": 2, "ungrammatical": 0}
+    assert s.grammatical is None  # not grammar data
+    # grammar data: every story checked, filtered or not, so q(G) is the model's own
+    # share over the stories considered (the perplexity filter removed the other two)
+    for filters in (("perplexity", "ungrammatical"), ("perplexity",)):
+        cur = C.Curation(filters, perplexity_band=(2.0, 10.0), grammar=True)
+        s = C.select(C.add_flags(table, cur), cur, n=3)
+        assert s.kept.tolist() == [0] and s.grammatical == pytest.approx(1 / 3)
 
 
 def test_renumber_keeps_the_kept_rows_numbered_from_zero_with_their_request():

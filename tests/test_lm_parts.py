@@ -100,10 +100,46 @@ def test_the_grammar_verifies_its_own_stories_and_nothing_else():
         assert grammar.log_probability(broken) is None, broken
 
 
+def test_the_reverse_kl_on_the_grammar_is_a_kl_on_constructed_distributions():
+    """Six strings, three of them grammatical (p on those), q given outright: a corpus of
+    q's draws in exact proportions gives KL(q_G ‖ p) summed over the support, with or
+    without the ungrammatical draws kept (curation measured q(G) on all of them)."""
+    from engine.families.lm.metrics import Grammaticality, reverse_kl_on_grammar
+
+    p = np.array([0.5, 0.3, 0.2, 0, 0, 0])  # the grammar's distribution, support G = 0..2
+    for q in (np.array([0.25, 0.15, 0.1, 0.3, 0.1, 0.1]),  # q_G = p: KL 0
+              np.array([0.1, 0.2, 0.3, 0.2, 0.2, 0.0]),
+              np.array([0.6, 0.0, 0.3, 0.05, 0.05, 0.0])):  # misses a story of G
+        g = p > 0
+        q_g = q[g] / q[g].sum()
+        kept = q_g > 0
+        true_kl = float(np.sum(q_g[kept] * np.log(q_g[kept] / p[g][kept])))
+        draws = np.round(q * 1000).astype(int)  # the corpus: q's draws, exact shares
+        grammatical = np.repeat(g, draws)
+        excess = np.repeat(np.log(np.where(q > 0, q, 1)) - np.log(np.where(g, p, 1)), draws)
+        mean_excess = excess[grammatical].mean()
+        assert reverse_kl_on_grammar(mean_excess, grammatical.mean()) == \
+            pytest.approx(true_kl, abs=1e-12)
+        assert reverse_kl_on_grammar(mean_excess, grammatical.mean()) >= -1e-12
+        # through the statistic's merge: partials of two halves; and a curated corpus
+        # (only the grammatical draws stored) with q(G) from curation: the same value
+        part = {"rows": int(len(grammatical)), "grammatical": int(grammatical.sum()),
+                "excess": float(excess[grammatical].sum())}
+        merged = Grammaticality("unused").merge([part])
+        assert merged["grammar_reverse_kl"] == pytest.approx(true_kl, abs=1e-9)
+        curated = {**part, "rows": part["grammatical"]}
+        merged = Grammaticality("unused", sampled_grammatical=q[g].sum()).merge([curated])
+        assert merged["grammatical"] == 1.0
+        assert merged["sampled_grammatical"] == pytest.approx(q[g].sum())
+        assert merged["grammar_reverse_kl"] == pytest.approx(true_kl, abs=1e-9)
+    assert true_kl > 0.1  # the last q is far from p on G
+
+
 def test_grammar_stats_count_grammatical_stories_and_their_excess(tmp_path, ray_local):
-    """A corpus of 40 grammar stories, 10 of them spoiled, whose recorded
-    log-probabilities are the grammar's plus 0.5: 75% grammatical, reverse KL 0.5; a
-    story cut at the length limit does not count as grammatical."""
+    """A corpus of 40 grammar stories, 10 of them spoiled and one cut at the length
+    limit (not grammatical): 29/40 grammatical. The grammatical ones record
+    log q = log p + log(29/40): q puts its grammatical mass exactly the grammar's way,
+    so KL(q_G ‖ p) is 0 (the old mean of log q − log p was log(29/40) < 0, no KL)."""
     import ray
 
     from engine.families.lm.metrics import grammar_stats
@@ -115,14 +151,16 @@ def test_grammar_stats_count_grammatical_stories_and_their_excess(tmp_path, ray_
     texts = [t + " The end." if i % 4 == 0 else t for i, t in enumerate(texts)]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     finished = [True] * 39 + [False]  # the last story hit the length limit
-    logprob = [s.logprob + 0.5 for s in stories]
+    share = (40 - 10 - 1) / 40
+    logprob = [s.logprob + np.log(share) for s in stories]
     table = pa.table({"_row": list(range(len(ids))), "ids": ids,
                       "n_tokens": [len(i) for i in ids], "logprob": logprob,
                       "finished": finished})
     stats = grammar_stats(ray.data.from_arrow(table), str(tmp_path))
     spoiled = sum(1 for i in range(40) if i % 4 == 0)
-    assert stats["grammatical"] == pytest.approx((40 - spoiled - 1) / 40)
-    assert stats["grammar_reverse_kl"] == pytest.approx(0.5)
+    assert spoiled == 10 and stats["grammatical"] == pytest.approx(share)
+    assert stats["sampled_grammatical"] == stats["grammatical"]  # no curation
+    assert stats["grammar_reverse_kl"] == pytest.approx(0.0, abs=1e-9)
     # every statistic (metrics.statistics: one CorpusStatistic each) merges partials
     # of batches to the numbers of the whole: through Ray Data in batches, or tables
     # in this process, the same

@@ -31,7 +31,7 @@ from engine.families.base import (Bundle, Family, ParamError, Processes, fit, la
                                    resources, sampling)
 from engine.families.lm import grammar
 from engine.corpus import StoredRows
-from engine.families.lm.data import DataError, read_stories
+from engine.families.lm.data import GRAMMAR, DataError, read_stories
 from engine.families.lm.tokenizer import SPECIAL_TOKENS, minimum_vocab_size
 from engine.families.lm.zoo import ZOO
 from engine.files import Location, is_remote
@@ -39,7 +39,6 @@ from engine.seeds import derive_seed
 
 log = logging.getLogger("engine.lm")
 
-GRAMMAR = "grammar"
 CHARS_PER_TOKEN = 4.0  # byte-level BPE on English stories, vocabularies of ~1k-32k
 TINYSTORIES_TOKENS_PER_STORY = 224  # 470M tokens / 2.1M stories (the seed paper)
 
@@ -79,7 +78,7 @@ class LanguageModel(Family):
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
                "distinct_3", "unique_stories", "mean_length", "sample_entropy",
                "zipf_slope", "rare_token_mass", "rep_4", "self_bleu",
-               "grammatical", "grammar_reverse_kl")  # headline first; the last two: grammar data
+               "grammatical", "sampled_grammatical", "grammar_reverse_kl")  # headline first; the last three: grammar data
     paper_table = True
     reference_lines = {"test_loss": "truth_loss"}  # the grammar's own entropy rate
     path_fields = ("data", "tokenizer")
@@ -558,7 +557,7 @@ class LanguageModel(Family):
                    else read_parquet_files(files, fs, columns))
         # The grammar's stories: the truth is known, so every story is checked against it.
         stats = corpus_stats(written, model.source if self.config.data == GRAMMAR else None,
-                             self._real_rare_tokens(real))
+                             self._real_rare_tokens(real), curated.pop("sampled_grammatical", None))
         return {**stats, **curated}, {"sampler": backend}
 
     def _real_rare_tokens(self, real: LMReal):

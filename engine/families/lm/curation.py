@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.corpus import ROW
+from engine.families.lm.data import GRAMMAR
 from engine.families.lm.metrics import _mix
 
 FILTERS = ("unfinished", "duplicates", "near_duplicates", "perplexity", "ungrammatical")
@@ -52,10 +53,14 @@ MIN_KEEP_RATE = 0.02  # below it, stop and say so rather than sample 50x the cor
 class Curation:
     filters: tuple[str, ...]  # in the order they are applied
     perplexity_band: tuple[float, float] | None = None
+    # grammar data: every story is checked against the grammar, filtered or not, so
+    # q(G) is measured over the model's own draws (metrics.reverse_kl_on_grammar)
+    grammar: bool = False
 
     @property
     def flag_columns(self) -> list[str]:
         return ([f"drop_{f}" for f in self.filters if f in ROW_FILTERS]
+                + (["grammatical"] if self.grammar else [])
                 + (["exact_key"] if "duplicates" in self.filters else [])
                 + (["band_keys"] if "near_duplicates" in self.filters else []))
 
@@ -96,8 +101,6 @@ def exact_key(ids: np.ndarray) -> int:
 
 def add_flags(batch: pa.Table, curation: Curation) -> pa.Table:
     """Ray Data batch function (after the sampler): each story's filter flags and keys."""
-    from engine.families.lm import grammar
-
     columns = {}
     ids = batch.column("ids").to_pylist()
     for f in curation.filters:
@@ -110,21 +113,30 @@ def add_flags(batch: pa.Table, curation: Curation) -> pa.Table:
             ppl = np.exp(-batch.column("logprob").to_numpy() / tokens)
             columns["drop_perplexity"] = pa.array((ppl < low) | (ppl > high))
         elif f == "ungrammatical":
-            # as the `grammatical` metric counts: a story cut off at the length limit is
-            # not one the grammar ends
-            finished = batch.column("finished").to_pylist()
-            columns["drop_ungrammatical"] = pa.array(
-                [grammar.log_probability(t) is None or not f
-                 for t, f in zip(batch.column("text").to_pylist(), finished)])
+            columns["drop_ungrammatical"] = pa.array(~_grammatical(batch))
         elif f == "duplicates":
             columns["exact_key"] = pa.array([exact_key(i) for i in ids], pa.uint64())
         elif f == "near_duplicates":
             seeds = _band_seeds()
             columns["band_keys"] = pa.array([band_keys(np.asarray(i), seeds).tolist()
                                              for i in ids], pa.list_(pa.uint64(), BANDS))
+    if curation.grammar:
+        columns["grammatical"] = (pa.array(~columns["drop_ungrammatical"].to_numpy(
+            zero_copy_only=False)) if "drop_ungrammatical" in columns
+            else pa.array(_grammatical(batch)))
     for name, column in columns.items():
         batch = batch.append_column(name, column)
     return batch
+
+
+def _grammatical(batch: pa.Table) -> np.ndarray:
+    """As the `grammatical` metric counts: a story cut off at the length limit is not
+    one the grammar ends."""
+    from engine.families.lm import grammar
+
+    return np.array([grammar.log_probability(t) is not None and f
+                     for t, f in zip(batch.column("text").to_pylist(),
+                                     batch.column("finished").to_pylist())], dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,7 @@ class Kept:
     kept: np.ndarray  # the request numbers kept, ascending (at most n)
     considered: int  # requests looked at: up to and including the last one kept
     removed: dict[str, int]  # filter -> stories it removed among those considered
+    grammatical: float | None = None  # grammar data: q(G) among those considered
 
 
 def _first_occurrences(keys: np.ndarray) -> np.ndarray:
@@ -171,8 +184,10 @@ def select(flags: pa.Table, curation: Curation, n: int) -> Kept:
     kept = rows[alive][:n]
     considered = len(rows) if len(kept) < n else int(np.searchsorted(rows, kept[-1])) + 1
     counts = np.bincount(removed_by[:considered] + 1, minlength=len(curation.filters) + 1)
+    grammatical = (float(flags.column("grammatical").to_numpy(zero_copy_only=False)
+                         [:considered].mean()) if curation.grammar and considered else None)
     return Kept(kept, considered, {f: int(counts[i + 1])
-                                        for i, f in enumerate(curation.filters)})
+                                   for i, f in enumerate(curation.filters)}, grammatical)
 
 
 def next_round(short: int, kept_last: int, requested_last: int) -> int:
@@ -216,7 +231,8 @@ def sample_curated(sampled, p, n: int, directory) -> tuple[str, dict[str, float]
     from engine.raydata import (CHAIN_TASK_CPUS, ROWS_PER_FILE, parquet_files_in,
                                 read_parquet_files)
 
-    rules = Curation(tuple(p.curate), tuple(p.perplexity_band or ()) or None)
+    rules = Curation(tuple(p.curate), tuple(p.perplexity_band or ()) or None,
+                     grammar=p.data == GRAMMAR)
     light = {"num_cpus": CHAIN_TASK_CPUS}
     staging = directory / "staged"
     flags, files, requested, count, kept = [], [], 0, n, 0
@@ -261,4 +277,6 @@ def sample_curated(sampled, p, n: int, directory) -> tuple[str, dict[str, float]
     staging.remove()
     return backend, {"curation_sampled": float(selection.considered),
                      **{f"curation_removed_{k}": float(v)
-                        for k, v in selection.removed.items()}}
+                        for k, v in selection.removed.items()},
+                     **({} if selection.grammatical is None
+                        else {"sampled_grammatical": selection.grammatical})}

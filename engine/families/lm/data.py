@@ -146,6 +146,7 @@ def split(n: int, test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------- pieces
 
 PIECE_BYTES = 64 << 20  # a text or JSON-lines piece: about this many bytes
+GRAMMAR = "grammar"  # the `data:` value of the synthetic grammar source (grammar.py)
 GRAMMAR_PIECE = 20_000  # a grammar piece: this many stories
 _DELIMITER_LINE = re.compile(rb"\n[ \t\r]*<\|endoftext\|>[ \t\r]*(?:\n|$)")
 

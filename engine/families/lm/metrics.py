@@ -8,6 +8,7 @@ kl_to_truth  test_loss − truth_loss: the model's excess cross-entropy over the
 from __future__ import annotations
 
 import json
+import math
 from typing import Protocol
 
 import numpy as np
@@ -241,8 +242,11 @@ class Grammaticality:
 
     name = "grammar"
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, sampled_grammatical: float | None = None):
         self.model_dir = model_dir
+        # q(G) as curation measured it over every story it looked at: a curated corpus
+        # is not the model's own draws (an `ungrammatical` filter leaves only G in it)
+        self.sampled_grammatical = sampled_grammatical
 
     def partial(self, batch: pa.Table) -> dict:
         return {k: v[0] for k, v in _grammar_partial(batch, self.model_dir).items()}
@@ -251,28 +255,50 @@ class Grammaticality:
         rows = sum(p["rows"] for p in partials)
         grammatical = sum(p["grammatical"] for p in partials)
         excess = sum(p["excess"] for p in partials)
-        return {"grammatical": grammatical / max(1, rows),
-                "grammar_reverse_kl": excess / grammatical if grammatical else float("nan")}
+        share = grammatical / max(1, rows)
+        excess = excess / grammatical if grammatical else float("nan")
+        # Without curation the corpus is the model's own draws: q(G) is what it shows.
+        q = share if self.sampled_grammatical is None else self.sampled_grammatical
+        return {"grammatical": share, "sampled_grammatical": q,
+                "grammar_reverse_kl": reverse_kl_on_grammar(excess, q)}
+
+
+def reverse_kl_on_grammar(mean_excess: float, q_grammatical: float) -> float:
+    """KL(q_G ‖ p): the sampling distribution q conditioned on the grammar's support G
+    (q_G(x) = q(x) / q(G) on G) against the grammar p. `mean_excess` is the mean of
+    log q(x) − log p(x) over draws of q that fall in G (draws of q_G), so
+
+        KL(q_G ‖ p) = E_{q_G}[log q(x) − log q(G) − log p(x)] = mean_excess − log q(G).
+
+    A KL, so >= 0 (up to sampling noise), and 0 exactly when q puts its grammatical mass
+    the grammar's way, however much mass it puts off the grammar (that is q(G), reported
+    beside it). The plain mean_excess is not a KL: it is log q(G) < 0 for q = q(G)·p."""
+    if not q_grammatical or math.isnan(mean_excess):
+        return float("nan")
+    return mean_excess - math.log(q_grammatical)
 
 
 def statistics(grammar_model: str | None = None,
-               real_rare: np.ndarray | None = None) -> list[CorpusStatistic]:
+               real_rare: np.ndarray | None = None,
+               sampled_grammatical: float | None = None) -> list[CorpusStatistic]:
     """The statistics a sampled corpus gets: diversity and tails always; with
     `grammar_model` (the sampling model's directory, for its tokenizer), the grammar
-    check."""
+    check (`sampled_grammatical`: q(G) as curation measured it, for a curated corpus)."""
     return [Diversity(), Tails(real_rare)] + \
-        ([Grammaticality(grammar_model)] if grammar_model is not None else [])
+        ([Grammaticality(grammar_model, sampled_grammatical)]
+         if grammar_model is not None else [])
 
 
 def corpus_stats(dataset, grammar_model: str | None = None,
-                 real_rare: np.ndarray | None = None) -> dict[str, float]:
+                 real_rare: np.ndarray | None = None,
+                 sampled_grammatical: float | None = None) -> dict[str, float]:
     """The statistics of a sampled corpus on storage (a Ray Dataset of its shards, with
     their `_row`s, or its files' tables read in this process): every statistic's
     partial per batch where the data is, merged here as they arrive (one small JSON
     string per batch and statistic: no process holds the corpus)."""
     from engine import raydata
 
-    measured = statistics(grammar_model, real_rare)
+    measured = statistics(grammar_model, real_rare, sampled_grammatical)
     columns = [ROW, "ids", "n_tokens", "logprob", "finished"]
     if not hasattr(dataset, "map_batches"):  # tables in this process (sampler_actors: 0)
         rows = [{k: v[0] for k, v in _partial_row(t.select(columns), measured).items()}
@@ -331,10 +357,12 @@ def _grammar_partial(batch: pa.Table, model_dir: str) -> dict:
 
 def grammar_stats(dataset, model_dir: str) -> dict[str, float]:
     """For corpora sampled from models of the grammar's stories: `grammatical`, the
-    fraction of stories the grammar can produce (an exact verifier), and
-    `grammar_reverse_kl`, the mean over those stories of log q(x) − log p(x), q the
-    sampling distribution and p the grammar: the reverse KL to the truth on the
-    grammar's support (the rest has p = 0, where the reverse KL is infinite). Chains get
-    them from corpus_stats' one pass."""
+    fraction of the corpus's stories the grammar can produce (an exact verifier);
+    `sampled_grammatical`, q(G), the fraction of the model's own draws it can produce
+    (the same without curation); and `grammar_reverse_kl`, KL(q_G ‖ p) of the sampling
+    distribution q conditioned on the grammar against the grammar p
+    (`reverse_kl_on_grammar`). The unconditioned reverse KL is infinite whenever q puts
+    mass off the grammar (p = 0 there): q(G) says how much. Chains get them from
+    corpus_stats' one pass."""
     stats = corpus_stats(dataset, grammar_model=model_dir)
-    return {k: stats[k] for k in ("grammatical", "grammar_reverse_kl")}
+    return {k: stats[k] for k in ("grammatical", "sampled_grammatical", "grammar_reverse_kl")}
