@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import ray.data
 
 ROW = "_row"
+WEIGHT = "_weight"  # a weighted mix's per-row loss weight (strategies.Mix.row_weights)
 ROWS_PER_FILE = 1_000_000
 # (file URI, SHA-256) pairs this process has already checked: each shard is hashed once
 # per process, not once per generation that reads it.
@@ -329,11 +330,20 @@ class CorpusStore:
         return [n for n in schemas[0].names if n != ROW and all(n in s.names for s in schemas)]
 
     def read(self, mix: Mix, seed: int) -> pa.Table:
-        """The mix in memory, for families that fit on a whole table."""
+        """The mix in memory, for families that fit on a whole table; a weighted mix
+        (a workflow's `weights`) carries each row's loss weight in the column WEIGHT."""
         selections = self.select(mix, seed)
         columns = self._common_columns(selections)
-        return pa.concat_tables([self._rows(sel.source, columns).take(pa.array(sel.rows))
-                                 for sel in selections])
+        table = pa.concat_tables([self._rows(sel.source, columns).take(pa.array(sel.rows))
+                                  for sel in selections])
+        rows_of: dict[str, int] = {}
+        for sel in selections:
+            rows_of[sel.source.kind] = rows_of.get(sel.source.kind, 0) + len(sel.rows)
+        per_row = mix.row_weights(rows_of)
+        if per_row is None:
+            return table
+        return table.append_column(WEIGHT, pa.array(np.concatenate(
+            [np.full(len(sel.rows), per_row[sel.source.kind]) for sel in selections])))
 
     def _rows(self, source: Source, columns: list[str]) -> pa.Table:
         """One corpus in memory, its rows in the order of their `_row` (shards written

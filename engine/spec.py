@@ -540,6 +540,14 @@ def _validate_tracking(check: _Checker, tracking: Any) -> Tracking:
 
 def _validate_grid(check: _Checker, study: Study) -> None:
     fam = get_family(study.family)
+    for i, s in enumerate(study.document["strategies"] if isinstance(
+            study.document["strategies"], list) else []):
+        if isinstance(s, dict) and "weights" in s and not fam.weighted_fit:
+            # (imports every family: only on this error path)
+            weighted = ", ".join(n for n in FAMILIES if get_family(n).weighted_fit)
+            check.fail(f"strategies[{i}].weights", f"the {study.family} family's fit does "
+                       f"not weight its rows yet (families that do: {weighted}); drop "
+                       "`weights`, or study weighting on one of those")
     for point in study.grid_points():
         try:
             fam.from_params({**study.family_params, **point}).validate()

@@ -31,6 +31,7 @@ too few rows with the field to change).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 from engine.errors import BadInput, CollapseError, UnknownName
@@ -71,10 +72,25 @@ class Mix:
     parts: tuple[Part, ...]
     draw: Draw = "all"
     rows: int = 0  # rows drawn when draw != "all"; for "all", the pool's size
+    # Loss weights (real, synthetic): each kind's share of the training objective, as
+    # He, Xu & Cheng 2025 weight them. None: every row counts the same.
+    weights: tuple[float, float] | None = None
 
     @property
     def pool_rows(self) -> int:
         return sum(p.rows for p in self.parts)
+
+    def row_weights(self, rows_of: dict[str, int]) -> dict[str, float] | None:
+        """Each kind's per-row weight, given the mix's rows of each kind: the objective
+        is w_real · (mean loss over real rows) + w_synthetic · (mean loss over synthetic
+        rows), scaled so a row weighs 1 on average (the loss keeps its size: a learning
+        rate or ridge tuned without weights still fits). A kind with no rows in the mix
+        (generation 1's real-only mix) drops out. None: unweighted."""
+        if self.weights is None:
+            return None
+        present = {k: w for k, w in zip(("real", "synthetic"), self.weights) if rows_of.get(k)}
+        total_rows, total_weight = sum(rows_of[k] for k in present), sum(present.values())
+        return {k: w * total_rows / (rows_of[k] * total_weight) for k, w in present.items()}
 
 
 @dataclass(frozen=True)
@@ -233,21 +249,22 @@ def _amount(definition: Any, where: str, fraction_max: float) -> Amount:
     return Amount(None if fraction is None else float(fraction), rows, schedule, float(decay))
 
 
-def workflow(name: str, definition: dict[str, Any]) -> Strategy:
-    """A study's own strategy (see the module doc). Generation 1 trains on T real rows;
-    generation g >= 2 on R(g) real rows and S(g) samples of model g-1, where
+def _weights(definition: Any) -> tuple[float, float]:
+    if not isinstance(definition, dict) or set(definition) != {"real", "synthetic"}:
+        raise WorkflowError("weights", f"expected {{real: w, synthetic: w}} (each kind's "
+                                       f"share of the loss), got {definition!r}")
+    for kind, w in definition.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise WorkflowError(f"weights.{kind}", f"expected a number >= 0, got {w!r}")
+    if definition["real"] + definition["synthetic"] <= 0:
+        raise WorkflowError("weights", "at least one weight must be above 0")
+    return float(definition["real"]), float(definition["synthetic"])
 
-        real: {fraction | rows, schedule, decay}   R(g): a fraction of T, or rows
-        real_data: same | fresh | growing          chunk 1's first R(g) rows each time;
-                                                   R(g) rows of a new chunk; or every
-                                                   real row so far (chunk 1 and R(k)
-                                                   rows of chunk k, k = 2..g)
-        synthetic: {fraction | rows, ...}          S(g): the synthetic share of the mix
-                                                   (fraction < 1), or rows; left out:
-                                                   the rest of T, so a generation is T rows
 
-    Raises WorkflowError naming the field inside the definition."""
-    known = ("name", "real", "real_data", "synthetic")
+def _workflow_fields(name: str, definition: dict[str, Any]):
+    """A workflow definition's checked fields: (real amount, real_data, synthetic
+    amount or None, loss weights or None)."""
+    known = ("name", "real", "real_data", "synthetic", "weights")
     for key in definition:
         if key not in known:
             raise WorkflowError(key, f"unknown key (allowed: {', '.join(known)})")
@@ -265,6 +282,28 @@ def workflow(name: str, definition: dict[str, Any]) -> Strategy:
     if synthetic_amount is None and real_data == "growing":
         raise WorkflowError("synthetic", "growing real data has no `rest of T`; give the "
                                          "synthetic share, e.g. {fraction: 0.1}, or {rows: N}")
+    weights = _weights(definition["weights"]) if "weights" in definition else None
+    return real_amount, real_data, synthetic_amount, weights
+
+
+def workflow(name: str, definition: dict[str, Any]) -> Strategy:
+    """A study's own strategy (see the module doc). Generation 1 trains on T real rows;
+    generation g >= 2 on R(g) real rows and S(g) samples of model g-1, where
+
+        real: {fraction | rows, schedule, decay}   R(g): a fraction of T, or rows
+        real_data: same | fresh | growing          chunk 1's first R(g) rows each time;
+                                                   R(g) rows of a new chunk; or every
+                                                   real row so far (chunk 1 and R(k)
+                                                   rows of chunk k, k = 2..g)
+        synthetic: {fraction | rows, ...}          S(g): the synthetic share of the mix
+                                                   (fraction < 1), or rows; left out:
+                                                   the rest of T, so a generation is T rows
+        weights: {real: w, synthetic: w}           each kind's share of the loss from
+                                                   generation 2 on (He, Xu & Cheng 2025);
+                                                   left out: every row the same
+
+    Raises WorkflowError naming the field inside the definition."""
+    real_amount, real_data, synthetic_amount, weights = _workflow_fields(name, definition)
 
     def real_rows(g: int, T: int) -> int:
         a = real_amount
@@ -300,7 +339,8 @@ def workflow(name: str, definition: dict[str, Any]) -> Strategy:
         _check(g, T)
         if g == 1:
             return _whole([Part(real(1), T)])
-        return _whole(real_parts(g, T) + [Part(synthetic(g - 1), synthetic_rows(g, T))])
+        mixed = _whole(real_parts(g, T) + [Part(synthetic(g - 1), synthetic_rows(g, T))])
+        return mixed if weights is None else dataclasses.replace(mixed, weights=weights)
 
     def sample_size(g: int, T: int) -> int:
         _check(g, T)
@@ -309,7 +349,9 @@ def workflow(name: str, definition: dict[str, Any]) -> Strategy:
     synthetic_text = ("the rest of T" if synthetic_amount is None
                       else synthetic_amount.describe("the mix"))
     description = (f"real: {real_amount.describe('T')} ({real_data}); synthetic: "
-                   f"{synthetic_text}, sampled by the previous model")
+                   f"{synthetic_text}, sampled by the previous model"
+                   + ("" if weights is None else
+                      f"; loss weights real {weights[0]:g}, synthetic {weights[1]:g}"))
     return Strategy(name, mix, sample_size, description, fresh_real=real_data != "same")
 
 

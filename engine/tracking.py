@@ -14,10 +14,12 @@ resolved study file and the tidy table (results.parquet) are attached to every r
 it as artifacts. TensorBoard needs no setting: Tune writes event files for every chain
 (`tune/sweep/<chain>/events.out.tfevents.*`; `tensorboard --logdir OUT/tune/sweep`).
 
-Fits report to the chain's Tune trial as they train (their train loss, checkpoints);
-the trackers keep the per-generation results only, so a run's steps are generations.
-A chain resumed in a later `collapse run` is a new tracked run holding the generations
-that run made.
+A run's steps are generations. Beside each generation's metrics the trackers get its
+fit's per-step curves (train_loss by step, from the generation's metrics record): in
+MLflow as the metric `<curve>/generation-<g>` with the fit's steps as its steps, in W&B
+as a table `curves/<curve>` (columns step, value) logged at that generation. A chain
+resumed in a later `collapse run` continues its tracked run: MLflow finds the run by
+the study's and chain's tags, W&B by its id (the study and chain names).
 
 Neither package is a dependency of the engine: `pip install -e '.[tracking]'`.
 """
@@ -58,6 +60,20 @@ def _generation_result(result: dict[str, Any]) -> dict[str, float] | None:
         return None
     return {k: float(v) for k, v in result.items()
             if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _curves(trial, result: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """The per-step curves of the fit of the generation `result` reports, from the
+    chain's metrics record on disk ({} if it has none or cannot be read: tracking never
+    stops a study)."""
+    from engine.layout import RunLayout
+    from engine.records import read_record
+
+    try:
+        chain = RunLayout.of(trial.config["out"]).chain(trial.config["trial"]["trial_id"])
+        return read_record(chain.metrics(int(result["generation"]))).get("curves", {})
+    except Exception:  # noqa: BLE001 — missing or damaged: the chain's to report
+        return {}
 
 
 def _tags(study: "Study", chain: dict[str, Any]) -> dict[str, str]:
@@ -111,19 +127,46 @@ def _mlflow_callback(study: "Study"):
 
         def log_trial_start(self, trial) -> None:
             chain = trial.config["trial"]
-            if trial not in self._trial_runs:
-                run = self.mlflow_util.start_run(tags=_tags(study, chain),
-                                                 run_name=chain["trial_id"])
-                self._trial_runs[trial] = run.info.run_id
-                self.mlflow_util.log_params(run_id=self._trial_runs[trial],
-                                            params_to_log=_params(chain))
+            if trial in self._trial_runs:
+                return
+            earlier = self._earlier_run(chain["trial_id"])
+            if earlier is not None:  # a resumed chain: its run goes on
+                self._trial_runs[trial] = earlier
+                self._client().update_run(earlier, status="RUNNING")
+                return
+            run = self.mlflow_util.start_run(tags=_tags(study, chain),
+                                             run_name=chain["trial_id"])
+            self._trial_runs[trial] = run.info.run_id
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial],
+                                        params_to_log=_params(chain))
+
+        def _client(self):
+            import mlflow
+
+            return mlflow.MlflowClient(tracking_uri=study.tracking.mlflow)
+
+        def _earlier_run(self, chain_id: str) -> str | None:
+            """The run an earlier `collapse run` of this study kept for the chain."""
+            quoted = chain_id.replace("'", "\\'")
+            name = study.name.replace("'", "\\'")
+            found = self._client().search_runs(
+                [self.mlflow_util.experiment_id], max_results=1,
+                filter_string=f"tags.chain = '{quoted}' and tags.study = '{name}'",
+                order_by=["attributes.start_time DESC"])
+            return found[0].info.run_id if found else None
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
             metrics = _generation_result(result)
-            if metrics:
-                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial],
-                                             metrics_to_log=metrics,
-                                             step=int(result["generation"]))
+            if not metrics:
+                return
+            g = int(result["generation"])
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial],
+                                         metrics_to_log=metrics, step=g)
+            for name, curve in _curves(trial, result).items():
+                for step, value in curve:
+                    self.mlflow_util.log_metrics(
+                        run_id=self._trial_runs[trial], step=int(step),
+                        metrics_to_log={f"{name}/generation-{g}": float(value)})
 
         def log_trial_end(self, trial, failed: bool = False) -> None:
             self.runs[trial.config["trial"]["trial_id"]] = self._trial_runs[trial]
@@ -153,9 +196,15 @@ def _wandb_callback(study: "Study"):
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
             metrics = _generation_result(result)
             if metrics:
+                import wandb
+
+                # Each fit's curve as a table at its generation: W&B has one step per
+                # run, and here that is the generation.
+                curves = {f"curves/{name}": wandb.Table(columns=["step", name], data=curve)
+                          for name, curve in _curves(trial, result).items() if curve}
                 # The logging actor steps W&B by `training_iteration`: the generation.
                 super().log_trial_result(iteration, trial, {
-                    **metrics, "training_iteration": int(result["generation"])})
+                    **metrics, **curves, "training_iteration": int(result["generation"])})
 
     callback = ChainsToWandb(project=study.tracking.wandb)
     callback.directory = str(wandb_directory(study))

@@ -624,3 +624,39 @@ def test_vllm_beam_search_records_the_models_own_log_probability(trained_tiny, t
                          zip(ids, table.column("logprob").to_pylist(), finished)])
     sampled_rate = np.mean([r["logprob"] / (len(r["ids"]) + r["finished"]) for r in sampled])
     assert beam_rate > sampled_rate + 0.2, (beam_rate, sampled_rate)
+
+
+def test_truncated_cross_entropy_drops_the_tokens_predicted_above_the_threshold():
+    import torch
+    from types import SimpleNamespace
+
+    from engine.families.base import ParamError
+    from engine.families.lm import train
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5) * 3
+    logits.requires_grad_(True)
+    engine = lambda input_ids, labels=None: SimpleNamespace(
+        logits=logits, loss=torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 5), input_ids[:, 1:].reshape(-1)))
+    x = torch.randint(0, 5, (2, 6))
+    plain = train.loss_for(None)(engine, x, None)
+    assert train.loss_for({"name": "truncated_ce", "threshold": 1.0})(engine, x, None).item() \
+        == pytest.approx(plain.item(), rel=1e-6)  # γ = 1: plain cross-entropy
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 5), x[:, 1:].reshape(-1),
+                                           reduction="none").detach()
+    p_next = torch.exp(-ce)
+    threshold = float(p_next.median())
+    tce = train.loss_for({"name": "truncated_ce", "threshold": threshold})(engine, x, None)
+    kept = p_next <= threshold
+    assert 0 < kept.sum() < len(kept)
+    assert tce.item() == pytest.approx(float((ce * kept).sum() / len(ce)), rel=1e-6)
+    tce.backward()  # no gradient reaches the logits of a dropped token
+    grads = logits.grad[:, :-1].reshape(-1, 5).abs().sum(dim=1)
+    assert (grads[~kept] == 0).all() and (grads[kept] > 0).all()
+    for bad, field in (({"name": "focal"}, "loss"), ({"name": "truncated_ce"}, "loss.threshold"),
+                       ({"name": "truncated_ce", "threshold": 1.5}, "loss.threshold"),
+                       ({"name": "truncated_ce", "threshold": 0.9, "gamma": 2}, "loss")):
+        with pytest.raises(ParamError) as e:
+            train.loss_for(bad)
+        assert e.value.field == field

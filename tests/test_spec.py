@@ -70,7 +70,12 @@ BAD = [
     ("strategies=[{name: replace, real: {rows: 3}}]",
      "strategies[0].name (from --set): 'replace' is a built-in strategy"),
     ("strategies=[{name: half, real: {rows: 3}, fresh: true}]",
-     "strategies[0].fresh (from --set): unknown key (allowed: name, real, real_data, synthetic)"),
+     "strategies[0].fresh (from --set): unknown key (allowed: name, real, real_data, synthetic, "
+     "weights)"),
+    ("strategies=[{name: half, real: {rows: 3}, weights: {real: -1, synthetic: 1}}]",
+     "strategies[0].weights.real (from --set): expected a number >= 0, got -1"),
+    ("strategies=[{name: half, real: {rows: 3}, weights: {real: 1}}]",
+     "strategies[0].weights (from --set): expected {real: w, synthetic: w}"),
 ]
 
 
@@ -191,3 +196,23 @@ def test_params_lists_every_family_parameter_with_its_meaning():
     r = collapse("params", "lmm")
     assert r.returncode == 2 and r.stderr.strip() == \
         "unknown family 'lmm' (known: " + ", ".join(FAMILIES) + ")"
+
+
+def test_loss_weights_are_refused_by_a_family_whose_fit_does_not_weight_rows(tmp_path):
+    from engine.errors import SpecError
+
+    weighted = "[{name: w, real: {fraction: 0.5}, weights: {real: 0.6, synthetic: 0.4}}]"
+    f = write_study(tmp_path / "s.yaml", GOOD.format(out=tmp_path / "out"))
+    assert load_study(f, [f"strategies={weighted}"]).workflows["w"]["weights"] == {
+        "real": 0.6, "synthetic": 0.4}  # the linear family weights its rows
+    lm = write_study(tmp_path / "lm.yaml", f"""name: lm
+family: {{name: lm, stories: 40, vocab_size: 300}}
+strategies: {weighted}
+generations: 2
+seeds: [0]
+out: {tmp_path / 'lm-out'}
+""")
+    with pytest.raises(SpecError, match=r"strategies\[0\].weights: the lm family's fit does "
+                       r"not weight its rows yet \(families that do: linear, gaussian, "
+                       r"logistic, kde\)"):
+        load_study(lm)

@@ -112,3 +112,40 @@ def test_bad_generation_and_unknown_strategy():
         S.get("replace").mix(0, T)
     with pytest.raises(KeyError, match="known: replace, accumulate"):
         S.get("acumulate")
+
+
+def test_workflow_loss_weights_give_each_kind_its_share_of_the_objective():
+    from engine.strategies import workflow
+
+    s = workflow("w", {"name": "w", "real": {"fraction": 0.25}, "real_data": "fresh",
+                       "weights": {"real": 0.6, "synthetic": 0.4}})
+    assert s.mix(1, 100).weights is None  # generation 1: real rows alone
+    mix = s.mix(3, 100)
+    assert mix.weights == (0.6, 0.4) and "loss weights real 0.6, synthetic 0.4" in s.description
+    per_row = mix.row_weights({"real": 25, "synthetic": 75})
+    # the real rows' total weight is 0.6 of the whole, the synthetic rows' 0.4; mean 1
+    assert per_row["real"] * 25 / 100 == pytest.approx(0.6)
+    assert per_row["synthetic"] * 75 / 100 == pytest.approx(0.4)
+    assert mix.row_weights({"real": 25}) == {"real": 1.0}  # a kind missing drops out
+    assert workflow("u", {"name": "u", "real": {"fraction": 0.5}}).mix(2, 10).row_weights(
+        {"real": 5, "synthetic": 5}) is None
+
+
+def test_a_weighted_mix_read_from_the_store_carries_each_rows_weight(tmp_path):
+    import pyarrow as pa
+
+    from engine.corpus import WEIGHT, CorpusStore
+    from engine.strategies import real, synthetic, workflow
+
+    store = CorpusStore(tmp_path)
+    store.write(real(2), pa.table({"x": [1.0, 2.0, 3.0, 4.0]}), model="real data")
+    store.write(synthetic(1), pa.table({"x": [9.0] * 6}), model="gen-1")
+    mix = workflow("w", {"name": "w", "real": {"rows": 4}, "real_data": "fresh",
+                         "synthetic": {"rows": 6},
+                         "weights": {"real": 1, "synthetic": 1}}).mix(2, 4)
+    table = store.read(mix, seed=0)
+    assert table.column("x").to_pylist() == [1.0, 2.0, 3.0, 4.0] + [9.0] * 6
+    # equal kind weights: each kind half the objective, so a real row weighs 6/4 of a
+    # synthetic one; the mean row weight is 1
+    w = table.column(WEIGHT).to_pylist()
+    assert w[:4] == [1.25] * 4 and w[4:] == pytest.approx([10 / 12] * 6)

@@ -67,6 +67,7 @@ def test_mlflow_and_wandb_hold_a_run_per_chain_with_its_generations(tmp_path, mo
     client = mlflow.MlflowClient(f"file://{mlruns}")
     runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
     by_chain = {run.info.run_name: run for run in runs}
+    runs_before = runs
     assert set(by_chain) == {"replace__d=3__seed=0", "replace__d=4__seed=0",
                              "accumulate__d=3__seed=0", "accumulate__d=4__seed=0"}
     import engine
@@ -113,6 +114,15 @@ def test_mlflow_and_wandb_hold_a_run_per_chain_with_its_generations(tmp_path, mo
         assert [h["test_error"] for h in history] == pytest.approx(expected.value.tolist())
     assert sorted(runs["tracked results"][3]) == ["results.parquet", "study.yaml"]
 
+    # one more generation in a later run: every chain's MLflow run goes on, no new one
+    r = collapse("run", study, "--set", "generations=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert {run.info.run_id for run in again} == {run.info.run_id for run in runs_before}
+    for run in again:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_error"))
+        assert steps == [1, 2, 3, 4], (run.info.run_name, steps)
+
 
 def test_tracking_is_checked_before_anything_runs(tmp_path, monkeypatch):
     """A tracker whose package is missing, an unknown tracker, a store that cannot be
@@ -136,3 +146,31 @@ def test_tracking_is_checked_before_anything_runs(tmp_path, monkeypatch):
                        r"mlflow_is_not_installed_here package, which is not installed: "
                        r"pip install -e '\.\[tracking\]'"):
         load_study(study)
+
+
+def test_a_generations_fit_curves_reach_the_trackers_from_its_metrics_record(tmp_path):
+    """What both trackers log beside a generation's metrics: its fit's per-step curves,
+    read from the chain's metrics record ({} where there is none or it is damaged)."""
+    from types import SimpleNamespace
+
+    from engine.chain import chain_layout
+    from engine.records import write_record
+    from engine.spec import load_study
+    from engine.tracking import _curves
+
+    study = load_study(write_study(tmp_path / "s.yaml", STUDY.format(
+        out=tmp_path / "out", mlruns=tmp_path / "mlruns").replace(
+        'tracking: {mlflow: "file://' + str(tmp_path / "mlruns") + '", wandb: collapse-test}\n',
+        "")))
+    chain = study.trials()[0]
+    trial = SimpleNamespace(config={"trial": chain.to_dict(), "out": str(tmp_path / "out")})
+    paths = chain_layout(tmp_path / "out", chain)
+    curve = [[10, 2.5], [20, 2.0]]
+    for g in (1, 2):
+        write_record(paths.metrics(g), {"generation": g, "metrics": {"test_error": 1.0},
+                                        "curves": {"train_loss": curve} if g == 2 else {}})
+    assert _curves(trial, {"generation": 2}) == {"train_loss": curve}
+    assert _curves(trial, {"generation": 1}) == {}
+    assert _curves(trial, {"generation": 3}) == {}  # not on disk
+    paths.metrics(2).local_path.write_text("{damaged")
+    assert _curves(trial, {"generation": 2}) == {}

@@ -19,6 +19,7 @@ FAMILIES = {
     "linear": "engine.families.linear:Linear",
     "gaussian": "engine.families.gaussian:Gaussian",
     "logistic": "engine.families.logistic:Logistic",
+    "kde": "engine.families.kde:KDE",
     "lm": "engine.families.lm:LanguageModel",
     "vae": "engine.families.vae:VAE",
     "ae": "engine.families.vae:Autoencoder",

@@ -27,6 +27,7 @@ import pyarrow as pa
 from engine.errors import CollapseError
 
 if TYPE_CHECKING:
+    import numpy as np
     from engine.corpus import CorpusView
     from engine.files import Location
     from engine.fit import FitContext
@@ -174,6 +175,9 @@ class Family(ABC):
     reference_lines: ClassVar[dict[str, str]] = {}
     paper_table: ClassVar[bool] = False  # `collapse table` prints the seed paper's Table 2
     has_previews: ClassVar[bool] = False  # samples are images: keep a few per corpus
+    # fit() honours a weighted mix: the table's corpus.WEIGHT column, each row's loss
+    # weight (a workflow's `weights`); a study giving weights to another family is refused
+    weighted_fit: ClassVar[bool] = False
     # Parameters that name files, resolved against the study file's directory, and the
     # values of those parameters that are names, not paths (e.g. "digits").
     path_fields: ClassVar[tuple[str, ...]] = ()
@@ -360,3 +364,13 @@ def error_growth(strategy: str, generation: int) -> float | None:
 
 def config_fields(family: type[Family]) -> list[dataclasses.Field]:
     return list(dataclasses.fields(family.Config))
+
+
+def row_weights(mix: pa.Table) -> np.ndarray | None:
+    """Each row's loss weight in a weighted mix (corpus.WEIGHT, a workflow's `weights`:
+    mean 1 over the mix), or None when every row counts the same."""
+    from engine.corpus import WEIGHT
+
+    if WEIGHT not in mix.column_names:
+        return None
+    return mix.column(WEIGHT).to_numpy()

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import Family, ParamError, error_growth
+from engine.families.base import Family, ParamError, error_growth, row_weights
 from engine.files import local_copy
 from engine.seeds import derive_seed
 
@@ -59,6 +59,7 @@ def points_table(x: np.ndarray) -> pa.Table:
 
 class Gaussian(Family):
     name = "gaussian"
+    weighted_fit = True
     metrics = ("variance_ratio", "mean_error", "fitted_variance", "w2_squared")  # headline first
     theory_for = "variance_ratio"
 
@@ -95,9 +96,19 @@ class Gaussian(Family):
 
     def fit(self, real: GaussianReal, mix: pa.Table, seed: int, context=None) -> GaussianModel:
         x = self._points(mix)
-        mean = x.mean(axis=0)
+        weight = row_weights(mix)
+        if weight is None:
+            mean = x.mean(axis=0)
+            centered = x - mean
+            cov = np.einsum("mti,mtj->tij", centered, centered) / (x.shape[0] - 1)
+            return GaussianModel(mean=mean, cov=cov)
+        # Weighted MLE of the mean; the covariance with reliability weights' correction
+        # (Σw − Σw²/Σw), which is n − 1 when every weight is 1.
+        total = weight.sum()
+        mean = np.einsum("m,mti->ti", weight, x) / total
         centered = x - mean
-        cov = np.einsum("mti,mtj->tij", centered, centered) / (x.shape[0] - 1)
+        cov = np.einsum("m,mti,mtj->tij", weight, centered, centered) / (
+            total - (weight ** 2).sum() / total)
         return GaussianModel(mean=mean, cov=cov)
 
     def evaluate(self, real: GaussianReal, model: GaussianModel) -> dict[str, float]:

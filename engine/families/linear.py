@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import Family, ParamError, error_growth
+from engine.families.base import Family, ParamError, error_growth, row_weights
 from engine.files import local_copy
 from engine.seeds import derive_seed
 
@@ -63,6 +63,7 @@ def sum_by_feature(feature: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np
 
 class Linear(Family):
     name = "linear"
+    weighted_fit = True
     metrics = ("test_error", "test_error_stderr")  # the first is the headline
     theory_for = "test_error"
 
@@ -119,7 +120,12 @@ class Linear(Family):
         p = self.config
         feature, y = labels_from_table(mix, p.trials)
         counts = np.bincount(feature, minlength=p.T).astype(float)  # (T,)
-        label_sums = sum_by_feature(feature, y, counts)  # (T, trials)
+        weight = row_weights(mix)
+        if weight is not None:  # a weighted mix: Σ w·x xᵀ and Σ w·x y, the same way
+            label_sums = sum_by_feature(feature, y * weight[:, None], counts)
+            counts = np.bincount(feature, weights=weight, minlength=p.T)
+        else:
+            label_sums = sum_by_feature(feature, y, counts)  # (T, trials)
         if real.ols_operator is not None and (counts == counts[0]).all():
             # Every feature row c times: ŵ = (c·XᵀX)⁻¹Xᵀs = (XᵀX)⁻¹Xᵀ(s/c).
             return (real.ols_operator @ (label_sums.T / counts[0])[:, :, None])[..., 0]

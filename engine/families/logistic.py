@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import Family, ParamError, error_growth
+from engine.families.base import Family, ParamError, error_growth, row_weights
 from engine.files import local_copy
 from engine.families.linear import labels_from_table, labels_table, sum_by_feature
 from engine.seeds import derive_seed
@@ -53,6 +53,7 @@ def _error(theta: np.ndarray, theta_star: np.ndarray) -> np.ndarray:
 
 class Logistic(Family):
     name = "logistic"
+    weighted_fit = True
     metrics = ("variance_ratio", "param_error", "param_error_stderr")  # headline first
     theory_for = "variance_ratio"
 
@@ -108,7 +109,12 @@ class Logistic(Family):
         p = self.config
         feature, y = labels_from_table(mix, p.trials)
         counts = np.bincount(feature, minlength=p.T).astype(float)  # (T,)
-        sums = sum_by_feature(feature, y, counts).T  # (trials, T)
+        weight = row_weights(mix)
+        if weight is not None:  # a weighted mix: weighted counts and label sums
+            sums = sum_by_feature(feature, y * weight[:, None], counts).T
+            counts = np.bincount(feature, weights=weight, minlength=p.T)
+        else:
+            sums = sum_by_feature(feature, y, counts).T  # (trials, T)
         X, Xt = real.X, real.X.transpose(0, 2, 1)
         theta = np.zeros((p.trials, p.d))
         ridge = p.ridge * counts.sum() * np.eye(p.d)

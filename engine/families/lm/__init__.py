@@ -130,6 +130,7 @@ class LanguageModel(Family):
         perplexity_band: list | None = sampling(None)  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
         score_under_first: bool = sampling(False)  # score each generation's samples under generation 1's model: perplexity histograms and the tail beyond real data's (Shumailov et al. 2024; engine/families/lm/first_model.py)
         log_every: int = fit(10)  # a train-loss point every this many steps
+        loss: dict | None = later_fits(None)  # the loss from generation 2 on (generation 1, real data alone, stays shared): null, cross-entropy; {name: truncated_ce, threshold: γ}: tokens the model already predicts with probability above γ add no loss (Shabgahi et al. 2025, ForTIFAI)
 
     def validate(self) -> None:
         self._validate_numbers()
@@ -163,6 +164,9 @@ class LanguageModel(Family):
             raise ParamError("zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
         if p.beams < 1:
             raise ParamError("beams", f"must be >= 1 (1: sampling), got {p.beams}")
+        from engine.families.lm import train
+
+        train.loss_for(p.loss)  # ParamError naming `loss` if it is not one the fit knows
 
     def _validate_model_and_data(self) -> None:
         from engine.families.lm import pretrained
@@ -354,12 +358,14 @@ class LanguageModel(Family):
                                        real.eos, real.pad)
         out = Path(tempfile.mkdtemp(prefix="collapse-lm-"))
         settings = train.fit_settings(p)
+        # `loss` is read by the fits after generation 1 only (its role, later_fits)
+        loss = train.loss_for(p.loss if previous is not None else None)
         if p.trainer == "local":
             tokens, stories_in_mix = self._mix_size(mix, context)
             steps = train.total_steps(tokens, stories_in_mix, p.context, p.batch_size,
                                       p.epochs, 1, p.token_budget)
             job = FitJob(build, train.StreamBlocks(mix, p.context, real.eos, p.batch_size, seed),
-                         train.lm_loss, train.save_model,
+                         loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
             record = fit_here(job, out, context.progress)
         else:
@@ -376,7 +382,7 @@ class LanguageModel(Family):
             # (engine/families/lm/train.py).
             stories = mix.select_columns(["ids"], num_cpus=CHAIN_TASK_CPUS)
             job = FitJob(build, train.ShardBlocks(p.context, real.eos, p.batch_size, seed),
-                         train.lm_loss, train.save_model,
+                         loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))
             record = fit_on_workers(job, self._workers(), context.workdir / "ray_train", out,
                                     context.callbacks, datasets={"train": stories},

@@ -56,6 +56,52 @@ def lm_loss(engine, x, generator):
     return engine(input_ids=x, labels=x).loss
 
 
+class TruncatedCE:
+    """Truncated cross-entropy (Shabgahi et al. 2025, "ForTIFAI", arXiv 2509.08972):
+    TCE = 1[p_t <= γ] · CE per token, p_t the probability the model gives the next
+    token. Tokens it already predicts with confidence above γ add no loss (nor
+    gradient): what a model finds likely in its own samples is what it has learned,
+    and the rarer tokens are left to be fit. Averaged over every token of the batch
+    (the dropped ones count as 0), so the loss keeps its scale per step; γ = 1 is plain
+    cross-entropy. A class, not a closure: Ray Train pickles it to its workers."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, engine, x, generator):
+        import torch
+
+        logits = engine(input_ids=x).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1), reduction="none")
+        keep = torch.exp(-ce.detach()) <= self.threshold
+        return (ce * keep).mean()
+
+
+LOSSES = ("truncated_ce",)
+
+
+def loss_for(definition: dict | None):
+    """The fit's loss for a study's `loss` (None: next-token cross-entropy); a
+    ParamError naming `loss` for one the engine does not know."""
+    from engine.families.base import ParamError
+
+    if definition is None:
+        return lm_loss
+    if not isinstance(definition, dict) or definition.get("name") not in LOSSES:
+        raise ParamError("loss", f"expected null or {{name: truncated_ce, threshold: γ}} "
+                                 f"(known: {', '.join(LOSSES)}), got {definition!r}")
+    extra = set(definition) - {"name", "threshold"}
+    if extra:
+        raise ParamError("loss", f"unknown key {sorted(extra)[0]!r} (allowed: name, threshold)")
+    threshold = definition.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0 < threshold <= 1:
+        raise ParamError("loss.threshold", f"expected a probability in (0, 1], got "
+                                           f"{threshold!r}")
+    return TruncatedCE(float(threshold))
+
+
 class ModelBuilder:
     """A fresh causal LM of a zoo size (picklable: Ray Train ships it to its workers)."""
 
