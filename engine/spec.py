@@ -159,8 +159,18 @@ class Study:
 def trial_id(strategy: str, axes: dict[str, Any], seed: int) -> str:
     # Built from values, not grid position, so adding an axis value later never renames
     # (and so never orphans) the chains already on disk.
-    parts = [strategy] + [f"{k}={v}" for k, v in axes.items()] + [f"seed={seed}"]
+    parts = [strategy] + [f"{k}={axis_label(v)}" for k, v in axes.items()] + [f"seed={seed}"]
     return "__".join(parts)
+
+
+def axis_label(value: Any) -> Any:
+    """An axis value as chain ids and the results table write it: a list as Python
+    prints it (`['ungrammatical']`, as chains on disk are named); a mapping as key:value
+    pairs joined by commas (`name:truncated_ce,threshold:0.9`), no braces, quotes or
+    spaces, since it names directories; anything else as it is."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{axis_label(v)}" for k, v in value.items())
+    return str(value) if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------- loading and overrides

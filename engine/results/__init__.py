@@ -20,7 +20,7 @@ from engine.chain import read_metrics
 from engine.families import family_for, get_family
 from engine.files import Location, write_atomic
 from engine.layout import RunLayout
-from engine.spec import Study
+from engine.spec import Study, axis_label
 
 FIXED_COLUMNS = ["study", "trial", "family", "model", "strategy", "temperature", "seed",
                  "generation", "metric", "value", "step"]  # step: for per-step curves only
@@ -36,11 +36,10 @@ def collect(study: Study) -> pd.DataFrame:
                  "model": family.model_name(), "strategy": trial.strategy,
                  "temperature": float("nan") if temperature is None else temperature,
                  "seed": trial.seed}
-        # A list-valued axis (an image family's `widths`, the LM's `curate`) is written as
-        # its trial id writes it, `['ungrammatical']`: pandas groups and pivots strings, and
-        # a list in a cell is unhashable.
-        axes = {k: str(v) if isinstance(v, list) else v
-                for k, v in trial.axes.items() if k not in FIXED_COLUMNS}
+        # A list- or mapping-valued axis (an image family's `widths`, the LM's `curate`
+        # or `loss`) is written as its trial id writes it (spec.axis_label): pandas
+        # groups and pivots strings, and a list or dict in a cell is unhashable.
+        axes = {k: axis_label(v) for k, v in trial.axes.items() if k not in FIXED_COLUMNS}
         for record in read_metrics(study.out, trial, trial.generations):
             g = record["generation"]
             for metric, value in record["metrics"].items():
