@@ -97,6 +97,19 @@ def ensure_process_group(device) -> None:
                                init_method=f"file://{store.name}", rank=0, world_size=1)
 
 
+def skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed on a CPU from JIT-compiling its shared-memory all-reduce op
+    (`deepspeed_shm_comm`), which its communication backend builds the first time a
+    process starts it: about 70 s of C++ on two cores on every fresh machine (and again
+    whenever the virtual environment moves), before the quickstart's first step. The op
+    only speeds CPU all-reduces among workers on one node; the engine's CPU fits are one
+    process or Ray Train workers over gloo, and a GPU has no such op. DeepSpeed keeps
+    its op table in one module dict whose edits persist (deepspeed/ops/__init__.py)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 Loss = Callable[[Any, Any, Any], Any]  # (engine, batch on the device, CPU generator) -> scalar
 
 
@@ -149,6 +162,8 @@ def train(build: Callable[[], Any], batches: Iterable, loss: Loss, cfg: LoopConf
 
     use_threads(cfg.threads)
     device = current_device()
+    if device.type == "cpu":
+        skip_shared_memory_comm_build()
     ensure_process_group(device)
     torch.manual_seed(cfg.seed % 2**31)  # the initial weights come from the seed
     model = build()
