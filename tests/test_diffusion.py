@@ -32,8 +32,8 @@ def test_ancestral_sampling_is_reproducible_from_its_generator():
 
 def test_diffusion_on_images_end_to_end(tmp_path):
     table = run_in_process(
-        tmp_path, "{name: diffusion, test_examples: 200, train_examples: 300, width: 16, "
-                  "steps: 20, epochs: 3, batch_size: 32, threads: 1}", "[replace, accumulate]", 2)
+        tmp_path, "{name: diffusion, test_examples: 100, train_examples: 200, width: 16, "
+                  "steps: 10, epochs: 1, batch_size: 32, threads: 1}", "[replace, accumulate]", 2)
     per_gen = table[table.step.isna()]
     for metric in ("test_loss", "sample_distance", "pixel_variance", "frechet_distance",
                    "precision", "recall"):

@@ -156,7 +156,7 @@ def test_a_finished_study_and_an_unwritable_out_need_no_ray(finished, tmp_path, 
 @pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)])
 def test_an_interrupt_exits_non_zero_says_how_to_resume_and_keeps_the_work(tmp_path, signum):
     out = tmp_path / "out"
-    study = write_study(tmp_path / "s.yaml", LINEAR.format(generations=60, out=out))
+    study = write_study(tmp_path / "s.yaml", LINEAR.format(generations=30, out=out))
     proc = subprocess.Popen([collapse_exe(), "run", str(study)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -178,7 +178,7 @@ def test_an_interrupt_exits_non_zero_says_how_to_resume_and_keeps_the_work(tmp_p
     r = collapse("run", study)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{kept} already on disk" in r.stderr
-    assert len(_table(out).query("metric == 'test_error'")) == 120
+    assert len(_table(out).query("metric == 'test_error'")) == 60
 
 
 @pytest.mark.slow
