@@ -259,8 +259,12 @@ class CorpusStore:
 
     def link(self, source: Source, rows: StoredRows, *, model: str = "real data"
              ) -> ManifestEntry:
-        """Make `source` rows.offset.. of a source in another store, read in place."""
-        self._refuse_existing(source)
+        """Make `source` rows.offset.. of a source in another store, read in place. An
+        earlier link of `source` is replaced (a link holds no rows of its own, so nothing
+        is lost): the corpus it pointed at was deleted to be made again, and made."""
+        existing = self.entries().get(source.name)
+        if existing is None or not existing.base:
+            self._refuse_existing(source)
         other = CorpusStore(rows.store)
         entry = other.entry(rows.source)
         if rows.offset + rows.rows > entry.rows:
@@ -303,7 +307,11 @@ class CorpusStore:
         for f in entry.files:
             where = self._location(entry, f)
             if (where.uri, f.sha256) not in _VERIFIED:
-                if entry.base:
+                if entry.base and source.kind == "synthetic":
+                    again = (f"delete {Location.of(entry.base) / source.name} (generation "
+                             "1's corpus, shared by the study's chains) to have it sampled "
+                             "again from generation 1's model, with the same seeds")
+                elif entry.base:
                     again = (f"delete {Location.of(entry.base)} (the study's prepared real "
                              "data) to have it prepared again")
                 else:

@@ -1,5 +1,7 @@
 """engine.fit on its own: the one DeepSpeed loop (seeded, checkpointed, exactly
 resumable), the device rule, and ZeRO-3 weights gathered before a model is saved."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,39 @@ def test_zero_3_gathers_the_weights_before_saving(tmp_path, ray_local):
         losses[stage] = family.evaluate(real, model)["test_loss"]
     assert losses[3] == pytest.approx(losses[0], rel=1e-4)
     assert losses[0] < np.log(300)  # it learned something
+
+
+def test_an_lm_fit_on_ray_train_workers_streams_its_mix_and_trains(tmp_path, ray_local):
+    """The default trainer: a Ray Train TorchTrainer whose DeepSpeed worker streams its
+    shard of the mix (a Ray Dataset of the store's files) and packs it into blocks; the
+    step count comes from the manifest, the model comes back through Ray Train's
+    checkpoint with the fit's record beside it."""
+    import json
+
+    from engine import strategies as S
+    from engine.corpus import CorpusStore
+    from engine.families import get_family
+    from engine.files import Location
+    from engine.fit import FitContext
+
+    family = get_family("lm").from_params({
+        "stories": 200, "test_stories": 40, "vocab_size": 300, "model": "tiny",
+        "context": 64, "batch_size": 8, "epochs": 1, "trainer": "ray",
+        "cpus_per_worker": 0.5, "checkpoint_minutes": 0})
+    family.validate()
+    real = family.real_data(0, 1, tmp_path / "real")
+    chunk = real.train_chunks[0]
+    store = CorpusStore(tmp_path / "corpus")
+    store.link(S.real(1), chunk)
+    mix = S.get("replace").mix(1, chunk.rows)
+    model = family.fit(real, store.dataset(mix, 0, shuffle_files=True), 0,
+                       FitContext(Location(str(tmp_path / "work")),
+                                  mix_size=lambda column: store.mix_size(mix, 0, column)))
+    record = json.loads((Path(model.path) / "fit.json").read_text())
+    tokens, stories = store.mix_size(mix, 0, "n_tokens")
+    assert record["world_size"] == 1 and record["resumed_at_step"] is None
+    assert record["steps"] == (tokens + stories + 1) // 64 // 8  # one epoch of whole batches
+    assert family.evaluate(real, model)["test_loss"] < np.log(300)  # it learned something
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.py "

@@ -36,6 +36,7 @@ resources: {{cpus_per_trial: 0.25}}
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # (~2.7 min; the default suite fits on Ray Train in tests/test_fit.py)
 def test_tiny_lm_study_through_ray_train_and_deepspeed(tmp_path):
     out = tmp_path / "out"
     study = write_study(tmp_path / "lm.yaml", STUDY.format(out=out))

@@ -362,3 +362,37 @@ def test_size_is_bounded_before_any_work(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == (
         f"{study}: generations (from --set): at most 10,000 generations a chain, got "
         "1,000,000,000")
+
+
+@pytest.mark.slow
+def test_a_damaged_shared_generation_1_corpus_is_named_as_such_and_its_fix_works_at_once(
+        tmp_path):
+    """Generation 1's corpus is sampled once and linked into every chain of the study
+    (out/shared/). Cut short, it is named as that corpus (not as the prepared real
+    data), and deleting it as told makes the next run sample it again and finish: the
+    chains' links to the deleted corpus are replaced, not refused as existing."""
+    out = tmp_path / "out"
+    study = write_study(tmp_path / "s.yaml", STUDY.format(out=out))
+    r = collapse("run", study, "--set", "generations=1", "--set", "sample_last=true")
+    assert r.returncode == 0, r.stderr
+    shard = next((out / "shared").rglob("synthetic-0001/*.parquet"))
+    manifest = shard.parent.parent / "manifest.json"
+    written = json.loads(manifest.read_text())["synthetic-0001"]["files"]
+    shard.write_bytes(shard.read_bytes()[:-40])
+    r = collapse("run", study)
+    assert r.returncode == 1, r.stderr[-2000:]  # a chain stopped: one line, exit 1
+    corpus = shard.parent
+    assert (f"{shard}: checksum mismatch (the file changed after it was written); delete "
+            f"{corpus} (generation 1's corpus, shared by the study's chains) to have it "
+            "sampled again from generation 1's model, with the same seeds") in r.stderr
+    import shutil
+
+    shutil.rmtree(corpus)
+    r = collapse("run", study)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # sampled again with the same seeds: the very same files, linked into both chains
+    assert json.loads(manifest.read_text())["synthetic-0001"]["files"] == written
+    for chain in ("replace__seed=0", "accumulate__seed=0"):
+        linked = json.loads((out / "trials" / chain / "corpus" / "manifest.json").read_text())
+        assert linked["synthetic-0001"]["files"] == written
+    assert len(pd.read_parquet(out / "results.parquet").query("metric == 'test_error'")) == 6
