@@ -156,7 +156,7 @@ class StoredRows:
 
 class CorpusStore:
     def __init__(self, root: Location | Path | str):
-        self.root = Location.of(root)  # a path or an object-store URI (engine/files.py)
+        self.root = Location.of(root)  # a path or an object-store URI (engine/files/)
         self.manifest_path = self.root / "manifest.json"
 
     # ------------------------------------------------------------------ manifest
@@ -497,7 +497,7 @@ class CorpusStore:
         return problems
 
 
-MAKER = ".maker"  # in a temp directory being filled: who fills it (engine/files.py)
+MAKER = ".maker"  # in a temp directory being filled: who fills it (engine/files/writes.py)
 
 
 def _maker_gone(directory: Location) -> bool:

@@ -21,7 +21,7 @@
         scratch/gen-NNNN/              the fit in progress (Ray Train's checkpoints, progress.json)
         scratch/gen-NNNN-sampling/     each sampler actor's count of the stories it made
 
-`out` is a path or an object-store URI (engine/files.py); every name here is a Location.
+`out` is a path or an object-store URI (engine/files/); every name here is a Location.
 """
 from __future__ import annotations
 

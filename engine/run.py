@@ -39,7 +39,7 @@ def check_out_is_a_run(study: "Study") -> None:
 @contextmanager
 def holding(out) -> Iterator[None]:
     """The live run's hold on its `out`: RUN.lock, naming this host, process and
-    command, taken over only from a process known dead (engine/files.py: a lock's
+    command, taken over only from a process known dead (engine/files/locks.py: a lock's
     owner). A second run into the same out is refused, naming the first. An object
     store has no atomic create: there the run holds nothing."""
     import json

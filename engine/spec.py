@@ -427,7 +427,7 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
 def _run_out(check: _Checker, out: str) -> str:
     """`out` is where the run lives: a directory (local, or a shared filesystem mounted on
     every node: NFS, EFS, Filestore) or an object-store URI every node reaches (s3://,
-    gs://), see engine/files.py. file:// URIs are paths; other schemes are refused before
+    gs://), see engine/files/uris.py. file:// URIs are paths; other schemes are refused before
     anything runs."""
     from engine.files import OBJECT_STORES, split_uri
 
