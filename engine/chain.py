@@ -493,9 +493,10 @@ def _save_preview(family, path: Location, rows: Callable[[], Any]) -> None:
     """A few samples as images, for `collapse plot`'s grids: only for families that
     draw previews (the image families; a family's preview may also decline with None),
     and only once per corpus."""
-    if not family.has_previews or path.exists():
+    previews = family.presentation.previews
+    if previews is None or path.exists():
         return
-    images = family.preview(rows())
+    images = previews(family, rows())
     if images is None:
         return
     import numpy as np

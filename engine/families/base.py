@@ -166,15 +166,29 @@ def role(f: "dataclasses.Field") -> str:
     return f.metadata.get("role", "fit")
 
 
+@dataclass(frozen=True)
+class Presentation:
+    """How `collapse table`, `plot` and `report` show a family, apart from its verbs and
+    its placement: every part optional, the defaults a plain pivot and plain plots."""
+
+    paper_table: bool = False  # `collapse table` prints the seed paper's Table 2 layout
+    # metric -> a metric no generation changes, drawn as a reference line under it
+    reference_lines: dict[str, str] = dataclasses.field(default_factory=dict)
+    # (family, a few corpus rows) -> those samples as images, (k, H, W) or (k, H, W, 3) in
+    # [0, 1], or None: kept per corpus for the sample grids of `collapse plot`
+    previews: Callable[["Family", pa.Table], Any] | None = None
+    # (a few corpus rows, the model that sampled them) -> the samples as text, for
+    # `collapse report` (the model's directory holds its tokenizer)
+    sample_text: Callable[[pa.Table, "Location"], list[str]] | None = None
+
+
 class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]  # a frozen dataclass: the study file's family parameters
     metrics: ClassVar[tuple[str, ...]]  # what evaluate() returns; the first is the headline
     theory_for: ClassVar[str | None] = None  # the metric `theory` gives the closed form of
-    # metric -> a metric no generation changes, drawn as a reference line under it
-    reference_lines: ClassVar[dict[str, str]] = {}
-    paper_table: ClassVar[bool] = False  # `collapse table` prints the seed paper's Table 2
-    has_previews: ClassVar[bool] = False  # samples are images: keep a few per corpus
+    # How results/ shows the family (optional parts; see Presentation)
+    presentation: ClassVar[Presentation] = Presentation()
     # fit() honours a weighted mix: the table's corpus.WEIGHT column, each row's loss
     # weight (a workflow's `weights`); a study giving weights to another family is refused
     weighted_fit: ClassVar[bool] = False
@@ -311,17 +325,6 @@ class Family(ABC):
     def curves(self, model: Any) -> dict[str, list[tuple[int, float]]]:
         """Per-step curves of a fit (e.g. train_loss), recorded with their steps."""
         return {}
-
-    def preview(self, table: pa.Table) -> Any:
-        """A few of a corpus's samples as images, (k, H, W) or (k, H, W, 3) in [0, 1],
-        for the sample grids of `collapse plot` (families with has_previews)."""
-        return None
-
-    def sample_text(self, table: pa.Table, model_dir: "Location") -> list[str] | None:
-        """A few of a corpus's samples as text, for `collapse report` (families whose
-        samples read as text); `model_dir` is the model that sampled them (its
-        tokenizer). None: the report shows no samples of this family as text."""
-        return None
 
     def data_view(self) -> Literal["table", "dataset", "stream"]:
         """How fit() wants its mix: a pyarrow Table in memory, a streamed Ray Dataset,

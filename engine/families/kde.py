@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.families.base import Family, ParamError, row_weights
+from engine.families.base import Family, ParamError, Presentation, row_weights
 from engine.families.gaussian import points_table
 from engine.files import local_copy
 from engine.seeds import derive_seed
@@ -79,7 +79,7 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 class KDE(Family):
     name = "kde"
     metrics = ("test_nll", "excess_nll", "truth_nll", "spread")  # headline first
-    reference_lines = {"test_nll": "truth_nll"}
+    presentation = Presentation(reference_lines={"test_nll": "truth_nll"})
     weighted_fit = True
 
     @dataclass(frozen=True)

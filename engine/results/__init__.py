@@ -225,7 +225,7 @@ def paper_table(table: pd.DataFrame, metric: str = "test_loss") -> pd.DataFrame:
 
 def has_paper_table(table: pd.DataFrame, metric: str | None = None) -> bool:
     family = get_family(table["family"].iloc[0])
-    return family.paper_table and metric in (None, family.metrics[0])
+    return family.presentation.paper_table and metric in (None, family.metrics[0])
 
 
 def summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
@@ -337,7 +337,7 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
     family = get_family(table["family"].iloc[0])
     # A metric that no chain's generations change (the grammar's own entropy rate,
     # `truth_loss`) is a reference, not a result: drawn as a line under the metric it is
-    # the reference of (Family.reference_lines), not as a panel of flat lines.
+    # the reference of (Presentation.reference_lines), not as a panel of flat lines.
     metrics = metrics or [m for m in family.metrics if m in set(table["metric"])
                           and not m.endswith("_stderr") and not constant(table, m)]
     axes_cols = axis_columns(table)
@@ -368,7 +368,7 @@ def plot(table: pd.DataFrame, out_dir: Location | Path | str,
                     th = group[group["metric"] == "theory"].groupby("generation")["value"].mean()
                     if not th.empty:
                         panel.plot(th.index, th.values, ls="--", color=color, lw=1)
-            reference = family.reference_lines.get(metric)
+            reference = family.presentation.reference_lines.get(metric)
             if reference in set(rows["metric"]):
                 level = rows[rows["metric"] == reference]["value"].mean()
                 panel.axhline(level, ls=":", color="grey", lw=1)

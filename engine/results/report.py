@@ -163,10 +163,11 @@ def _samples(run: RunLayout) -> str:
         for source, label, model_dir in corpora:
             if not store.has(source):
                 continue
-            texts = family.sample_text(store.head(source, SAMPLES_PER_CORPUS), model_dir)
-            if texts is None:  # this family's samples are not text
+            as_text = family.presentation.sample_text
+            if as_text is None:  # this family's samples are not text
                 return ("<p>This family's samples are not text; the sample grids, where it "
                         "draws them, are among the plots.</p>")
+            texts = as_text(store.head(source, SAMPLES_PER_CORPUS), model_dir)
             stories = "".join(
                 f'<div class="story">{_e(t[:SAMPLE_CHARS])}'
                 f'{"…" if len(t) > SAMPLE_CHARS else ""}</div>' for t in texts)

@@ -29,7 +29,7 @@ import pyarrow as pa
 from engine.families.arrays import (ArrayFamily, NetModel, RealLabels, TrainerConfig, batched,
                                     image_diversity, image_preview, mean_pairwise_distance,
                                     rows_from_table, rows_table)
-from engine.families.base import ParamError
+from engine.families.base import ParamError, Presentation
 from engine.families.images import DIGITS, ImageDataError, load_images, split, split_labels
 from engine.files import is_remote
 
@@ -71,7 +71,10 @@ class Diffusion(ArrayFamily):
     name = "diffusion"
     metrics = ("test_loss", "sample_distance", "pixel_variance", "radius_of_gyration",
                "frechet_distance", "precision", "recall")
-    has_previews = True
+    # point sets (molecules) have no image to preview
+    presentation = Presentation(previews=lambda family, table: None if family.points else
+                                image_preview(table, family.config.channels,
+                                              family.config.image_size))
     path_fields = ("data",)
     path_keywords = (DIGITS,)
 
@@ -188,11 +191,6 @@ class Diffusion(ArrayFamily):
         gyration = np.sqrt((pts ** 2).sum(axis=2).mean(axis=1))
         return {"sample_distance": mean_pairwise_distance(pts.reshape(len(pts), -1)),
                 "radius_of_gyration": float(gyration.mean())}
-
-    def preview(self, table: pa.Table):
-        if self.points:
-            return None
-        return image_preview(table, self.config.channels, self.config.image_size)
 
     def cost(self):
         from engine.plan import Cost

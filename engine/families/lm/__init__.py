@@ -27,8 +27,8 @@ from typing import Literal
 
 import pyarrow as pa
 
-from engine.families.base import (Bundle, Family, ParamError, Processes, fit, later_fits,
-                                   resources, sampling)
+from engine.families.base import (Bundle, Family, ParamError, Presentation, Processes, fit,
+                                   later_fits, resources, sampling)
 from engine.families.lm import grammar
 from engine.corpus import StoredRows
 from engine.families.lm.data import GRAMMAR, DataError, read_stories
@@ -73,14 +73,29 @@ def _token_count(batch: pa.Table) -> pa.Table:
     return pa.table({"tokens": [int(tokens)], "rows": [batch.num_rows]})
 
 
+def story_texts(table: pa.Table, model_dir) -> list[str]:
+    """Stories as text: real rows carry theirs; sampled rows only token ids, decoded
+    with the sampling model's tokenizer (saved in its checkpoint)."""
+    if "text" in table.column_names:
+        return [str(t) for t in table.column("text").to_pylist()]
+    from engine.families.lm.tokenizer import load_tokenizer
+    from engine.files import local_copy
+
+    tokenizer = load_tokenizer(local_copy(model_dir))
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in table.column("ids").to_pylist()]
+
+
 class LanguageModel(Family):
     name = "lm"
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
                "distinct_3", "unique_stories", "mean_length", "sample_entropy",
                "zipf_slope", "rare_token_mass", "rep_4", "self_bleu",
                "grammatical", "sampled_grammatical", "grammar_reverse_kl")  # headline first; the last three: grammar data
-    paper_table = True
-    reference_lines = {"test_loss": "truth_loss"}  # the grammar's own entropy rate
+    presentation = Presentation(
+        paper_table=True,
+        reference_lines={"test_loss": "truth_loss"},  # the grammar's own entropy rate
+        sample_text=lambda table, model_dir: story_texts(table, model_dir))
     path_fields = ("data", "tokenizer")
     path_keywords = (GRAMMAR,)
 
@@ -590,18 +605,6 @@ class LanguageModel(Family):
         rare = tails.rare_tokens(counts)
         write_json(cached, rare.tolist())
         return rare
-
-    def sample_text(self, table: pa.Table, model_dir) -> list[str] | None:
-        """Stories as text: real rows carry theirs; sampled rows only token ids, decoded
-        with the sampling model's tokenizer (saved in its checkpoint)."""
-        if "text" in table.column_names:
-            return [str(t) for t in table.column("text").to_pylist()]
-        from engine.families.lm.tokenizer import load_tokenizer
-        from engine.files import local_copy
-
-        tokenizer = load_tokenizer(local_copy(model_dir))
-        return [tokenizer.decode(ids, skip_special_tokens=True)
-                for ids in table.column("ids").to_pylist()]
 
     def save_model(self, model: LMModel, directory: Path) -> None:
         for f in Path(model.path).iterdir():

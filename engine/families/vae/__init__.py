@@ -31,7 +31,7 @@ import pyarrow as pa
 from engine.families.arrays import (ArrayFamily, NetModel, RealLabels, TrainerConfig, batched,
                                     image_diversity, image_preview, image_table,
                                     rows_from_table)
-from engine.families.base import ParamError
+from engine.families.base import ParamError, Presentation
 from engine.families.images import DIGITS, ImageDataError, load_images, split, split_labels
 from engine.files import is_remote
 
@@ -56,7 +56,8 @@ class VAE(ArrayFamily):
     name = "vae"
     metrics = ("test_loss", "reconstruction", "sample_distance", "pixel_variance",
                "frechet_distance", "precision", "recall")  # headline first
-    has_previews = True
+    presentation = Presentation(previews=lambda family, table: image_preview(
+        table, family.config.channels, family.config.image_size))
     path_fields = ("data",)
     path_keywords = (DIGITS,)
     kind: ClassVar[str] = "vae"  # the network's kind: "vae", or "ae" (no KL, no noise)
@@ -155,9 +156,6 @@ class VAE(ArrayFamily):
 
     def sample_stats(self, table: pa.Table) -> dict[str, float]:
         return image_diversity(table, self.config.sample_diversity_n)
-
-    def preview(self, table: pa.Table) -> np.ndarray:
-        return image_preview(table, self.config.channels, self.config.image_size)
 
     def cost(self):
         from engine.plan import Cost
