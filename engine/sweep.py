@@ -140,7 +140,16 @@ def _progress_callback(study: Study, out, done: int, total: int, say: Callable[[
             pass
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            pass
+            # A chain that finished has every generation on disk, reported or not: a
+            # generation written just before a restart is not reported again.
+            chain = trial.config["trial"]
+            if FAILED in (trial.last_result or {}):
+                return  # it stopped on an error a retry repeats: not finished
+            self.reported[chain["trial_id"]] = chain["generations"]
+            before = self.done
+            self.done = self._count()
+            if self.done != before:
+                self._say(chain["trial_id"], "all generations")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "generation" not in result:
@@ -152,19 +161,23 @@ def _progress_callback(study: Study, out, done: int, total: int, say: Callable[[
             trial_id = trial.config["trial"]["trial_id"]
             self.reported[trial_id] = max(self.reported.get(trial_id, 0),
                                           int(result["generation"]))
-            self.done = sum(min(max(self.reported.get(t.trial_id, 0), self.at_start[t.trial_id]),
-                                t.generations)
-                            for t in chains)
+            self.done = self._count()
             shown = [m for m in family.metrics[:2] if isinstance(result.get(m), float)]
             headline = "  ".join(f"{m}={result[m]:.4g}" for m in shown)
+            self._say(trial_id, f"gen {result['generation']}  {headline}")
+
+        def _count(self) -> int:
+            return sum(min(max(self.reported.get(t.trial_id, 0), self.at_start[t.trial_id]),
+                           t.generations) for t in chains)
+
+        def _say(self, trial_id: str, what: str) -> None:
             elapsed = time.time() - self.start
             # A plain estimate from this run's pace: generations differ in cost (an
             # accumulating chain's later ones train on more), so it is a guide.
             left = elapsed / max(1, self.done - done) * (total - self.done)
             eta = f", ~{_duration(left)} left" if self.done < total else ""
             say(f"[{study.name}] {self.done}/{total} generations "
-                f"({elapsed:.0f}s{eta})  {trial_id}  "
-                f"gen {result['generation']}  {headline}")
+                f"({elapsed:.0f}s{eta})  {trial_id}  {what}")
 
     return Progress()
 

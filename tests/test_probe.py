@@ -37,6 +37,23 @@ def same_table(out, reference):
                                   .reset_index(drop=True))
 
 
+def rerun_in_process(study_file, reference) -> None:
+    """`collapse run` again, through run_chain (the code Tune runs) in this process: every
+    chain resumed, and the table collected from the chains' metrics equal to the
+    reference's."""
+    from engine import results
+    from engine.chain import run_chain
+    from engine.spec import load_study
+
+    study = load_study(study_file)
+    for trial in study.trials():
+        run_chain(trial, trial.generations, study.out)
+    columns = ["trial", "generation", "metric", "value"]
+    pd.testing.assert_frame_equal(
+        results.collect(study)[columns].sort_values(columns).reset_index(drop=True),
+        reference[columns].sort_values(columns).reset_index(drop=True), check_dtype=False)
+
+
 @pytest.mark.slow
 def test_an_edited_metric_is_named_and_recomputed(run):
     study, out, reference = run
@@ -44,9 +61,7 @@ def test_an_edited_metric_is_named_and_recomputed(run):
     record = json.loads(metrics.read_text())
     record["metrics"]["test_error"] = 0.001  # a number edited by hand
     metrics.write_text(json.dumps(record))
-    r = collapse("run", study)
-    assert r.returncode == 0, r.stderr
-    same_table(out, reference)
+    rerun_in_process(study, reference)
     log = (out / "trials" / "replace__seed=0" / "chain.log").read_text()
     assert f"{metrics}: checksum mismatch" in log and "generation 2 is recomputed" in log
 
@@ -60,9 +75,7 @@ def test_a_flipped_byte_of_a_model_is_named_and_the_model_fit_again(run):
     data[-3] ^= 0x10
     model.write_bytes(bytes(data))
     (chain / "metrics" / "gen-0003.json").unlink()
-    r = collapse("run", study)
-    assert r.returncode == 0, r.stderr
-    same_table(out, reference)
+    rerun_in_process(study, reference)
     assert f"{model}: checksum mismatch" in (chain / "chain.log").read_text()
 
 
@@ -364,35 +377,40 @@ def test_size_is_bounded_before_any_work(tmp_path):
         "1,000,000,000")
 
 
-@pytest.mark.slow
 def test_a_damaged_shared_generation_1_corpus_is_named_as_such_and_its_fix_works_at_once(
         tmp_path):
     """Generation 1's corpus is sampled once and linked into every chain of the study
     (out/shared/). Cut short, it is named as that corpus (not as the prepared real
     data), and deleting it as told makes the next run sample it again and finish: the
-    chains' links to the deleted corpus are replaced, not refused as existing."""
+    chains' links to the deleted corpus are replaced, not refused as existing. Through
+    run_chain, the code Tune runs, in this process."""
+    import shutil
+
+    from engine.chain import ChainError, run_chain
+    from engine.spec import load_study
+
     out = tmp_path / "out"
-    study = write_study(tmp_path / "s.yaml", STUDY.format(out=out))
-    r = collapse("run", study, "--set", "generations=1", "--set", "sample_last=true")
-    assert r.returncode == 0, r.stderr
+    study = load_study(write_study(tmp_path / "s.yaml", STUDY.format(out=out)))
+    chains = study.trials()
+    for trial in chains:  # generation 1 only, its corpus sampled (the last generation)
+        run_chain(trial.__class__.from_dict({**trial.to_dict(), "sample_last": True}), 1, out)
     shard = next((out / "shared").rglob("synthetic-0001/*.parquet"))
     manifest = shard.parent.parent / "manifest.json"
     written = json.loads(manifest.read_text())["synthetic-0001"]["files"]
     shard.write_bytes(shard.read_bytes()[:-40])
-    r = collapse("run", study)
-    assert r.returncode == 1, r.stderr[-2000:]  # a chain stopped: one line, exit 1
+    with pytest.raises(ChainError) as e:
+        run_chain(chains[0], 3, out)
     corpus = shard.parent
     assert (f"{shard}: checksum mismatch (the file changed after it was written); delete "
             f"{corpus} (generation 1's corpus, shared by the study's chains) to have it "
-            "sampled again from generation 1's model, with the same seeds") in r.stderr
-    import shutil
-
+            "sampled again from generation 1's model, with the same seeds") in str(e.value)
     shutil.rmtree(corpus)
-    r = collapse("run", study)
-    assert r.returncode == 0, r.stderr[-2000:]
+    for trial in chains:
+        run_chain(trial, 3, out)
     # sampled again with the same seeds: the very same files, linked into both chains
     assert json.loads(manifest.read_text())["synthetic-0001"]["files"] == written
-    for chain in ("replace__seed=0", "accumulate__seed=0"):
-        linked = json.loads((out / "trials" / chain / "corpus" / "manifest.json").read_text())
+    for trial in chains:
+        linked = json.loads((out / "trials" / trial.trial_id / "corpus" / "manifest.json")
+                            .read_text())
         assert linked["synthetic-0001"]["files"] == written
-    assert len(pd.read_parquet(out / "results.parquet").query("metric == 'test_error'")) == 6
+        assert (out / "trials" / trial.trial_id / "metrics" / "gen-0003.json").exists()

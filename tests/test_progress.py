@@ -79,3 +79,46 @@ def test_progress_line_before_any_rate(done, total, expected):
     p = progress.Progress(2, "sampling", done, total, "stories", None, None, 3.0)
     assert p.line() == f"generation 2: sampling {expected} after 3 s"
     assert json.loads(json.dumps(p.__dict__))["unit"] == "stories"
+
+
+def test_the_study_progress_counts_each_chain_once_and_a_finished_chain_whole(tmp_path):
+    """The study's progress lines (engine/sweep.py): a chain's count is the highest
+    generation it reported, so a generation another chain wrote to disk first is not
+    counted early; a chain whose last report was lost (written just before a restart,
+    not reported again) counts whole when it finishes; one that stopped on an error
+    does not."""
+    from types import SimpleNamespace
+
+    from conftest import write_study
+    from engine.spec import load_study
+    from engine.sweep import FAILED, _progress_callback
+
+    study = load_study(write_study(tmp_path / "s.yaml", f"""name: p
+family: {{name: linear, d: 3, T: 20, trials: 10}}
+strategies: [replace, accumulate, replace_multiple]
+generations: 3
+seeds: [0]
+out: {tmp_path / 'out'}
+"""))
+    lines = []
+    progress = _progress_callback(study, tmp_path / "out", 0, 9, lines.append)
+    chains = {t.strategy: SimpleNamespace(config={"trial": t.to_dict()}, last_result={})
+              for t in study.trials()}
+
+    def report(strategy, g):
+        progress.on_trial_result(0, [], chains[strategy], {"generation": g, "test_error": 1.0})
+
+    for g in (1, 2, 3):
+        report("replace", g)
+    report("accumulate", 1)
+    report("accumulate", 2)  # its generation 3 is on disk, its report lost
+    assert lines[-1].startswith("[p] 5/9 generations (") and "left)" in lines[-1]
+    progress.on_trial_complete(0, [], chains["accumulate"])
+    assert lines[-1].startswith("[p] 6/9 generations (") and \
+        lines[-1].endswith("accumulate__seed=0  all generations")
+    progress.on_trial_complete(0, [], chains["replace"])  # nothing new: no line
+    assert len(lines) == 6
+    report("replace_multiple", 1)
+    chains["replace_multiple"].last_result = {FAILED: "bad data"}
+    progress.on_trial_complete(0, [], chains["replace_multiple"])
+    assert len(lines) == 7 and lines[-1].startswith("[p] 7/9 generations")
