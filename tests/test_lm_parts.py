@@ -381,7 +381,8 @@ def test_losing_a_sampler_actor_redoes_only_its_lost_batch(trained_tiny, tmp_pat
     (each story depends only on its own seed)."""
     import ray
 
-    from engine.families.lm import sampling
+    # the module, not the LM package's `sampling` (the Config field-role helper it imports)
+    import engine.families.lm.sampling as sampling
     from engine.families.lm.sampling import hf
 
     model, tok = trained_tiny
