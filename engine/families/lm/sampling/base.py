@@ -4,6 +4,7 @@ sample, each with its own seed and prompt), the rows a backend hands back, and t
 vllm_beams.py)."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ class SampleSettings:
         return asdict(self)
 
 
-class Sampler:
+class Sampler(ABC):
     """One decoding backend: turns a Ray Dataset of requests (`_row`, `prompt_ids`,
     `seed`) into a Ray Dataset of the corpus's rows (see `story_rows`), lazily, in
     `actors` processes of `cpus_per_actor` CPUs and `gpus_per_actor` GPUs each.
@@ -50,8 +51,10 @@ class Sampler:
         self.actors, self.cpus_per_actor = actors, cpus_per_actor
         self.gpus_per_actor, self.progress = gpus_per_actor, progress
 
+    @abstractmethod
     def rows(self, requests):
-        raise NotImplementedError
+        """A Ray Dataset of the requests (`_row`, `prompt_ids`, `seed`) -> a Ray Dataset
+        of the corpus's rows (`story_rows`), decoded by this backend's actors."""
 
 
 def story_rows(row: np.ndarray, prompts, rows, tokenizer) -> pa.Table:
