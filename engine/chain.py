@@ -395,14 +395,16 @@ class Chain:
         fit left there (Ray Train's checkpoints) is the family's to resume from. It goes
         once the model is saved."""
         view, store = self.family.data_view(), self.store
+        unit = self.family.weight_unit
         data = (store.read(mix, seed) if view == "table" else
-                store.stream(mix, seed) if view == "stream" else
-                store.dataset(mix, seed, shuffle_files=True))
+                store.stream(mix, seed, weight_unit=unit) if view == "stream" else
+                store.dataset(mix, seed, shuffle_files=True, weight_unit=unit))
         self.step.phase = "fit"
         workdir, progress = self.paths.scratch(g), self.paths.fit_progress(g)
         workdir.mkdir()
         context = FitContext(workdir=workdir, callbacks=self.fit_callbacks, progress=progress,
                              mix_size=lambda column: store.mix_size(mix, seed, column),
+                             weighted=mix.weights is not None,
                              previous_model=self.paths.model(g - 1) if g > 1 else None)
         with watching(self.trial.trial_id, g, "fit", "steps", lambda: fit_steps(progress),
                       self.paths.progress):

@@ -409,9 +409,11 @@ class CorpusStore:
         return raydata.read_parquet_files([p.path for p in paths], paths[0].arrow()[0],
                                           columns + [ROW])
 
-    def dataset(self, mix: Mix, seed: int, shuffle_files: bool = False) -> "ray.data.Dataset":
+    def dataset(self, mix: Mix, seed: int, shuffle_files: bool = False,
+                weight_unit: str | None = None) -> "ray.data.Dataset":
         """The same rows as read(), as a Ray Dataset streamed from the shards, a block
-        per file. `shuffle_files`: the files of every part in one order drawn from
+        per file (a weighted mix's rows with their WEIGHT; see _kind_weights for
+        `weight_unit`). `shuffle_files`: the files of every part in one order drawn from
         `seed` (each file its block), so that a reader streaming the blocks meets the
         parts' rows mixed from its first batch, without an all-to-all pass (Ray Data's
         randomize_block_order waits for every block of the mix before it yields one)."""
@@ -420,14 +422,14 @@ class CorpusStore:
         raydata.quiet()
         selections = self.select(mix, seed)
         columns = self._common_columns(selections)
+        weights = self._kind_weights(mix, selections, weight_unit)
         files, keeps = [], []
         for k, sel in enumerate(selections):
             paths = self._verified_paths(sel.source)
             entry = self.entry(sel.source)
-            counts = np.bincount(sel.rows, minlength=entry.rows)
-            stored = sum(f.rows for f in entry.files)
-            whole = (counts == 1).all() and stored == entry.rows
-            keeps.append(None if whole else _KeepRows(counts, entry.offset))
+            keeps.append(_part_filter(np.bincount(sel.rows, minlength=entry.rows),
+                                      sum(f.rows for f in entry.files), entry.offset,
+                                      None if weights is None else weights.get(sel.source.kind, 0.0)))
             files += [(p.path, k) for p in paths]
         if shuffle_files:
             order = np.random.default_rng(seed).permutation(len(files))
@@ -443,42 +445,62 @@ class CorpusStore:
             ds.context.execution_options.preserve_order = True
         return raydata.bounded(ds)
 
-    def stream(self, mix: Mix, seed: int) -> "MixStream":
+    def stream(self, mix: Mix, seed: int, weight_unit: str | None = None) -> "MixStream":
         """The same rows as read(), for a reader in this process that takes them file by
-        file (a fit in the chain's own process): no process holds the mix."""
+        file (a fit in the chain's own process): no process holds the mix. A weighted
+        mix's rows carry their WEIGHT (see _kind_weights for `weight_unit`)."""
         selections = self.select(mix, seed)
+        weights = self._kind_weights(mix, selections, weight_unit)
         files = []
         for sel in selections:
             entry = self.entry(sel.source)
-            counts = np.bincount(sel.rows, minlength=entry.rows)
-            whole = (counts == 1).all() and sum(f.rows for f in entry.files) == entry.rows
-            keep = None if whole else _KeepRows(counts, entry.offset)
+            keep = _part_filter(np.bincount(sel.rows, minlength=entry.rows),
+                                sum(f.rows for f in entry.files), entry.offset,
+                                None if weights is None else weights.get(sel.source.kind, 0.0))
             files += [(where, keep) for where in self._verified_paths(sel.source)]
         return MixStream(tuple(files), tuple(self._common_columns(selections)))
+
+    def _kind_weights(self, mix: Mix, selections: list[Selection],
+                      unit: str | None) -> dict[str, float] | None:
+        """A weighted mix's per-row loss weight of each kind (Mix.row_weights), None for
+        an unweighted one. `unit`: the count column a row's loss is a mean over (the
+        language models' `n_tokens`: their loss is a mean over tokens, so a kind's share
+        is its tokens' share), None: rows."""
+        if mix.weights is None:
+            return None
+        sizes: dict[str, int] = {}
+        for sel in selections:
+            size = len(sel.rows) if unit is None else self._selection_sum(sel, unit)
+            sizes[sel.source.kind] = sizes.get(sel.source.kind, 0) + size
+        return mix.row_weights(sizes)
 
     def mix_size(self, mix: Mix, seed: int, column: str) -> tuple[int, int]:
         """(the sum of `column` over the mix's rows, its rows), from the manifest where
         a part takes whole files whose sums it records, else from that column of the
         files alone, file by file: a count before a fit that reads neither the mix nor
         the rest of its columns."""
-        total = rows = 0
-        for sel in self.select(mix, seed):
-            entry = self.entry(sel.source)
-            counts = np.bincount(sel.rows, minlength=entry.rows)
-            rows += int(counts.sum())
-            for f, where in zip(entry.files, self._verified_paths(sel.source)):
-                first, last = f.first_row - entry.offset, f.last_row - entry.offset
-                inside = first >= 0 and last < entry.rows
-                if inside and f.sums.get(column) is not None and \
-                        (counts[first:last + 1] == 1).all() and f.rows == last - first + 1:
-                    total += f.sums[column]
-                    continue
-                table = _read(where, [column, ROW])
-                local = table.column(ROW).to_numpy() - entry.offset
-                keep = (local >= 0) & (local < entry.rows)
-                values = table.column(column).to_numpy()[keep]
-                total += int((values * counts[local[keep]]).sum())
-        return total, rows
+        selections = self.select(mix, seed)
+        return (sum(self._selection_sum(sel, column) for sel in selections),
+                sum(len(sel.rows) for sel in selections))
+
+    def _selection_sum(self, sel: Selection, column: str) -> int:
+        """The sum of `column` over one part's selected rows (see mix_size)."""
+        entry = self.entry(sel.source)
+        counts = np.bincount(sel.rows, minlength=entry.rows)
+        total = 0
+        for f, where in zip(entry.files, self._verified_paths(sel.source)):
+            first, last = f.first_row - entry.offset, f.last_row - entry.offset
+            inside = first >= 0 and last < entry.rows
+            if inside and f.sums.get(column) is not None and \
+                    (counts[first:last + 1] == 1).all() and f.rows == last - first + 1:
+                total += f.sums[column]
+                continue
+            table = _read(where, [column, ROW])
+            local = table.column(ROW).to_numpy() - entry.offset
+            keep = (local >= 0) & (local < entry.rows)
+            values = table.column(column).to_numpy()[keep]
+            total += int((values * counts[local[keep]]).sum())
+        return total
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> list[str]:
@@ -531,17 +553,33 @@ def _read(where: Location, columns: list[str] | None = None) -> pa.Table:
 
 class _KeepRows:
     """Ray Data batch function: keep each row `counts[_row - offset]` times (rows outside
-    the source, in a linked source's shared files, none)."""
+    the source, in a linked source's shared files, none; counts None: every row once),
+    and with `weight`, give every row that loss weight (the column WEIGHT)."""
 
-    def __init__(self, counts: np.ndarray, offset: int = 0):
-        self.counts, self.offset = counts, offset
+    def __init__(self, counts: np.ndarray | None, offset: int = 0, weight: float | None = None):
+        self.counts, self.offset, self.weight = counts, offset, weight
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        local = batch.column(ROW).to_numpy() - self.offset
-        inside = (local >= 0) & (local < len(self.counts))
-        repeat = np.zeros(len(local), dtype=np.int64)
-        repeat[inside] = self.counts[local[inside]]
-        return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), repeat)))
+        if self.counts is not None:
+            local = batch.column(ROW).to_numpy() - self.offset
+            inside = (local >= 0) & (local < len(self.counts))
+            repeat = np.zeros(len(local), dtype=np.int64)
+            repeat[inside] = self.counts[local[inside]]
+            batch = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), repeat)))
+        if self.weight is None:
+            return batch
+        return batch.append_column(WEIGHT, pa.array(np.full(batch.num_rows, self.weight,
+                                                            dtype=np.float32)))
+
+
+def _part_filter(counts: np.ndarray, stored_rows: int, offset: int,
+                 weight: float | None) -> "_KeepRows | None":
+    """What a part's files pass through: nothing where the part takes each of its
+    source's stored rows once and is unweighted, else a _KeepRows."""
+    whole = (counts == 1).all() and stored_rows == len(counts)
+    if whole and weight is None:
+        return None
+    return _KeepRows(None if whole else counts, offset, weight)
 
 
 @dataclass(frozen=True)

@@ -661,3 +661,46 @@ def test_truncated_cross_entropy_drops_the_tokens_predicted_above_the_threshold(
         with pytest.raises(ParamError) as e:
             train.loss_for(bad)
         assert e.value.field == field
+
+
+def test_a_weighted_mix_weighs_each_token_by_its_storys_weight():
+    """Packing carries each story's loss weight (corpus.WEIGHT) to its tokens and the
+    [EOT] before it; the loss is the mean of each token's cross-entropy times the
+    weight of the token predicted, so weight 1 everywhere is the plain loss and a
+    story of weight 0 sends no gradient."""
+    import pyarrow as pa
+    import torch
+    from types import SimpleNamespace
+
+    from engine.corpus import WEIGHT
+    from engine.families.lm import train
+
+    eos = 0
+    stories = pa.table({"ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                        WEIGHT: pa.array([2.0, 0.0, 0.5], type=pa.float32())})
+    batches = train.packed_batches(lambda epoch: iter([stories]), context=6, eos=eos,
+                                   batch_size=2)
+    blocks, weights = next(batches)
+    assert blocks.tolist() == [[0, 1, 2, 3, 0, 4], [5, 0, 6, 7, 8, 9]]
+    assert weights.tolist() == [[2, 2, 2, 2, 0, 0], [0, 0.5, 0.5, 0.5, 0.5, 0.5]]
+    unweighted = next(train.packed_batches(lambda epoch: iter([stories.drop_columns([WEIGHT])]),
+                                           context=6, eos=eos, batch_size=2))
+    assert torch.equal(unweighted, blocks)  # an unweighted mix's batch: the blocks alone
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 6, 10) * 3).requires_grad_(True)
+    engine = lambda input_ids, labels=None: SimpleNamespace(
+        logits=logits, loss=torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 10), input_ids[:, 1:].reshape(-1)))
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 10),
+                                           blocks[:, 1:].reshape(-1), reduction="none").detach()
+    loss = train.lm_loss(engine, (blocks, weights), None)
+    assert loss.item() == pytest.approx(float((ce * weights[:, 1:].reshape(-1)).mean()), rel=1e-6)
+    assert train.lm_loss(engine, (blocks, torch.ones_like(weights)), None).item() == \
+        pytest.approx(train.lm_loss(engine, blocks, None).item(), rel=1e-6)
+    loss.backward()
+    grads = logits.grad[:, :-1].abs().sum(dim=-1)  # position t predicts token t + 1
+    assert ((grads == 0) == (weights[:, 1:] == 0)).all()
+    tce = train.loss_for({"name": "truncated_ce", "threshold": 1.0})(engine, (blocks, weights),
+                                                                     None)
+    assert tce.item() == pytest.approx(loss.item(), rel=1e-6)  # γ = 1, weighted the same

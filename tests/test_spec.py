@@ -198,21 +198,27 @@ def test_params_lists_every_family_parameter_with_its_meaning():
         "unknown family 'lmm' (known: " + ", ".join(FAMILIES) + ")"
 
 
-def test_loss_weights_are_refused_by_a_family_whose_fit_does_not_weight_rows(tmp_path):
+def test_loss_weights_are_refused_by_a_family_whose_fit_does_not_weight_rows(tmp_path,
+                                                                             monkeypatch):
+    """Every shipped family weights its rows (the language models each token); a family
+    that does not declare it (weighted_fit) is refused at load, the field named."""
     from engine.errors import SpecError
+    from engine.families.linear import Linear
 
     weighted = "[{name: w, real: {fraction: 0.5}, weights: {real: 0.6, synthetic: 0.4}}]"
     f = write_study(tmp_path / "s.yaml", GOOD.format(out=tmp_path / "out"))
     assert load_study(f, [f"strategies={weighted}"]).workflows["w"]["weights"] == {
         "real": 0.6, "synthetic": 0.4}  # the linear family weights its rows
     lm = write_study(tmp_path / "lm.yaml", f"""name: lm
-family: {{name: lm, stories: 40, vocab_size: 300}}
+family: {{name: lm, stories: 40, test_stories: 10, vocab_size: 300}}
 strategies: {weighted}
 generations: 2
 seeds: [0]
 out: {tmp_path / 'lm-out'}
 """)
-    with pytest.raises(SpecError, match=r"strategies\[0\].weights: the lm family's fit does "
-                       r"not weight its rows yet \(families that do: linear, gaussian, "
-                       r"logistic, kde\)"):
-        load_study(lm)
+    assert load_study(lm).workflows["w"]["weights"] == {"real": 0.6, "synthetic": 0.4}
+    monkeypatch.setattr(Linear, "weighted_fit", False)
+    with pytest.raises(SpecError, match=r"strategies\[0\].weights \(from --set\): the linear "
+                       r"family's fit does not weight its rows yet \(families that do: "
+                       r"gaussian, logistic, kde, lm, vae, ae, diffusion\)"):
+        load_study(f, [f"strategies={weighted}"])

@@ -149,3 +149,42 @@ def test_a_weighted_mix_read_from_the_store_carries_each_rows_weight(tmp_path):
     # synthetic one; the mean row weight is 1
     w = table.column(WEIGHT).to_pylist()
     assert w[:4] == [1.25] * 4 and w[4:] == pytest.approx([10 / 12] * 6)
+
+
+def test_a_weighted_mix_streamed_weighs_each_kind_by_its_share_of_tokens(tmp_path, ray_local):
+    """The language models' loss is a mean over tokens, so a kind's weight is spread over
+    its tokens (weight_unit n_tokens): with equal kind weights, the real stories' tokens
+    carry half the weighted token count, whatever the stories' lengths. The same rows
+    and weights in this process (stream) and through Ray Data (dataset); an unweighted
+    mix's rows carry none."""
+    import pyarrow as pa
+
+    from engine.corpus import WEIGHT, CorpusStore
+    from engine.strategies import real, synthetic, workflow
+
+    store = CorpusStore(tmp_path)
+    store.write(real(2), pa.table({"x": [1.0, 2.0], "n_tokens": [10, 30]}), model="real data")
+    store.write(synthetic(1), pa.table({"x": [9.0] * 4, "n_tokens": [5] * 4}), model="gen-1")
+    mix = workflow("w", {"name": "w", "real": {"rows": 2}, "real_data": "fresh",
+                         "synthetic": {"rows": 4},
+                         "weights": {"real": 1, "synthetic": 1}}).mix(2, 2)
+    rows = [t for t in store.stream(mix, 0, weight_unit="n_tokens").tables(["x", "n_tokens"], 0)]
+    table = pa.concat_tables(rows)
+    by_kind = {}
+    for x, n, w in zip(*(table.column(c).to_pylist() for c in ("x", "n_tokens", WEIGHT))):
+        by_kind.setdefault(x == 9.0, []).append((n, w))
+    real_share = sum(n * w for n, w in by_kind[False])
+    synthetic_share = sum(n * w for n, w in by_kind[True])
+    assert real_share == pytest.approx(synthetic_share)  # equal kind weights
+    assert real_share + synthetic_share == pytest.approx(60)  # a token weighs 1 on average
+    streamed = sorted((r["x"], r["n_tokens"], r[WEIGHT]) for r in table.to_pylist())
+    from_ray = sorted((r["x"], r["n_tokens"], r[WEIGHT]) for r in store.dataset(
+        mix, 0, shuffle_files=True, weight_unit="n_tokens").iter_rows())
+    assert from_ray == streamed  # 0.75 and 1.5: exact in float32
+    assert sorted(set(streamed)) == [(1.0, 10, 0.75), (2.0, 30, 0.75), (9.0, 5, 1.5)]
+    by_rows = pa.concat_tables(store.stream(mix, 0).tables(["x"], 0))  # rows as the unit
+    assert sorted(set(zip(*(by_rows.column(c).to_pylist() for c in ("x", WEIGHT))))) == \
+        [(1.0, 1.5), (2.0, 1.5), (9.0, 0.75)]
+    plain = workflow("u", {"name": "u", "real": {"rows": 2}, "real_data": "fresh",
+                           "synthetic": {"rows": 4}}).mix(2, 2)
+    assert all(WEIGHT not in t.column_names for t in store.stream(plain, 0).tables(["x"], 0))

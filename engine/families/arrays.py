@@ -105,22 +105,29 @@ class ExampleBatches:
     store when a list holding their reference is given (a list keeps Ray from resolving
     the reference before a worker asks for it)."""
 
-    def __init__(self, examples: np.ndarray | list, batch_size: int, seed: int):
+    def __init__(self, examples: np.ndarray | list, batch_size: int, seed: int,
+                 weights: np.ndarray | list | None = None):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.weights = weights  # each example's loss weight (a weighted mix), or None
 
     def __call__(self, rank: int, world: int):
         import torch
 
         from engine.fit import shuffled_batches
 
-        examples = self.examples
+        examples, weights = self.examples, self.weights
         if isinstance(examples, list):
             import ray
 
             examples = ray.get(examples[0])
+            weights = None if weights is None else ray.get(weights[0])
         per_worker = len(examples) // world
-        shard = np.ascontiguousarray(examples[rank * per_worker:(rank + 1) * per_worker])
-        return shuffled_batches(torch.from_numpy(shard), self.batch_size, self.seed)
+        mine = slice(rank * per_worker, (rank + 1) * per_worker)
+        shard = np.ascontiguousarray(examples[mine])
+        return shuffled_batches(torch.from_numpy(shard), self.batch_size, self.seed,
+                                None if weights is None else
+                                torch.from_numpy(np.ascontiguousarray(weights[mine],
+                                                                      dtype=np.float32)))
 
 
 def save_network(module: Any, curve: Curve, out: Path) -> None:
@@ -207,11 +214,13 @@ class ArrayFamily(Family):
         networks the family builds)."""
 
     def fit_network(self, build: Callable[[], Any], examples: np.ndarray, loss, seed: int,
-                    context) -> NetModel:
+                    context, weights: np.ndarray | None = None) -> NetModel:
         """A fresh `build()` (or, with start: warm, the previous generation's network)
         trained on `examples` for `epochs`: AdamW, warmup + cosine
         decay, in this process (trainer: local) or on Ray Train workers, each on its
-        equal share of the examples, gradients averaged by DeepSpeed."""
+        equal share of the examples, gradients averaged by DeepSpeed. `weights`: each
+        example's loss weight (a weighted mix's, base.row_weights); the loss then gets
+        (examples, weights) batches."""
         from engine.fit import FitJob, LoopConfig, Workers, fit_here, fit_on_workers
 
         p = self.config
@@ -234,14 +243,15 @@ class ArrayFamily(Family):
         with tempfile.TemporaryDirectory(prefix="collapse-fit-") as d:
             out = Path(d)
             if p.trainer == "local":
-                fit_here(FitJob(build, ExampleBatches(examples, p.batch_size, seed), loss,
-                                save_network, loop), out, context.progress)
+                fit_here(FitJob(build, ExampleBatches(examples, p.batch_size, seed, weights),
+                                loss, save_network, loop), out, context.progress)
             else:
                 import ray
 
                 shared = [ray.put(np.ascontiguousarray(examples))]
-                job = FitJob(build, ExampleBatches(shared, p.batch_size, seed), loss,
-                             save_network, loop)
+                shared_weights = None if weights is None else [ray.put(weights)]
+                job = FitJob(build, ExampleBatches(shared, p.batch_size, seed, shared_weights),
+                             loss, save_network, loop)
                 fit_on_workers(job, Workers(max_workers=p.workers,
                                             cpus_per_worker=p.cpus_per_worker,
                                             gpus_per_worker=p.gpus_per_worker),

@@ -192,6 +192,9 @@ class Family(ABC):
     # fit() honours a weighted mix: the table's corpus.WEIGHT column, each row's loss
     # weight (a workflow's `weights`); a study giving weights to another family is refused
     weighted_fit: ClassVar[bool] = False
+    # The count column a row's loss is a mean over, for a weighted mix's per-row weights
+    # (CorpusStore._kind_weights): None, rows (each example one loss term)
+    weight_unit: ClassVar[str | None] = None
     # Parameters that name files, resolved against the study file's directory, and the
     # values of those parameters that are names, not paths (e.g. "digits").
     path_fields: ClassVar[tuple[str, ...]] = ()
@@ -377,3 +380,27 @@ def row_weights(mix: pa.Table) -> np.ndarray | None:
     if WEIGHT not in mix.column_names:
         return None
     return mix.column(WEIGHT).to_numpy()
+
+
+TRUNCATED_CE = "truncated_ce"
+
+
+def truncation_threshold(definition: Any) -> float | None:
+    """The threshold γ of a study's `loss: {name: truncated_ce, threshold: γ}` (Shabgahi
+    et al. 2025, "ForTIFAI"), or None for `loss: null` (the family's plain loss); a
+    ParamError naming `loss` for anything else. Shared by the families whose loss is a
+    cross-entropy (the language models' tokens, the VAE's pixels)."""
+    if definition is None:
+        return None
+    if not isinstance(definition, dict) or definition.get("name") != TRUNCATED_CE:
+        raise ParamError("loss", f"expected null or {{name: {TRUNCATED_CE}, threshold: γ}}, "
+                                 f"got {definition!r}")
+    extra = set(definition) - {"name", "threshold"}
+    if extra:
+        raise ParamError("loss", f"unknown key {sorted(extra)[0]!r} (allowed: name, threshold)")
+    threshold = definition.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0 < threshold <= 1:
+        raise ParamError("loss.threshold", f"expected a probability in (0, 1], got "
+                                           f"{threshold!r}")
+    return float(threshold)

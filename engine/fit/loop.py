@@ -3,7 +3,8 @@
     model = build()                       seeded: the same seed gives the same weights
     engine = deepspeed.initialize(model)  AdamW, linear warmup then cosine decay, ZeRO
     for step in 1..steps:
-        batch = next(batches).to(device)  the device this process runs on (fit/device.py)
+        batch = next(batches).to(device)  the device this process runs on (fit/device.py);
+                                          a batch is a tensor, or (examples, loss weights)
         loss(engine, batch, generator).backward(); engine.step()
     -> the trained module, its loss curve [(step, mean loss since the last point)]
 
@@ -200,7 +201,7 @@ def train(build: Callable[[], Any], batches: Iterable, loss: Loss, cfg: LoopConf
         if step >= cfg.steps:
             break
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            value = loss(engine, batch.to(engine.device, non_blocking=True), generator)
+            value = loss(engine, to_device(batch, engine.device), generator)
         engine.backward(value)
         engine.step()
         step += 1
@@ -224,9 +225,32 @@ def train(build: Callable[[], Any], batches: Iterable, loss: Loss, cfg: LoopConf
                    seconds=seconds)
 
 
-def shuffled_batches(examples, batch_size: int, seed: int) -> Iterator:
+def to_device(batch, device):
+    """A batch on the device: a tensor, or a tuple of them (examples, loss weights)."""
+    if isinstance(batch, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def split_weights(batch):
+    """(examples, per-example loss weights or None) of a batch: a weighted mix's batches
+    are (examples, weights) tuples (a workflow's `weights`; see strategies.Mix)."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
+def weighted_mean(losses, weights):
+    """The batch's loss from per-example (or per-token) losses: their mean, each times
+    its weight where the mix is weighted. The weights average 1 over the mix
+    (strategies.Mix.row_weights), so this is an unbiased estimate of the weighted
+    objective and keeps the unweighted loss's scale (a learning rate tuned without
+    weights still fits); dividing by the batch's own weight sum instead would bias it."""
+    return losses.mean() if weights is None else (losses * weights.to(losses.dtype)).mean()
+
+
+def shuffled_batches(examples, batch_size: int, seed: int, weights=None) -> Iterator:
     """In-memory examples (a tensor, first axis = examples) in batches, reshuffled every
-    epoch from `seed`, endlessly: the loop stops at its step count."""
+    epoch from `seed`, endlessly: the loop stops at its step count. With `weights` (one
+    per example) each batch is (examples, their weights)."""
     import torch
 
     if len(examples) < batch_size:
@@ -237,4 +261,5 @@ def shuffled_batches(examples, batch_size: int, seed: int) -> Iterator:
     while True:
         order = torch.randperm(len(examples), generator=order_gen)
         for start in range(0, per_epoch * batch_size, batch_size):
-            yield examples[order[start:start + batch_size]]
+            picked = order[start:start + batch_size]
+            yield examples[picked] if weights is None else (examples[picked], weights[picked])

@@ -75,6 +75,7 @@ class FitContext:
     # (sum of a count column, rows) of the mix, from the store's manifest
     # (CorpusStore.mix_size): a step count that does not read the mix first
     mix_size: "Callable[[str], tuple[int, int]] | None" = None
+    weighted: bool = False  # the mix's rows carry loss weights (corpus.WEIGHT)
 
 
 def _write_record(out: Path, trained: Trained, steps: int, world_size: int,

@@ -29,7 +29,7 @@ import pyarrow as pa
 from engine.families.arrays import (ArrayFamily, NetModel, RealLabels, TrainerConfig, batched,
                                     image_diversity, image_preview, mean_pairwise_distance,
                                     rows_from_table, rows_table)
-from engine.families.base import ParamError, Presentation
+from engine.families.base import ParamError, Presentation, row_weights
 from engine.families.images import DIGITS, ImageDataError, load_images, split, split_labels
 from engine.files import is_remote
 
@@ -52,9 +52,12 @@ class _LSimple:
         self.steps, self.rotate = steps, rotate
 
     def __call__(self, model, batch, generator):
-        from engine.families.diffusion.model import eps_loss, schedule
+        from engine.families.diffusion.model import eps_losses, schedule
+        from engine.fit import split_weights, weighted_mean
 
-        return eps_loss(model, batch, generator, schedule(self.steps)[2], self.rotate)
+        x, weights = split_weights(batch)  # weights: a weighted mix's (workflow `weights`)
+        return weighted_mean(eps_losses(model, x, generator, schedule(self.steps)[2],
+                                        self.rotate), weights)
 
 
 class _Build:
@@ -69,6 +72,7 @@ class _Build:
 
 class Diffusion(ArrayFamily):
     name = "diffusion"
+    weighted_fit = True  # a weighted mix's example weights (_LSimple)
     metrics = ("test_loss", "sample_distance", "pixel_variance", "radius_of_gyration",
                "frechet_distance", "precision", "recall")
     # point sets (molecules) have no image to preview
@@ -161,7 +165,7 @@ class Diffusion(ArrayFamily):
                         {"kind": "images", "channels": real.shape[0]})
         architecture.update(width=p.width, steps=p.steps)
         return self.fit_network(_Build(architecture), examples, _LSimple(p.steps, self.points),
-                                seed, context)
+                                seed, context, weights=row_weights(mix))
 
     def evaluate(self, real: DiffusionReal, model: NetModel) -> dict[str, float]:
         from engine.fit import run_on_gpu

@@ -83,8 +83,14 @@ def random_rotations(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def eps_loss(net: nn.Module, x0: torch.Tensor, generator: torch.Generator,
              alpha_bar: torch.Tensor, augment_rotations: bool = False) -> torch.Tensor:
+    """L_simple averaged over the batch (eps_losses)."""
+    return eps_losses(net, x0, generator, alpha_bar, augment_rotations).mean()
+
+
+def eps_losses(net: nn.Module, x0: torch.Tensor, generator: torch.Generator,
+               alpha_bar: torch.Tensor, augment_rotations: bool = False) -> torch.Tensor:
     """L_simple: E_t,ε ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖² per example (the variational
-    bound with Ho et al.'s reweighting), summed over coordinates, averaged over the batch."""
+    bound with Ho et al.'s reweighting), summed over coordinates: one value per example."""
     # Draws come from the CPU generator (reproducible), then move to the data's device.
     if augment_rotations:
         x0 = x0 - x0.mean(dim=1, keepdim=True)
@@ -94,7 +100,7 @@ def eps_loss(net: nn.Module, x0: torch.Tensor, generator: torch.Generator,
     a = alpha_bar[t].to(x0.device).view(-1, *[1] * (x0.dim() - 1))
     t = t.to(x0.device)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    return (net(xt, t) - eps).pow(2).flatten(1).sum(dim=1).mean()
+    return (net(xt, t) - eps).pow(2).flatten(1).sum(dim=1)
 
 
 @torch.no_grad()

@@ -88,6 +88,8 @@ def story_texts(table: pa.Table, model_dir) -> list[str]:
 
 class LanguageModel(Family):
     name = "lm"
+    weighted_fit = True  # a weighted mix's token weights (train.packed_batches)
+    weight_unit = "n_tokens"  # the loss is a mean over tokens: a kind's share is its tokens'
     metrics = ("test_loss", "kl_to_truth", "truth_loss", "distinct_1", "distinct_2",
                "distinct_3", "unique_stories", "mean_length", "sample_entropy",
                "zipf_slope", "rare_token_mass", "rep_4", "self_bleu",
@@ -395,7 +397,10 @@ class LanguageModel(Family):
             # No global shuffle: the chain streams the mix's files in a seeded order
             # (CorpusStore.dataset), then each worker's shuffle window
             # (engine/families/lm/train.py).
-            stories = mix.select_columns(["ids"], num_cpus=CHAIN_TASK_CPUS)
+            from engine.corpus import WEIGHT
+
+            stories = mix.select_columns(["ids"] + ([WEIGHT] if context.weighted else []),
+                                         num_cpus=CHAIN_TASK_CPUS)
             job = FitJob(build, train.ShardBlocks(p.context, real.eos, p.batch_size, seed),
                          loss, train.save_model,
                          LoopConfig(steps=steps, seed=seed, **settings))

@@ -50,10 +50,27 @@ def total_steps(tokens: int, stories: int, context: int, batch_size: int, epochs
     return max(1, math.floor(budget_blocks / (batch_size * workers)))
 
 
-def lm_loss(engine, x, generator):
+def token_losses(engine, x):
+    """Each token's next-token cross-entropy in a batch of blocks, (batch, context − 1),
+    in fp32."""
+    import torch
+
+    logits = engine(input_ids=x).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1), reduction="none")
+    return ce.view(x.size(0), -1)
+
+
+def lm_loss(engine, batch, generator):
     """Next-token cross-entropy of a batch of blocks (the generator is unused: a
-    language model's loss draws no noise)."""
-    return engine(input_ids=x, labels=x).loss
+    language model's loss draws no noise). A weighted mix's batch is (blocks, each
+    token's weight): the weight of the token predicted counts."""
+    from engine.fit import split_weights, weighted_mean
+
+    x, weights = split_weights(batch)
+    if weights is None:
+        return engine(input_ids=x, labels=x).loss
+    return weighted_mean(token_losses(engine, x), weights[:, 1:])
 
 
 class TruncatedCE:
@@ -68,38 +85,24 @@ class TruncatedCE:
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    def __call__(self, engine, x, generator):
+    def __call__(self, engine, batch, generator):
         import torch
 
-        logits = engine(input_ids=x).logits[:, :-1]
-        ce = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1), reduction="none")
+        from engine.fit import split_weights, weighted_mean
+
+        x, weights = split_weights(batch)
+        ce = token_losses(engine, x)
         keep = torch.exp(-ce.detach()) <= self.threshold
-        return (ce * keep).mean()
-
-
-LOSSES = ("truncated_ce",)
+        return weighted_mean(ce * keep, None if weights is None else weights[:, 1:])
 
 
 def loss_for(definition: dict | None):
     """The fit's loss for a study's `loss` (None: next-token cross-entropy); a
     ParamError naming `loss` for one the engine does not know."""
-    from engine.families.base import ParamError
+    from engine.families.base import truncation_threshold
 
-    if definition is None:
-        return lm_loss
-    if not isinstance(definition, dict) or definition.get("name") not in LOSSES:
-        raise ParamError("loss", f"expected null or {{name: truncated_ce, threshold: γ}} "
-                                 f"(known: {', '.join(LOSSES)}), got {definition!r}")
-    extra = set(definition) - {"name", "threshold"}
-    if extra:
-        raise ParamError("loss", f"unknown key {sorted(extra)[0]!r} (allowed: name, threshold)")
-    threshold = definition.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not 0 < threshold <= 1:
-        raise ParamError("loss.threshold", f"expected a probability in (0, 1], got "
-                                           f"{threshold!r}")
-    return TruncatedCE(float(threshold))
+    threshold = truncation_threshold(definition)
+    return lm_loss if threshold is None else TruncatedCE(threshold)
 
 
 class ModelBuilder:
@@ -146,13 +149,19 @@ def save_model(module, curve: list[tuple[int, float]], out: Path) -> None:
 def packed_batches(stories_of_epoch, context: int, eos: int, batch_size: int) -> Iterator:
     """Batches of `batch_size` blocks of `context` tokens from one continuous stream
     [EOT] s1 [EOT] s2 ... (no tokens dropped between batches), epoch after epoch:
-    `stories_of_epoch(epoch)` yields the epoch's stories as tables with an `ids` column."""
+    `stories_of_epoch(epoch)` yields the epoch's stories as tables with an `ids` column.
+    Stories of a weighted mix (a workflow's `weights`) carry their loss weight
+    (corpus.WEIGHT); every token of a story, and the [EOT] before it, then carries it
+    too, and a batch is (blocks, token weights)."""
     import torch
+
+    from engine.corpus import WEIGHT
 
     per_batch = batch_size * context
     epoch = 0
     while True:
         pending = np.zeros(0, dtype=np.int64)
+        pending_weights = None
         for stories in stories_of_epoch(epoch):
             ids = stories.column("ids").combine_chunks()
             if len(ids) == 0:
@@ -163,9 +172,20 @@ def packed_batches(stories_of_epoch, context: int, eos: int, batch_size: int) ->
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             stream = np.insert(tokens.astype(np.int64), starts, eos)
             pending = np.concatenate([pending, stream])
+            if WEIGHT in stories.column_names:
+                weights = np.repeat(stories.column(WEIGHT).to_numpy().astype(np.float32),
+                                    lengths + 1)
+                pending_weights = weights if pending_weights is None else \
+                    np.concatenate([pending_weights, weights])
             while len(pending) >= per_batch:
-                yield torch.from_numpy(pending[:per_batch].reshape(batch_size, context).copy())
+                blocks = torch.from_numpy(pending[:per_batch].reshape(batch_size, context).copy())
                 pending = pending[per_batch:]
+                if pending_weights is None:
+                    yield blocks
+                    continue
+                yield blocks, torch.from_numpy(
+                    pending_weights[:per_batch].reshape(batch_size, context).copy())
+                pending_weights = pending_weights[per_batch:]
         epoch += 1
 
 

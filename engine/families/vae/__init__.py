@@ -31,7 +31,8 @@ import pyarrow as pa
 from engine.families.arrays import (ArrayFamily, NetModel, RealLabels, TrainerConfig, batched,
                                     image_diversity, image_preview, image_table,
                                     rows_from_table)
-from engine.families.base import ParamError, Presentation
+from engine.families.base import (ParamError, Presentation, later_fits, row_weights,
+                                  truncation_threshold)
 from engine.families.images import DIGITS, ImageDataError, load_images, split, split_labels
 from engine.files import is_remote
 
@@ -45,15 +46,27 @@ class ImageReal:
     labels: RealLabels | None = None  # for the feature-space metrics (ArrayFamily.compare)
 
 
-def _negative_elbo(model, x, generator):
+class NegativeELBO:
     """The VAE's training loss: reconstruction + KL per image, averaged over the batch
-    (`model` calls the network's forward, which returns the two terms per image)."""
-    recon, kl = model(x, generator)
-    return (recon + kl).mean()
+    (`model` calls the network's forward, which returns the two terms per image), each
+    image times its weight in a weighted mix. `threshold` γ: the reconstruction's
+    cross-entropy truncated pixel by pixel (ForTIFAI; ConvVAE.losses). A class, not a
+    closure: Ray Train pickles it to its workers."""
+
+    def __init__(self, threshold: float | None = None):
+        self.threshold = threshold
+
+    def __call__(self, model, batch, generator):
+        from engine.fit import split_weights, weighted_mean
+
+        x, weights = split_weights(batch)
+        recon, kl = model(x, generator, self.threshold)
+        return weighted_mean(recon + kl, weights)
 
 
 class VAE(ArrayFamily):
     name = "vae"
+    weighted_fit = True  # a weighted mix's image weights (NegativeELBO)
     metrics = ("test_loss", "reconstruction", "sample_distance", "pixel_variance",
                "frechet_distance", "precision", "recall")  # headline first
     presentation = Presentation(previews=lambda family, table: image_preview(
@@ -78,6 +91,7 @@ class VAE(ArrayFamily):
         lr: float = 2e-3  # peak learning rate (AdamW, warmup then cosine decay)
         weight_decay: float = 0.0  # AdamW's decoupled weight decay
         sample_diversity_n: int = 500  # samples the diversity metrics look at
+        loss: dict | None = later_fits(None)  # the loss from generation 2 on (generation 1, real data alone, stays shared): null, the negative ELBO; {name: truncated_ce, threshold: γ}: pixels the decoder already reconstructs with likelihood above γ add no loss (Shabgahi et al. 2025, ForTIFAI)
 
     def _widths(self) -> list[int]:
         return list(self.config.widths) if self.config.widths else [32, 64]
@@ -97,6 +111,7 @@ class VAE(ArrayFamily):
                          ("sample_diversity_n", 2), ("workers", 1)):
             if getattr(p, key) < low:
                 raise ParamError(key, f"must be >= {low}, got {getattr(p, key)}")
+        truncation_threshold(p.loss)  # ParamError naming `loss` if the fit does not know it
         if p.epochs <= 0 or p.lr <= 0:
             raise ParamError("epochs" if p.epochs <= 0 else "lr", "must be > 0")
         if p.data != DIGITS and not is_remote(p.data) and not Path(p.data).exists():
@@ -132,7 +147,11 @@ class VAE(ArrayFamily):
         architecture = {"channels": real.shape[0], "image_size": real.shape[1],
                         "widths": self._widths(), "latent": p.latent, "hidden": p.hidden,
                         "kind": self.kind}
-        return self.fit_network(_Build(self, architecture), images, _negative_elbo, seed, context)
+        # `loss` is read by the fits after generation 1 only (its role, later_fits)
+        later = getattr(context, "previous_model", None) is not None
+        loss = NegativeELBO(truncation_threshold(p.loss) if later else None)
+        return self.fit_network(_Build(self, architecture), images, loss, seed, context,
+                                weights=row_weights(mix))
 
     def evaluate(self, real: ImageReal, model: NetModel) -> dict[str, float]:
         from engine.fit import run_on_gpu
@@ -232,8 +251,10 @@ class Autoencoder(VAE):
         images = rows_from_table(mix, "image", real.shape)
         with torch.no_grad():
             z = model.net.encode(torch.from_numpy(images))[0].numpy().astype(np.float64)
-        model.arrays["latent_mean"] = z.mean(axis=0)
-        model.arrays["latent_cov"] = np.cov(z, rowvar=False) + 1e-6 * np.eye(z.shape[1])
+        weights = row_weights(mix)  # a weighted mix's: the latent Gaussian is fit weighted too
+        model.arrays["latent_mean"] = np.average(z, axis=0, weights=weights)
+        model.arrays["latent_cov"] = np.cov(z, rowvar=False, aweights=weights) \
+            + 1e-6 * np.eye(z.shape[1])
         return model
 
     def _latents(self, rng: np.random.Generator, model: NetModel, n: int) -> np.ndarray:

@@ -44,15 +44,17 @@ class ConvVAE(nn.Module):
         h = self.from_latent(z).view(-1, self.widths[-1], self.side, self.side)
         return self.decoder(h)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.losses(x, generator)
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.losses(x, generator, threshold)
 
-    def losses(self, x: torch.Tensor, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(self, x: torch.Tensor, generator: torch.Generator | None = None,
+               threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: reconstruction error (binary cross-entropy summed over pixels, the
         Bernoulli likelihood of [0, 1] images) and KL to the N(0, I) prior (0 for the
-        autoencoder). Their sum is the negative ELBO, the VAE's loss."""
+        autoencoder). Their sum is the negative ELBO, the VAE's loss. `threshold` γ:
+        truncated cross-entropy (ForTIFAI) on the reconstruction, pixel by pixel: a
+        pixel whose likelihood exp(−BCE) the decoder already puts above γ adds nothing."""
         mean, logvar = self.encode(x)
         if self.kind == "ae":
             z, kl = mean, torch.zeros(len(x), device=x.device)
@@ -63,5 +65,7 @@ class ConvVAE(nn.Module):
             z = mean + eps * torch.exp(0.5 * logvar)
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=1)
         recon = nn.functional.binary_cross_entropy(self.decode(z), x, reduction="none")
+        if threshold is not None:  # the mask carries no gradient: it selects, not scales
+            recon = recon * (torch.exp(-recon.detach()) <= threshold)
         recon = recon.flatten(1).sum(dim=1)
         return recon, kl
