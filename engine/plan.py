@@ -17,7 +17,7 @@ import pandas as pd
 from engine.errors import BadInput
 from engine import strategies
 from engine.families import family_for
-from engine.spec import Study
+from engine.spec import Study, axis_label
 
 # HBM bandwidth, bytes/s (vendor datasheets): decoding's floor is reading the weights
 # once a step and every story's KV cache every step.
@@ -262,10 +262,30 @@ def describe(study: Study, rates: Rates | None = None) -> str:
         lines.append(f"shared: generation 1 is fit once per model and sampled once per "
                      f"temperature, which saves {_si(shared)} rows of work "
                      f"({shared / (shared + total['train_rows'] + total['sample_rows']):.0%})")
+    lines += _objectives(study)
     lines.append(_memory(study))
     if tokens:
         lines += _timing(rows, rates)
     return "\n".join(lines)
+
+
+def _objectives(study: Study) -> list[str]:
+    """How the levers on the training objective are priced: a workflow's loss weights
+    and a family's `loss` change what each row's loss counts, not how many rows or
+    tokens pass through the model, so the tables above price them as the plain loss."""
+    lines = []
+    for name, workflow in study.workflows.items():
+        if workflow.get("weights"):
+            w = workflow["weights"]
+            lines.append(f"loss weights: {name} (real {w.get('real', 0):g}, synthetic "
+                         f"{w.get('synthetic', 0):g}) is priced as its mix unweighted: a "
+                         "weight scales each row's loss, with no extra pass")
+    losses = sorted({axis_label(t.params["loss"]) for t in study.trials()
+                     if t.params.get("loss") is not None})
+    if losses:
+        lines.append(f"loss: {'; '.join(losses)} from generation 2 is priced as the plain "
+                     "loss: the same forward and backward pass per row, one mask more")
+    return lines
 
 
 def _memory(study: Study) -> str:

@@ -303,3 +303,26 @@ def test_truncated_cross_entropy_keeps_the_next_generations_samples_from_sharpen
         assert wide.loc[(tce, g), "test_loss"] != wide.loc[("plain", g), "test_loss"]
     for metric in ("sample_entropy", "distinct_2"):
         assert wide.loc[(tce, 2), metric] > 1.1 * wide.loc[("plain", 2), metric], wide[metric]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # (~1.5 min: two 2-generation LM chains, generation 1 shared)
+def test_loss_weights_reach_the_language_models_tokens(tmp_path):
+    """A workflow's `weights` on the grammar LM (studies/weighted_lm.yaml, shorter):
+    each generation trains on fresh real stories and the previous model's, and the
+    chain weighting the real stories alone ends closer to the truth than the chain
+    weighting the synthetic ones alone, which drifts as replace does."""
+    import engine
+
+    workflows = ", ".join(
+        f"{{name: {name}, real: {{fraction: 1.0}}, real_data: fresh, synthetic: {{rows: 400}}, "
+        f"weights: {{real: {w}, synthetic: {1 - w}}}}}"
+        for name, w in (("real_only", 1.0), ("synthetic_only", 0.0)))
+    engine.run_study(REPO / "studies" / "weighted_lm.yaml", overrides=[
+        f"out={tmp_path / 'out'}", "generations=2", "family.stories=1000",
+        f"strategies=[{workflows}]"], say=lambda s: None)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    kl = table[(table.metric == "kl_to_truth") & table.step.isna()].set_index(
+        ["strategy", "generation"]).value
+    assert kl[("real_only", 1)] == kl[("synthetic_only", 1)]  # one shared generation 1
+    assert kl[("real_only", 2)] < kl[("synthetic_only", 2)], kl

@@ -96,3 +96,21 @@ def test_workflows_are_planned_and_fresh_real_data_needs_T_stated(tmp_path):
         in r.stderr, r.stderr
     r = collapse("run", lm, "--dry-run", "--set", "family.train_stories=100")
     assert r.returncode == 0 and "T = 100 stories per generation" in r.stdout, r.stderr
+
+
+def test_the_dry_run_says_how_it_prices_loss_weights_and_a_truncated_loss():
+    """Weights and truncated cross-entropy change what a row's loss counts, not what
+    passes through the model: the dry run prices them as the plain loss, and says so."""
+    from engine.plan import describe
+
+    weighted = describe(load_study("studies/weighted_lm.yaml"))
+    assert "loss weights: golden (real 0.618, synthetic 0.382) is priced as its mix " \
+        "unweighted" in weighted and "loss weights: equal" not in weighted
+    truncated = describe(load_study("studies/truncated_ce.yaml"))
+    assert "loss: name:truncated_ce,threshold:0.5; name:truncated_ce,threshold:0.9 from " \
+        "generation 2 is priced as the plain loss" in truncated
+    plain = describe(load_study("studies/quickstart.yaml"))
+    assert "loss weights" not in plain and "\nloss:" not in plain
+    rows = generation_rows(load_study("studies/truncated_ce.yaml"))
+    later = rows[rows.generation > 1]  # (generation 1 is one shared plain-loss fit)
+    assert later.groupby("generation").train_flops.nunique().eq(1).all()  # priced alike

@@ -1,5 +1,4 @@
 """kill -9 in the middle of a run, run again: the same table, value for value."""
-import json
 import os
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """Each story's draws: a counter-based function of (its seed, the position), drawn for
 a whole batch at once (engine/families/lm/sampling/draws.py), in the hf loop and in the
 vLLM engines' logits processor (sampling/vllm.py: StoryDraws)."""
-import dataclasses
 from types import SimpleNamespace
 
 import numpy as np

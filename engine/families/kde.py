@@ -1,7 +1,12 @@
 """Kernel density estimation chains (Kazdan et al. 2024, "Collapse or Thrive?").
 
-Truth: a mixture of `components` Gaussians in d dimensions with a known density (means
-on a circle of radius 3 in the first two coordinates, unit covariance, equal weights).
+Data (`data`): `mixture`, a mixture of `components` Gaussians in d dimensions with a
+known density (means on a circle of radius 3 in the first two coordinates, unit
+covariance, equal weights); or `digits`, the handwritten-digit scans that ship with
+scikit-learn projected on their first d principal components (the 8×8 pixels in
+[0, 1]; the components fit once to every scan), real data with no known density: each
+trial draws its own real chunks from the scans not held out, and `test_points` held-out
+scans are every trial's test set.
 Each generation fits a Gaussian KDE to its mix, a kernel on every row, and samples the
 next corpus from it (a row drawn uniformly, plus kernel noise). `trials` independent
 chains run together as batched arrays.
@@ -18,6 +23,8 @@ Metrics, averaged over trials, on `test_points` held-out draws of the truth:
 - `spread`     the mix's mean squared distance from its mean over the truth's: 1 for
                the truth's own draws; sampling from a KDE adds kernel noise each
                generation, so replace's spread grows
+On the digits, where the density is unknown, `truth_nll` and `excess_nll` are left out
+and `spread` is over the held-out scans' own.
 
 Kazdan et al. find replace degrades without bound, accumulate stays bounded, and
 subsampling a fixed budget from the accumulated pool degrades, slowly.
@@ -50,6 +57,23 @@ class KDEModel:
 class KDEReal:
     train_chunks: list[pa.Table]
     test: np.ndarray  # (trials, test_points, d): held-out draws of the truth
+    spread: float | None = None  # the real data's spread (None: the mixture's, known)
+
+
+MIXTURE, DIGITS = "mixture", "digits"
+DIGIT_PIXELS = 64  # 8×8 scans: at most 64 principal components
+_DIGIT_SCANS = 1797  # scikit-learn's digits
+
+
+def digit_components(d: int) -> np.ndarray:
+    """Every digit scan (pixels in [0, 1]) on its first d principal components,
+    (1797, d): centred on the scans' mean, projected on the top right-singular vectors."""
+    from engine.families.images import load_images
+
+    scans = load_images(DIGITS, 8, 1).reshape(-1, DIGIT_PIXELS).astype(np.float64)
+    centred = scans - scans.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:d].T
 
 
 def _mixture_means(components: int, d: int) -> np.ndarray:
@@ -84,6 +108,7 @@ class KDE(Family):
 
     @dataclass(frozen=True)
     class Config:
+        data: str = MIXTURE  # mixture: the known Gaussian mixture; digits: the digit scans' first d principal components
         d: int = 2  # dimension
         components: int = 4  # Gaussians in the true mixture (means on a circle)
         n: int = 200  # rows of real data per generation (T)
@@ -103,6 +128,15 @@ class KDE(Family):
                           ("trials", 1)):
             if getattr(p, name) < low:
                 raise ParamError(name, f"must be >= {low}, got {getattr(p, name)}")
+        if p.data not in (MIXTURE, DIGITS):
+            raise ParamError("data", f"expected {MIXTURE} or {DIGITS}, got {p.data!r}")
+        if p.data == DIGITS:
+            if p.d > DIGIT_PIXELS:
+                raise ParamError("d", f"the digits have {DIGIT_PIXELS} pixels, so at most "
+                                      f"{DIGIT_PIXELS} principal components; got {p.d}")
+            if p.test_points >= _DIGIT_SCANS:
+                raise ParamError("test_points", f"must be below the {_DIGIT_SCANS} digit "
+                                                f"scans, got {p.test_points}")
         b = p.bandwidth
         if isinstance(b, str) and b not in ("scott", "silverman"):
             raise ParamError("bandwidth", f"expected scott, silverman or a number > 0, got {b!r}")
@@ -122,11 +156,33 @@ class KDE(Family):
 
     def real_data(self, seed: int, chunks: int, cache_dir: Path | None = None) -> KDEReal:
         p = self.config
+        if p.data == DIGITS:
+            return self._digit_data(seed, chunks)
         train = [points_table(self._truth_draws(
             np.random.default_rng(derive_seed(seed, "real-chunk", k)), p.n))
             for k in range(1, chunks + 1)]
         test = self._truth_draws(np.random.default_rng(derive_seed(seed, "test")), p.test_points)
         return KDEReal(train, np.ascontiguousarray(test.transpose(1, 0, 2)))
+
+    def _digit_data(self, seed: int, chunks: int) -> KDEReal:
+        """The scans' principal components: `test_points` held out (the same for every
+        trial), and each trial's chunks of n drawn from the rest in its own seeded order,
+        without repeats (a fresh-data workflow's chunks are disjoint)."""
+        p = self.config
+        points = digit_components(p.d)
+        order = np.random.default_rng(derive_seed(seed, "digits-split")).permutation(len(points))
+        test, pool = points[order[:p.test_points]], points[order[p.test_points:]]
+        if chunks * p.n > len(pool):
+            raise ParamError("n", f"{chunks} real chunk(s) of n = {p.n} scans need "
+                                  f"{chunks * p.n}; the digits hold {len(pool)} beside the "
+                                  f"{p.test_points} held out: set n to at most "
+                                  f"{len(pool) // chunks}")
+        picks = np.stack([np.random.default_rng(derive_seed(seed, "digits-trial", t))
+                          .permutation(len(pool))[:chunks * p.n] for t in range(p.trials)], 1)
+        train = [points_table(pool[picks[k * p.n:(k + 1) * p.n]]) for k in range(chunks)]
+        spread = float(np.sum((test - test.mean(axis=0)) ** 2, axis=1).mean())
+        return KDEReal(train, np.ascontiguousarray(np.broadcast_to(test, (p.trials, *test.shape))),
+                       spread=spread)
 
     def fit(self, real: KDEReal, mix: pa.Table, seed: int, context=None) -> KDEModel:
         x = self._points(mix)
@@ -168,12 +224,15 @@ class KDE(Family):
     def evaluate(self, real: KDEReal, model: KDEModel) -> dict[str, float]:
         p = self.config
         test_nll = -self.log_density(model, real.test).mean(axis=1)
+        centred = model.points - np.einsum("m,tmd->td", model.weights, model.points)[:, None]
+        spread = np.einsum("m,tm->t", model.weights, np.sum(centred ** 2, axis=-1))
+        if real.spread is not None:  # real data: no known density to compare with
+            return {"test_nll": float(test_nll.mean()),
+                    "spread": float(spread.mean() / real.spread)}
         truth_nll = -self.truth_log_density(real.test).mean(axis=1)
         # the truth's spread: a component's unit variance in d directions plus the
         # means' RADIUS² (they average to 0)
         truth_spread = p.d + (RADIUS ** 2 if p.components > 1 else 0.0)
-        centred = model.points - np.einsum("m,tmd->td", model.weights, model.points)[:, None]
-        spread = np.einsum("m,tm->t", model.weights, np.sum(centred ** 2, axis=-1))
         return {"test_nll": float(test_nll.mean()), "truth_nll": float(truth_nll.mean()),
                 "excess_nll": float((test_nll - truth_nll).mean()),
                 "spread": float(spread.mean() / truth_spread)}
@@ -198,8 +257,12 @@ class KDE(Family):
     def cost(self):
         from engine.plan import Cost
 
-        return Cost(rows_per_generation=self.config.n, tokens_per_row=None, parameters=None)
+        p = self.config
+        return Cost(rows_per_generation=p.n, tokens_per_row=None, parameters=None,
+                    real_rows=_DIGIT_SCANS - p.test_points if p.data == DIGITS else None,
+                    rows_field="n")
 
     def model_name(self) -> str:
         b = self.config.bandwidth
-        return f"kde-{self.config.d}d-{b if isinstance(b, str) else f'h{b:g}'}"
+        data = "digits-" if self.config.data == DIGITS else ""
+        return f"kde-{data}{self.config.d}d-{b if isinstance(b, str) else f'h{b:g}'}"
