@@ -27,8 +27,11 @@ from typing import Literal
 
 import pyarrow as pa
 
+# (the field-role helper `sampling` under another name: bound here as `sampling` it
+# would hide this package's `sampling` subpackage as an attribute)
 from engine.families.base import (Bundle, Family, ParamError, Presentation, Processes, fit,
-                                   later_fits, resources, sampling)
+                                   later_fits, resources)
+from engine.families.base import sampling as sampling_field
 from engine.families.lm import grammar
 from engine.corpus import StoredRows
 from engine.families.lm.data import GRAMMAR, DataError, read_stories
@@ -113,14 +116,14 @@ class LanguageModel(Family):
         model: str = fit("small")  # a zoo size (engine/families/lm/zoo.py), or a pretrained checkpoint: a Hugging Face id, a directory, s3:// or gs:// (its tokenizer comes with it)
         start: Literal["scratch", "warm"] = later_fits("scratch")  # scratch: the model's initial weights every generation (fresh for a zoo size, the checkpoint's for a pretrained model); warm: the previous generation's (Bertrand et al. 2024)
         context: int = fit(256)  # tokens per training block, and the longest story sampled
-        temperature: float = sampling(1.0)  # sampling temperature (0: greedy)
-        top_k: int = sampling(0)  # 0: off (pure ancestral sampling, as the paper)
-        top_p: float = sampling(1.0)  # 1.0: off
-        repetition_penalty: float = sampling(1.0)  # > 1: tokens already in a story less likely (Shumailov et al.: 3); 1.0: off
-        beams: int = sampling(1)  # > 1: beam search with this many beams instead of sampling (Shumailov et al.: 5); deterministic, so temperature, top_k and top_p stay at their defaults
-        prompt: Literal["bos", "real_prefix"] = sampling("bos")  # what each sampled story starts from
-        prefix_tokens: int = sampling(8)  # real_prefix: tokens of a real training story to start from
-        max_new_tokens: int = sampling(256)  # the longest sampled story, in tokens
+        temperature: float = sampling_field(1.0)  # sampling temperature (0: greedy)
+        top_k: int = sampling_field(0)  # 0: off (pure ancestral sampling, as the paper)
+        top_p: float = sampling_field(1.0)  # 1.0: off
+        repetition_penalty: float = sampling_field(1.0)  # > 1: tokens already in a story less likely (Shumailov et al.: 3); 1.0: off
+        beams: int = sampling_field(1)  # > 1: beam search with this many beams instead of sampling (Shumailov et al.: 5); deterministic, so temperature, top_k and top_p stay at their defaults
+        prompt: Literal["bos", "real_prefix"] = sampling_field("bos")  # what each sampled story starts from
+        prefix_tokens: int = sampling_field(8)  # real_prefix: tokens of a real training story to start from
+        max_new_tokens: int = sampling_field(256)  # the longest sampled story, in tokens
         epochs: float = fit(1.0)  # passes over the mix per generation
         token_budget: int | None = fit(None)  # train on this many tokens instead of `epochs`
         batch_size: int = fit(16)  # blocks per step per worker
@@ -138,14 +141,14 @@ class LanguageModel(Family):
         max_failures: int = resources(3)  # worker-group restarts a fit may take (-1: unlimited)
         checkpoint_minutes: float = resources(10.0)  # training time between checkpoints (0: none)
         threads: int = resources(0)  # torch threads per trainer worker / sampler actor / CPU evaluation; 0: torch default
-        sampler: Literal["auto", "vllm", "hf"] = sampling("auto")  # auto: vllm when installed, else hf
+        sampler: Literal["auto", "vllm", "hf"] = sampling_field("auto")  # auto: vllm when installed, else hf
         sampler_actors: int = resources(1)  # sampler processes (vLLM engines or transformers decoders); 0: transformers decoding in the chain's own process (no process start-up per generation: minutes-long CPU studies)
         sampler_cpus: float = resources(0.5)  # CPUs per sampler actor
         sampler_gpus: float = resources(0.0)  # GPUs per sampler actor
-        sample_batch_size: int = sampling(64)  # stories per sampling batch
-        curate: list | None = sampling(None)  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
-        perplexity_band: list | None = sampling(None)  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
-        score_under_first: bool = sampling(False)  # score each generation's samples under generation 1's model: perplexity histograms and the tail beyond real data's (Shumailov et al. 2024; engine/families/lm/first_model.py)
+        sample_batch_size: int = sampling_field(64)  # stories per sampling batch
+        curate: list | None = sampling_field(None)  # filters between sampling and storing, in order: unfinished, duplicates, near_duplicates, perplexity, ungrammatical (grammar data); the corpus is topped up to its size
+        perplexity_band: list | None = sampling_field(None)  # [low, high]: the `perplexity` filter keeps stories whose perplexity under the sampling model lies inside
+        score_under_first: bool = sampling_field(False)  # score each generation's samples under generation 1's model: perplexity histograms and the tail beyond real data's (Shumailov et al. 2024; engine/families/lm/first_model.py)
         log_every: int = fit(10)  # a train-loss point every this many steps
         loss: dict | None = later_fits(None)  # the loss from generation 2 on (generation 1, real data alone, stays shared): null, cross-entropy; {name: truncated_ce, threshold: γ}: tokens the model already predicts with probability above γ add no loss (Shabgahi et al. 2025, ForTIFAI)
 
