@@ -15,7 +15,10 @@ moment and run again continues where it stopped and ends with the same numbers.
 
 Seeds leave out the strategy on purpose: every strategy of a grid point sees the same
 real data and the same random draws (common random numbers), so differences between
-strategies in the table are the strategies' doing, not the noise's.
+strategies in the table are the strategies' doing, not the noise's. They leave out, for
+the same reason, the parameters only the fits after generation 1 read (a `loss`, a
+warm `start`) and those that say only where work runs: chains that differ in those
+share generation 1's model and corpus and draw the same numbers after.
 """
 from __future__ import annotations
 
@@ -42,10 +45,11 @@ from engine.seeds import derive_seed
 from engine.spec import Trial
 
 log = logging.getLogger("engine.chain")
-# How a chain's random draws are derived (recorded in trial.json): 2 = from the study
-# seed and the parameters stated away from their defaults. A chain recorded otherwise is
-# not resumed (its later generations would draw other numbers).
-SEED_SCHEME = 2
+# How a chain's random draws are derived (recorded in trial.json): 3 = from the study
+# seed and the fit and sampling parameters stated away from their defaults (2: every
+# parameter stated; 1: every parameter). A chain recorded otherwise is not resumed (its
+# later generations would draw other numbers).
+SEED_SCHEME = 3
 
 class ChainError(CollapseError, RuntimeError):
     """A chain stopped, said in one line: the chain, the generation, the step, the cause
@@ -109,9 +113,9 @@ def recorded_trial_mismatch(out: Location | Path | str, trial: Trial) -> str | N
     if recorded is None:  # none yet, or damaged: the chain writes it again from the study
         return None
     if recorded.get("seed_scheme") != SEED_SCHEME:
-        return ("made by an earlier engine, which derived the chain's random draws from "
-                "every parameter (defaults included); its generations cannot be continued "
-                "with the same draws")
+        return (f"made by an earlier engine, which derived the chain's random draws "
+                f"otherwise (seed scheme {recorded.get('seed_scheme', 1)}, this engine's "
+                f"{SEED_SCHEME}); its generations cannot be continued with the same draws")
     mine = trial.to_dict()
     diffs = [f"{k}: {recorded.get(k)!r} on disk, {mine[k]!r} now"
              for k in ("family", "strategy", "seed", "workflow") if recorded.get(k) != mine[k]]
@@ -252,10 +256,12 @@ class Chain:
             write_record(self.paths.trial_file, {**trial.to_dict(), "seed_scheme": SEED_SCHEME})
         self.paths.progress.remove()  # an earlier run's: not this run's progress
         family = self.family
-        # The grid point without the strategy: shared by every strategy (see module doc).
+        # The grid point without the strategy: shared by every strategy (see module doc),
+        # and without what only later fits read or where work runs (family.draw_params).
         # Only the parameters stated away from their defaults: a parameter the family
         # gains later leaves every chain's draws as they were.
-        self.point = (trial.seed, trial.family, sorted(family.stated(trial.params).items()))
+        self.point = (trial.seed, trial.family,
+                      sorted(family.stated(family.draw_params(trial.params)).items()))
         # What a fit reads: the point without what only sampling reads (a temperature),
         # so that every chain of one model trains the same generation 1.
         self.fit_point = (trial.seed, trial.family,

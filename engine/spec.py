@@ -167,7 +167,10 @@ def axis_label(value: Any) -> Any:
     """An axis value as chain ids and the results table write it: a list as Python
     prints it (`['ungrammatical']`, as chains on disk are named); a mapping as key:value
     pairs joined by commas (`name:truncated_ce,threshold:0.9`), no braces, quotes or
-    spaces, since it names directories; anything else as it is."""
+    spaces, since it names directories; None as `None` (a NaN cell would drop out of
+    every pivot, and the trial id writes it so); anything else as it is."""
+    if value is None:
+        return "None"
     if isinstance(value, dict):
         return ",".join(f"{k}:{axis_label(v)}" for k, v in value.items())
     return str(value) if isinstance(value, list) else value
@@ -393,9 +396,13 @@ def _validate_family(check: _Checker, family: Any) -> tuple[str, dict[str, Any],
             check.fail(f"family.{key}", f"unknown parameter of family {short(name)} "
                                         f"(allowed: {', '.join(fields)})")
         # A list is a grid axis, except for a parameter that is itself a list (such
-        # as an image family's conv `widths`): there a list of lists is the axis.
+        # as an image family's conv `widths`): there a list of lists is the axis (null
+        # among them, where the parameter may be null: its default).
         list_valued = list in (typing.get_args(hints[key]) or (hints[key],))
-        if isinstance(value, list) and (not list_valued or all(isinstance(v, list) for v in value)):
+        of_lists = isinstance(value, list) and any(isinstance(v, list) for v in value) and all(
+            isinstance(v, list) or (v is None and type(None) in typing.get_args(hints[key]))
+            for v in value)
+        if isinstance(value, list) and (not list_valued or of_lists):
             if not value:
                 check.fail(f"family.{key}", "an empty list gives an empty grid; give a value "
                                             "or a non-empty list")

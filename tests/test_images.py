@@ -142,16 +142,17 @@ def test_image_fit_on_ray_train_workers(tmp_path, ray_local):
 
 
 def test_a_list_valued_axis_is_a_column_the_table_groups_and_pivots(tmp_path):
-    """`widths: [[8, 16], [8]]` is a grid axis of two conv stacks: its table column holds
-    each value as the trial id writes it, and the pivot, summary, profile and plots
-    group by it (a list in a cell would be unhashable)."""
+    """`widths: [[8, 16], null]` is a grid axis of two conv stacks (null: the default):
+    its table column holds each value as the trial id writes it, and the pivot,
+    summary, profile and plots group by it (a list in a cell would be unhashable, and
+    a None one a NaN that every pivot drops)."""
     from engine import results
 
-    family = TINY.replace("widths: [8, 16]", "widths: [[8, 16], [8]]") % "ae"
+    family = TINY.replace("widths: [8, 16]", "widths: [[8, 16], null]") % "ae"
     table = run_in_process(tmp_path, family, "[replace]", 2)
-    assert sorted(table.widths.unique()) == ["[8, 16]", "[8]"]
-    assert sorted(table.trial.unique()) == ["replace__widths=[8, 16]__seed=0",
-                                            "replace__widths=[8]__seed=0"]
+    assert sorted(table.widths.unique()) == ["None", "[8, 16]"]
+    assert sorted(table.trial.unique()) == ["replace__widths=None__seed=0",
+                                            "replace__widths=[8, 16]__seed=0"]
     pivot = results.pivot(table, "test_loss")
     assert list(pivot.columns) == [1, 2] and len(pivot) == 2
     assert pivot.notna().all().all()
@@ -202,6 +203,9 @@ def test_warm_start_trains_each_generation_from_the_previous_generations_network
     assert first[("warm", 1)] == first[("scratch", 1)]  # one shared generation 1
     assert first[("warm", 2)] < 0.95 * first[("scratch", 2)]
     assert last[("warm", 1)] == last[("scratch", 1)]
+    # `start` is read by the later fits alone: one generation-1 corpus, sampled once
+    samples = table[(table.metric == "frechet_distance") & (table.generation == 1)]
+    assert samples.value.nunique() == 1 and len(samples) == 2
     log = (tmp_path / "out" / "trials" / "replace__start=warm__seed=0" / "chain.log").read_text()
     assert "warm start from" in log
 

@@ -99,10 +99,11 @@ def test_chain_directory_of_another_study_is_refused(tmp_path):
 
     trial_file = out / "trials" / "replace__seed=3" / "trial.json"
     recorded = read_record(trial_file)
-    assert recorded.pop("seed_scheme") == 2
+    assert recorded.pop("seed_scheme") == 3
     write_record(trial_file, recorded)  # as that engine wrote it (with its checksum)
     r = collapse("run", first)
     assert r.returncode == 2 and "made by an earlier engine" in r.stderr, r.stderr
+    assert "(seed scheme 1, this engine's 3)" in r.stderr, r.stderr
 
 
 def test_draws_depend_on_the_parameters_stated_not_on_defaults():
