@@ -17,8 +17,8 @@ Seeds leave out the strategy on purpose: every strategy of a grid point sees the
 real data and the same random draws (common random numbers), so differences between
 strategies in the table are the strategies' doing, not the noise's. They leave out, for
 the same reason, the parameters only the fits after generation 1 read (a `loss`, a
-warm `start`) and those that say only where work runs: chains that differ in those
-share generation 1's model and corpus and draw the same numbers after.
+warm `start`): chains that differ in those share generation 1's model and corpus and
+draw the same numbers after.
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ from engine.spec import Trial
 
 log = logging.getLogger("engine.chain")
 # How a chain's random draws are derived (recorded in trial.json): 3 = from the study
-# seed and the fit and sampling parameters stated away from their defaults (2: every
-# parameter stated; 1: every parameter). A chain recorded otherwise is not resumed (its
-# later generations would draw other numbers).
+# seed and the parameters stated away from their defaults but those only later fits
+# read (2: every parameter stated; 1: every parameter). A chain recorded otherwise is
+# not resumed (its later generations would draw other numbers).
 SEED_SCHEME = 3
 
 class ChainError(CollapseError, RuntimeError):
@@ -257,7 +257,7 @@ class Chain:
         self.paths.progress.remove()  # an earlier run's: not this run's progress
         family = self.family
         # The grid point without the strategy: shared by every strategy (see module doc),
-        # and without what only later fits read or where work runs (family.draw_params).
+        # and without what only later fits read (family.draw_params).
         # Only the parameters stated away from their defaults: a parameter the family
         # gains later leaves every chain's draws as they were.
         self.point = (trial.seed, trial.family,

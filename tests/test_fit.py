@@ -3,6 +3,7 @@ resumable), the device rule, and ZeRO-3 weights gathered before a model is saved
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -103,8 +104,12 @@ def test_an_lm_fit_on_ray_train_workers_streams_its_mix_and_trains(tmp_path, ray
     """The default trainer: a Ray Train TorchTrainer whose DeepSpeed worker streams its
     shard of the mix (a Ray Dataset of the store's files) and packs it into blocks; the
     step count comes from the manifest, the model comes back through Ray Train's
-    checkpoint with the fit's record beside it."""
+    checkpoint with the fit's record beside it. The mix is weighted (a workflow's
+    `weights`): real stories 1, synthetic 0, the synthetic stories one token repeated,
+    which a model that saw their loss would predict almost surely."""
     import json
+
+    from transformers import AutoModelForCausalLM
 
     from engine import strategies as S
     from engine.corpus import CorpusStore
@@ -121,15 +126,24 @@ def test_an_lm_fit_on_ray_train_workers_streams_its_mix_and_trains(tmp_path, ray
     chunk = real.train_chunks[0]
     store = CorpusStore(tmp_path / "corpus")
     store.link(S.real(1), chunk)
-    mix = S.get("replace").mix(1, chunk.rows)
-    model = family.fit(real, store.dataset(mix, 0, shuffle_files=True), 0,
-                       FitContext(Location(str(tmp_path / "work")),
+    repeated = [[5] * 40] * 100
+    store.write(S.synthetic(1), pa.table({"ids": repeated, "n_tokens": [40] * 100}),
+                model="one token repeated")
+    mix = S.workflow("w", {"name": "w", "real": {"fraction": 1.0}, "synthetic": {"rows": 100},
+                           "weights": {"real": 1, "synthetic": 0}}).mix(2, chunk.rows)
+    model = family.fit(real, store.dataset(mix, 0, shuffle_files=True,
+                                           weight_unit=family.weight_unit), 0,
+                       FitContext(Location(str(tmp_path / "work")), weighted=True,
                                   mix_size=lambda column: store.mix_size(mix, 0, column)))
     record = json.loads((Path(model.path) / "fit.json").read_text())
     tokens, stories = store.mix_size(mix, 0, "n_tokens")
     assert record["world_size"] == 1 and record["resumed_at_step"] is None
     assert record["steps"] == (tokens + stories + 1) // 64 // 8  # one epoch of whole batches
     assert family.evaluate(real, model)["test_loss"] < np.log(300)  # it learned something
+    net = AutoModelForCausalLM.from_pretrained(model.path)
+    story = torch.tensor([[real.eos] + repeated[0]])
+    with torch.no_grad():
+        assert net(input_ids=story, labels=story).loss > 1.0  # weight 0: never learned
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.py "

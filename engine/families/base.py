@@ -289,14 +289,13 @@ class Family(ABC):
         return {k: v for k, v in dataclasses.asdict(self.config).items() if k in fitted}
 
     def draw_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Those of `params` a chain's random draws are derived from: what its fits and
-        its sampling read (roles fit and sampling). Not what only the fits after
-        generation 1 read (later_fits), so chains that differ only in those sample one
-        generation-1 corpus and draw common random numbers after; nor where work runs
-        (placement), which changes no number."""
-        drawn = {f.name for f in dataclasses.fields(self.config)
-                 if role(f) in ("fit", "sampling")}
-        return {k: v for k, v in params.items() if k in drawn}
+        """Those of `params` a chain's random draws are derived from: all but what only
+        the fits after generation 1 read (role later_fits), so chains that differ only
+        in those sample one generation-1 corpus and draw common random numbers after.
+        (Placement parameters stay in, though they change no number: leaving them out
+        would change the draws of every chain that states one, the quickstart's too.)"""
+        later = {f.name for f in dataclasses.fields(self.config) if role(f) == "later_fits"}
+        return {k: v for k, v in params.items() if k not in later}
 
     def stated(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` less those at their default: what a chain's random draws are derived
