@@ -334,3 +334,22 @@ def test_image_losses_weigh_each_example_and_truncate_confident_pixels():
                           recon)  # γ = 1: nothing dropped
     assert NegativeELBO(0.5)(vae, x, torch.Generator().manual_seed(1)).item() < \
         NegativeELBO()(vae, x, torch.Generator().manual_seed(1)).item()
+
+
+def test_truncated_cross_entropy_in_a_vae_chain_starts_at_generation_2(tmp_path):
+    """`loss` is read by the fits after generation 1 (role later_fits): one generation-1
+    model and corpus for both chains; at generation 2 the truncated chain's training
+    loss, which leaves out the pixels already reconstructed above γ, runs below the
+    plain one's, and its model differs."""
+    family = TINY.replace("threads: 1}", "threads: 1, loss: [null, {name: truncated_ce, "
+                                         "threshold: 0.5}]}")
+    table = run_in_process(tmp_path, family % "vae", "[replace]", 2, sample_last=False)
+    per_gen = table[table.step.isna()].pivot_table(index=["loss", "generation"],
+                                                   columns="metric", values="value")
+    tce = "name:truncated_ce,threshold:0.5"
+    for metric in ("test_loss", "frechet_distance"):  # one model, one corpus
+        assert per_gen.loc[(tce, 1), metric] == per_gen.loc[("None", 1), metric]
+    assert per_gen.loc[(tce, 2), "test_loss"] != per_gen.loc[("None", 2), "test_loss"]
+    curve = table[(table.metric == "train_loss") & (table.generation == 2)]
+    last = curve.sort_values("step").groupby("loss").value.last()
+    assert last[tce] < 0.8 * last["None"], last
