@@ -429,7 +429,7 @@ class CorpusStore:
             entry = self.entry(sel.source)
             keeps.append(_part_filter(np.bincount(sel.rows, minlength=entry.rows),
                                       sum(f.rows for f in entry.files), entry.offset,
-                                      None if weights is None else weights.get(sel.source.kind, 0.0)))
+                                      _weight_of(weights, sel.source.kind)))
             files += [(p.path, k) for p in paths]
         if shuffle_files:
             order = np.random.default_rng(seed).permutation(len(files))
@@ -456,7 +456,7 @@ class CorpusStore:
             entry = self.entry(sel.source)
             keep = _part_filter(np.bincount(sel.rows, minlength=entry.rows),
                                 sum(f.rows for f in entry.files), entry.offset,
-                                None if weights is None else weights.get(sel.source.kind, 0.0))
+                                _weight_of(weights, sel.source.kind))
             files += [(where, keep) for where in self._verified_paths(sel.source)]
         return MixStream(tuple(files), tuple(self._common_columns(selections)))
 
@@ -570,6 +570,12 @@ class _KeepRows:
             return batch
         return batch.append_column(WEIGHT, pa.array(np.full(batch.num_rows, self.weight,
                                                             dtype=np.float32)))
+
+
+def _weight_of(weights: dict[str, float] | None, kind: str) -> float | None:
+    """A kind's per-row weight in a weighted mix (0 for a kind with no rows in it, which
+    dropped out of Mix.row_weights), None for an unweighted mix."""
+    return None if weights is None else weights.get(kind, 0.0)
 
 
 def _part_filter(counts: np.ndarray, stored_rows: int, offset: int,
