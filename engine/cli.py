@@ -141,8 +141,11 @@ def _params(args: argparse.Namespace) -> int:
         for name in FAMILIES:
             print(f"{name:<{width}}  {summary(get_family(name))}")
         print("\n`collapse params FAMILY` lists a family's parameters (the study file's "
-              "`family:` block).")
+              "`family:` block); `collapse params strategies` the strategies and a data "
+              "workflow's keys (its `strategies:`).")
         return 0
+    if args.family == "strategies":
+        return _strategy_params()
     family = get_family(args.family)  # KeyError: one line naming the known families
     params = describe_params(family)
     print(f"{args.family}: {summary(family)}\n")
@@ -153,6 +156,24 @@ def _params(args: argparse.Namespace) -> int:
     for p in params:
         print(f"{p.name:<{name_w}}  {p.type:<{type_w}}  {repr(p.default):<{default_w}}  "
               f"{p.meaning}")
+    return 0
+
+
+def _strategy_params() -> int:
+    """The built-in strategies, and the keys of a study's own data workflow (the table
+    in strategies.workflow's docstring, so the two cannot drift apart)."""
+    import inspect
+
+    from engine import strategies
+
+    width = max(map(len, strategies.STRATEGIES))
+    print("strategies: what each generation trains on (a study's `strategies:` list)\n")
+    for name, strategy in strategies.STRATEGIES.items():
+        print(f"{name:<{width}}  {strategy.description}")
+    print("\nor a data workflow, a mapping with a `name` and:\n")
+    table = [line for line in inspect.getdoc(strategies.workflow).splitlines()
+             if line.startswith("    ")]
+    print("\n".join(line[4:] for line in table))
     return 0
 
 
@@ -227,7 +248,8 @@ def _results_parsers(sub) -> None:
 
     params = sub.add_parser("params", help="list the families, or one family's parameters "
                                            "with their type, default and meaning")
-    params.add_argument("family", nargs="?", default=None, help="e.g. lm")
+    params.add_argument("family", nargs="?", default=None,
+                        help="e.g. lm; `strategies`: the strategies and a workflow's keys")
     params.set_defaults(func=_params)
 
 

@@ -196,6 +196,14 @@ def test_params_lists_every_family_parameter_with_its_meaning():
     r = collapse("params", "lmm")
     assert r.returncode == 2 and r.stderr.strip() == \
         "unknown family 'lmm' (known: " + ", ".join(FAMILIES) + ")"
+    # the strategies and a data workflow's keys, `weights` among them
+    from engine.strategies import STRATEGIES
+
+    r = collapse("params", "strategies")
+    assert r.returncode == 0, r.stderr
+    assert all(f"\n{n} " in r.stdout for n in STRATEGIES), r.stdout
+    for key in ("real:", "real_data:", "synthetic:", "weights:"):
+        assert f"\n{key} " in r.stdout, r.stdout
 
 
 def test_loss_weights_are_refused_by_a_family_whose_fit_does_not_weight_rows(tmp_path,
