@@ -4,11 +4,13 @@ Ray Train workers (workers.py) — and the device rule every inner loop follows
 nothing of stories or images."""
 from engine.fit.device import current_device, resolve_precision, run_on_gpu, use_threads
 from engine.fit.loop import (Curve, LoopConfig, Trained, ensure_process_group, full_weights,
-                             shuffled_batches, split_weights, train, weighted_mean)
+                             shuffled_batches, split_weights, train, truncated,
+                             weighted_mean)
 from engine.fit.workers import (FIT_RECORD, FitContext, FitJob, Workers, fit_here,
                                 fit_on_workers, read_record)
 
 __all__ = ["current_device", "resolve_precision", "run_on_gpu", "use_threads", "Curve",
            "LoopConfig", "Trained", "ensure_process_group", "full_weights",
-           "shuffled_batches", "split_weights", "train", "weighted_mean", "FIT_RECORD", "FitContext", "FitJob", "Workers",
-           "fit_here", "fit_on_workers", "read_record"]
+           "shuffled_batches", "split_weights", "train", "truncated", "weighted_mean",
+           "FIT_RECORD", "FitContext", "FitJob", "Workers", "fit_here", "fit_on_workers",
+           "read_record"]

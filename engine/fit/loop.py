@@ -247,6 +247,15 @@ def weighted_mean(losses, weights):
     return losses.mean() if weights is None else (losses * weights.to(losses.dtype)).mean()
 
 
+def truncated(cross_entropy, threshold: float):
+    """Truncated cross-entropy (Shabgahi et al. 2025, "ForTIFAI"): each term whose
+    likelihood exp(−CE) is already above `threshold` set to 0, with its gradient (the
+    mask selects, it does not scale); the language models' tokens, the VAE's pixels."""
+    import torch
+
+    return cross_entropy * (torch.exp(-cross_entropy.detach()) <= threshold)
+
+
 def shuffled_batches(examples, batch_size: int, seed: int, weights=None) -> Iterator:
     """In-memory examples (a tensor, first axis = examples) in batches, reshuffled every
     epoch from `seed`, endlessly: the loop stops at its step count. With `weights` (one

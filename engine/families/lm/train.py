@@ -86,14 +86,11 @@ class TruncatedCE:
         self.threshold = threshold
 
     def __call__(self, engine, batch, generator):
-        import torch
-
-        from engine.fit import split_weights, weighted_mean
+        from engine.fit import split_weights, truncated, weighted_mean
 
         x, weights = split_weights(batch)
-        ce = token_losses(engine, x)
-        keep = torch.exp(-ce.detach()) <= self.threshold
-        return weighted_mean(ce * keep, None if weights is None else weights[:, 1:])
+        return weighted_mean(truncated(token_losses(engine, x), self.threshold),
+                             None if weights is None else weights[:, 1:])
 
 
 def loss_for(definition: dict | None):

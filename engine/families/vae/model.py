@@ -65,7 +65,9 @@ class ConvVAE(nn.Module):
             z = mean + eps * torch.exp(0.5 * logvar)
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=1)
         recon = nn.functional.binary_cross_entropy(self.decode(z), x, reduction="none")
-        if threshold is not None:  # the mask carries no gradient: it selects, not scales
-            recon = recon * (torch.exp(-recon.detach()) <= threshold)
+        if threshold is not None:
+            from engine.fit import truncated
+
+            recon = truncated(recon, threshold)
         recon = recon.flatten(1).sum(dim=1)
         return recon, kl
